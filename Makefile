@@ -1,0 +1,28 @@
+# Setup on demand: every target creates .venv and installs requirements.txt on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
+
+.PHONY: server client test bench proto clean
+
+server: $(STAMP)  ## run the server on localhost:50051 with the default SQLite store
+	$(BIN)/python server.py
+
+client: $(STAMP)  ## open the interactive client
+	$(BIN)/python client.py
+
+test: $(STAMP)  ## run every test, results for Allure in allure-results/
+	$(BIN)/python -m pytest test_grpc_system.py tests --alluredir=allure-results
+
+proto: $(STAMP)  ## regenerate generated/ from connection.proto
+	$(BIN)/python -m grpc_tools.protoc --proto_path=generated=. --python_out=. --grpc_python_out=. connection.proto
+
+clean:
+	rm -rf $(VENV) allure-results allure-report .pytest_cache
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	rm -f $(VENV)/.installed-*
+	touch $@

@@ -45,6 +45,7 @@ DEFAULT_GRACE_SECONDS = 5.0
 MAX_ID_LENGTH = 128
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_BATCH = 1000
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
@@ -158,24 +159,35 @@ class Registry:
 
     def apply(self, client_id, status):
         """Set a client's status; return its record and whether the status changed."""
+        return self.apply_many([(client_id, status)])[0]
+
+    def apply_many(self, changes):
+        """Set several statuses in order, durable together; a (record, changed) for each."""
         now = self._clock()
         with self._lock:
-            old = self._clients.get(client_id)
-            changed = old is None or old.status != status
-            if changed:
-                self.revision += 1
-                record = Client(client_id, status, now, now, self.revision)
-                if old is not None:
-                    self._ids[old.status].remove(client_id)
-                self._ids[status].add(client_id)
-            else:
-                record = Client(client_id, status, old.changed_at, now, old.revision)
-            self._clients[client_id] = record
-            ticket = self._store.submit(record)
+            results = [self._apply_locked(client_id, status, now) for client_id, status in changes]
+            ticket = self._store.submit_many([record for record, _ in results])
         self._store.wait(ticket)
-        if changed:
-            logger.debug("%s is %s (revision %d)", client_id, STATUS_WORDS[status], record.revision)
-        return record, changed
+        if logger.isEnabledFor(logging.DEBUG):
+            for record, changed in results:
+                if changed:
+                    logger.debug("%s is %s (revision %d)", record.client_id,
+                                 STATUS_WORDS[record.status], record.revision)
+        return results
+
+    def _apply_locked(self, client_id, status, now):
+        old = self._clients.get(client_id)
+        if old is not None and old.status == status:
+            record = Client(client_id, status, old.changed_at, now, old.revision)
+            self._clients[client_id] = record
+            return record, False
+        self.revision += 1
+        record = Client(client_id, status, now, now, self.revision)
+        if old is not None:
+            self._ids[old.status].remove(client_id)
+        self._ids[status].add(client_id)
+        self._clients[client_id] = record
+        return record, True
 
     def get(self, client_id):
         """The client's record, or None when it is unknown."""
@@ -219,7 +231,7 @@ class MemoryStore:
     def load(self):
         return []
 
-    def submit(self, record):
+    def submit_many(self, records):
         return 0
 
     def wait(self, ticket):
@@ -232,7 +244,7 @@ class MemoryStore:
 class SqliteStore:
     """Durable store: one writer thread commits queued changes together (group commit).
 
-    `submit` queues a record and returns a ticket; `wait` blocks until a commit
+    `submit_many` queues records and returns a ticket; `wait` blocks until a commit
     covering that ticket has reached the disk. While one commit runs, the next
     batch gathers, so concurrent writers share commits instead of queueing.
     """
@@ -273,11 +285,11 @@ class SqliteStore:
         logger.info("loaded %d clients from %s", len(rows), self.path)
         return [Client._make(row) for row in rows]
 
-    def submit(self, record):
+    def submit_many(self, records):
         with self._mutex:
             if self._error is not None:
                 raise self._error
-            self._pending.append(record)
+            self._pending.extend(records)
             self._submitted += 1
             self._has_work.notify()
             return self._submitted
@@ -356,6 +368,18 @@ def _status_filter(value):
     return Status(value)
 
 
+def _parse_request(request, index=None):
+    """Validate one MessageRequest into (client_id, status); index names it within a batch."""
+    try:
+        status = parse_message(request.message)
+        validate_client_id(request.client_id)
+    except InvalidArgument as error:
+        if index is None:
+            raise
+        raise InvalidArgument(f"requests[{index}]: {error}") from None
+    return request.client_id, status
+
+
 class ClientService(pb_grpc.ClientServiceServicer):
     """Translates between protobuf messages and the registry."""
 
@@ -363,20 +387,32 @@ class ClientService(pb_grpc.ClientServiceServicer):
         self._registry = registry
 
     def SendMessage(self, request, context):
+        return self._send([request], context)[0]
+
+    def SendMessages(self, request, context):
+        if len(request.requests) > MAX_BATCH:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"at most {MAX_BATCH} requests per call, got {len(request.requests)}")
+        return pb.SendMessagesResponse(responses=self._send(request.requests, context, batch=True))
+
+    def _send(self, requests, context, batch=False):
         try:
-            status = parse_message(request.message)
-            validate_client_id(request.client_id)
-            record, changed = self._registry.apply(request.client_id, status)
+            changes = [_parse_request(request, index if batch else None)
+                       for index, request in enumerate(requests)]
+            results = self._registry.apply_many(changes)
         except InvalidArgument as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except StoreError as error:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-        return pb.MessageResponse(
-            success=True,
-            info=f"Client {request.client_id} marked as {STATUS_WORDS[status]}.",
-            client=client_to_pb(record),
-            changed=changed,
-        )
+        return [
+            pb.MessageResponse(
+                success=True,
+                info=f"Client {record.client_id} marked as {STATUS_WORDS[record.status]}.",
+                client=client_to_pb(record),
+                changed=changed,
+            )
+            for record, changed in results
+        ]
 
     def GetClientStatus(self, request, context):
         client_id = request.client_id

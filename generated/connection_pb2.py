@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agenerated/connection.proto\x12\x0e\x63lient_service\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x01\n\x06\x43lient\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.client_service.Status\x12.\n\nchanged_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\x05 \x01(\x03\"4\n\x0eMessageRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"i\n\x0fMessageResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0c\n\x04info\x18\x02 \x01(\t\x12&\n\x06\x63lient\x18\x03 \x01(\x0b\x32\x16.client_service.Client\x12\x0f\n\x07\x63hanged\x18\x04 \x01(\x08\"(\n\x13\x43lientStatusRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\xb6\x01\n\x14\x43lientStatusResponse\x12\x44\n\x08statuses\x18\x01 \x03(\x0b\x32\x32.client_service.ClientStatusResponse.StatusesEntry\x12\'\n\x07\x63lients\x18\x02 \x03(\x0b\x32\x16.client_service.Client\x1a/\n\rStatusesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"v\n\x12ListClientsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.client_service.Status\x12\x11\n\tid_prefix\x18\x04 \x01(\t\"i\n\x13ListClientsResponse\x12\'\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x16.client_service.Client\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\x15\n\x13\x43ountClientsRequest\"`\n\x14\x43ountClientsResponse\x12\x11\n\tconnected\x18\x01 \x01(\x03\x12\x14\n\x0c\x64isconnected\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x10\n\x08revision\x18\x04 \x01(\x03*O\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10STATUS_CONNECTED\x10\x01\x12\x17\n\x13STATUS_DISCONNECTED\x10\x02\x32\xf0\x02\n\rClientService\x12N\n\x0bSendMessage\x12\x1e.client_service.MessageRequest\x1a\x1f.client_service.MessageResponse\x12\\\n\x0fGetClientStatus\x12#.client_service.ClientStatusRequest\x1a$.client_service.ClientStatusResponse\x12V\n\x0bListClients\x12\".client_service.ListClientsRequest\x1a#.client_service.ListClientsResponse\x12Y\n\x0c\x43ountClients\x12#.client_service.CountClientsRequest\x1a$.client_service.CountClientsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agenerated/connection.proto\x12\x0e\x63lient_service\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x01\n\x06\x43lient\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.client_service.Status\x12.\n\nchanged_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08revision\x18\x05 \x01(\x03\"4\n\x0eMessageRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"i\n\x0fMessageResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0c\n\x04info\x18\x02 \x01(\t\x12&\n\x06\x63lient\x18\x03 \x01(\x0b\x32\x16.client_service.Client\x12\x0f\n\x07\x63hanged\x18\x04 \x01(\x08\"G\n\x13SendMessagesRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.client_service.MessageRequest\"J\n\x14SendMessagesResponse\x12\x32\n\tresponses\x18\x01 \x03(\x0b\x32\x1f.client_service.MessageResponse\"(\n\x13\x43lientStatusRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\xb6\x01\n\x14\x43lientStatusResponse\x12\x44\n\x08statuses\x18\x01 \x03(\x0b\x32\x32.client_service.ClientStatusResponse.StatusesEntry\x12\'\n\x07\x63lients\x18\x02 \x03(\x0b\x32\x16.client_service.Client\x1a/\n\rStatusesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"v\n\x12ListClientsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.client_service.Status\x12\x11\n\tid_prefix\x18\x04 \x01(\t\"i\n\x13ListClientsResponse\x12\'\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x16.client_service.Client\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\x15\n\x13\x43ountClientsRequest\"`\n\x14\x43ountClientsResponse\x12\x11\n\tconnected\x18\x01 \x01(\x03\x12\x14\n\x0c\x64isconnected\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x10\n\x08revision\x18\x04 \x01(\x03*O\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10STATUS_CONNECTED\x10\x01\x12\x17\n\x13STATUS_DISCONNECTED\x10\x02\x32\xcb\x03\n\rClientService\x12N\n\x0bSendMessage\x12\x1e.client_service.MessageRequest\x1a\x1f.client_service.MessageResponse\x12\\\n\x0fGetClientStatus\x12#.client_service.ClientStatusRequest\x1a$.client_service.ClientStatusResponse\x12Y\n\x0cSendMessages\x12#.client_service.SendMessagesRequest\x1a$.client_service.SendMessagesResponse\x12V\n\x0bListClients\x12\".client_service.ListClientsRequest\x1a#.client_service.ListClientsResponse\x12Y\n\x0c\x43ountClients\x12#.client_service.CountClientsRequest\x1a$.client_service.CountClientsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,28 +34,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CLIENTSTATUSRESPONSE_STATUSESENTRY']._loaded_options = None
   _globals['_CLIENTSTATUSRESPONSE_STATUSESENTRY']._serialized_options = b'8\001'
-  _globals['_STATUS']._serialized_start=998
-  _globals['_STATUS']._serialized_end=1077
+  _globals['_STATUS']._serialized_start=1147
+  _globals['_STATUS']._serialized_end=1226
   _globals['_CLIENT']._serialized_start=80
   _globals['_CLIENT']._serialized_end=260
   _globals['_MESSAGEREQUEST']._serialized_start=262
   _globals['_MESSAGEREQUEST']._serialized_end=314
   _globals['_MESSAGERESPONSE']._serialized_start=316
   _globals['_MESSAGERESPONSE']._serialized_end=421
-  _globals['_CLIENTSTATUSREQUEST']._serialized_start=423
-  _globals['_CLIENTSTATUSREQUEST']._serialized_end=463
-  _globals['_CLIENTSTATUSRESPONSE']._serialized_start=466
-  _globals['_CLIENTSTATUSRESPONSE']._serialized_end=648
-  _globals['_CLIENTSTATUSRESPONSE_STATUSESENTRY']._serialized_start=601
-  _globals['_CLIENTSTATUSRESPONSE_STATUSESENTRY']._serialized_end=648
-  _globals['_LISTCLIENTSREQUEST']._serialized_start=650
-  _globals['_LISTCLIENTSREQUEST']._serialized_end=768
-  _globals['_LISTCLIENTSRESPONSE']._serialized_start=770
-  _globals['_LISTCLIENTSRESPONSE']._serialized_end=875
-  _globals['_COUNTCLIENTSREQUEST']._serialized_start=877
-  _globals['_COUNTCLIENTSREQUEST']._serialized_end=898
-  _globals['_COUNTCLIENTSRESPONSE']._serialized_start=900
-  _globals['_COUNTCLIENTSRESPONSE']._serialized_end=996
-  _globals['_CLIENTSERVICE']._serialized_start=1080
-  _globals['_CLIENTSERVICE']._serialized_end=1448
+  _globals['_SENDMESSAGESREQUEST']._serialized_start=423
+  _globals['_SENDMESSAGESREQUEST']._serialized_end=494
+  _globals['_SENDMESSAGESRESPONSE']._serialized_start=496
+  _globals['_SENDMESSAGESRESPONSE']._serialized_end=570
+  _globals['_CLIENTSTATUSREQUEST']._serialized_start=572
+  _globals['_CLIENTSTATUSREQUEST']._serialized_end=612
+  _globals['_CLIENTSTATUSRESPONSE']._serialized_start=615
+  _globals['_CLIENTSTATUSRESPONSE']._serialized_end=797
+  _globals['_CLIENTSTATUSRESPONSE_STATUSESENTRY']._serialized_start=750
+  _globals['_CLIENTSTATUSRESPONSE_STATUSESENTRY']._serialized_end=797
+  _globals['_LISTCLIENTSREQUEST']._serialized_start=799
+  _globals['_LISTCLIENTSREQUEST']._serialized_end=917
+  _globals['_LISTCLIENTSRESPONSE']._serialized_start=919
+  _globals['_LISTCLIENTSRESPONSE']._serialized_end=1024
+  _globals['_COUNTCLIENTSREQUEST']._serialized_start=1026
+  _globals['_COUNTCLIENTSREQUEST']._serialized_end=1047
+  _globals['_COUNTCLIENTSRESPONSE']._serialized_start=1049
+  _globals['_COUNTCLIENTSRESPONSE']._serialized_end=1145
+  _globals['_CLIENTSERVICE']._serialized_start=1229
+  _globals['_CLIENTSERVICE']._serialized_end=1688
 # @@protoc_insertion_point(module_scope)

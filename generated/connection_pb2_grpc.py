@@ -44,6 +44,11 @@ class ClientServiceStub:
                 request_serializer=generated_dot_connection__pb2.ClientStatusRequest.SerializeToString,
                 response_deserializer=generated_dot_connection__pb2.ClientStatusResponse.FromString,
                 _registered_method=True)
+        self.SendMessages = channel.unary_unary(
+                '/client_service.ClientService/SendMessages',
+                request_serializer=generated_dot_connection__pb2.SendMessagesRequest.SerializeToString,
+                response_deserializer=generated_dot_connection__pb2.SendMessagesResponse.FromString,
+                _registered_method=True)
         self.ListClients = channel.unary_unary(
                 '/client_service.ClientService/ListClients',
                 request_serializer=generated_dot_connection__pb2.ListClientsRequest.SerializeToString,
@@ -75,6 +80,15 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendMessages(self, request, context):
+        """Many messages in one call, for gateways and imports: every message is
+        validated first (any bad one fails the whole call with INVALID_ARGUMENT
+        naming its index), then all are applied in order and made durable together.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListClients(self, request, context):
         """A page of clients ordered by id, filtered by status and id prefix.
         """
@@ -101,6 +115,11 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.GetClientStatus,
                     request_deserializer=generated_dot_connection__pb2.ClientStatusRequest.FromString,
                     response_serializer=generated_dot_connection__pb2.ClientStatusResponse.SerializeToString,
+            ),
+            'SendMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendMessages,
+                    request_deserializer=generated_dot_connection__pb2.SendMessagesRequest.FromString,
+                    response_serializer=generated_dot_connection__pb2.SendMessagesResponse.SerializeToString,
             ),
             'ListClients': grpc.unary_unary_rpc_method_handler(
                     servicer.ListClients,
@@ -167,6 +186,33 @@ class ClientService:
             '/client_service.ClientService/GetClientStatus',
             generated_dot_connection__pb2.ClientStatusRequest.SerializeToString,
             generated_dot_connection__pb2.ClientStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/client_service.ClientService/SendMessages',
+            generated_dot_connection__pb2.SendMessagesRequest.SerializeToString,
+            generated_dot_connection__pb2.SendMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,523 @@
+"""System tests: the real server over real gRPC on loopback, in-process and as a subprocess."""
+
+import itertools
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from concurrent import futures
+
+import allure
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import server as presence
+from conftest import DEADLINE, ROOT, connect
+from generated import connection_pb2 as pb
+from generated import connection_pb2_grpc as pb_grpc
+
+ORIGINAL_PROTO = """
+syntax = "proto3";
+package client_service;
+service ClientService {
+  rpc SendMessage (MessageRequest) returns (MessageResponse);
+  rpc GetClientStatus (ClientStatusRequest) returns (ClientStatusResponse);
+}
+message MessageRequest { string client_id = 1; string message = 2; }
+message MessageResponse { bool success = 1; string info = 2; }
+message ClientStatusRequest { string client_id = 1; }
+message ClientStatusResponse { map<string, string> statuses = 1; }
+"""
+
+
+class ManualClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now=1_800_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def send(stub, client_id, message):
+    return stub.SendMessage(pb.MessageRequest(client_id=client_id, message=message))
+
+
+def rpc_error(call, *args):
+    """The RpcError a call raises; fails the test when it succeeds."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call(*args)
+    return caught.value
+
+
+def protoc(proto_path, out_dir, proto_file, cwd=ROOT):
+    """Run the bundled protoc the way `make proto` does."""
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"--proto_path={proto_path}",
+         f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", proto_file],
+        check=True, cwd=cwd, timeout=DEADLINE * 4,
+    )
+
+
+# --- the wire contract ----------------------------------------------------------------
+
+
+@allure.feature("Wire contract")
+@allure.story("Hello and Goodbye")
+@pytest.mark.parametrize("message", ["hello", "HELLO", "Hello", "  hello\n", "\thElLo "])
+def test_hello_in_any_case_and_padding_marks_client_connected(stub, message):
+    response = send(stub, "alice", message)
+    assert response.success
+    assert response.info == "Client alice marked as connected."
+    assert stub.GetClientStatus(pb.ClientStatusRequest(client_id="alice")).statuses == {
+        "alice": "connected"}
+
+
+@allure.feature("Wire contract")
+@allure.story("Hello and Goodbye")
+def test_goodbye_marks_client_disconnected_with_original_info(stub):
+    send(stub, "bob", "hello")
+    response = send(stub, "bob", " GoodBye ")
+    assert (response.success, response.info) == (True, "Client bob marked as disconnected.")
+    assert response.client.status == pb.STATUS_DISCONNECTED
+    assert stub.GetClientStatus(pb.ClientStatusRequest(client_id="bob")).statuses["bob"] == (
+        "disconnected")
+
+
+@allure.feature("Wire contract")
+@allure.story("Errors")
+def test_unknown_message_is_invalid_argument_with_original_details(stub):
+    error = rpc_error(send, stub, "alice", "hi there")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "Invalid message type: hi there"
+
+
+@allure.feature("Wire contract")
+@allure.story("Errors")
+def test_status_of_unknown_client_is_not_found_with_original_details(stub):
+    error = rpc_error(stub.GetClientStatus, pb.ClientStatusRequest(client_id="zed"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error.details() == "Client zed not found"
+
+
+@allure.feature("Wire contract")
+@allure.story("All clients")
+def test_empty_id_returns_every_known_client(stub):
+    send(stub, "alice", "hello")
+    send(stub, "bob", "goodbye")
+    send(stub, "carol", "hello")
+    statuses = stub.GetClientStatus(pb.ClientStatusRequest(client_id="")).statuses
+    assert statuses == {"alice": "connected", "bob": "disconnected", "carol": "connected"}
+
+
+ORIGINAL_PROGRAM = """
+import sys, grpc, original_pb2 as pb, original_pb2_grpc as pb_grpc
+stub = pb_grpc.ClientServiceStub(grpc.insecure_channel(sys.argv[1]))
+reply = stub.SendMessage(pb.MessageRequest(client_id="dave", message="Hello"))
+print(reply.success, reply.info)
+stub.SendMessage(pb.MessageRequest(client_id="erin", message="goodbye"))
+print(sorted(stub.GetClientStatus(pb.ClientStatusRequest(client_id="")).statuses.items()))
+try:
+    stub.SendMessage(pb.MessageRequest(client_id="x", message="yo"))
+except grpc.RpcError as error:
+    print(error.code().name, error.details())
+"""
+
+
+@allure.feature("Wire contract")
+@allure.story("Compatibility with the original proto")
+def test_program_built_on_the_original_proto_works_unchanged(tmp_path, address):
+    with allure.step("generate Python code from the original service's proto"):
+        (tmp_path / "original.proto").write_text(ORIGINAL_PROTO)
+        protoc(".", ".", "original.proto", cwd=tmp_path)
+        (tmp_path / "original_program.py").write_text(ORIGINAL_PROGRAM)
+    with allure.step("run a program built on it against our server"):
+        result = subprocess.run([sys.executable, "original_program.py", address], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=DEADLINE * 2)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "True Client dave marked as connected.",
+        "[('dave', 'connected'), ('erin', 'disconnected')]",
+        "INVALID_ARGUMENT Invalid message type: yo",
+    ]
+
+
+@allure.feature("Wire contract")
+@allure.story("Generated code")
+def test_generated_code_matches_a_fresh_protoc_run(tmp_path):
+    protoc("generated=.", str(tmp_path), "connection.proto")
+    fresh = sorted(path.name for path in (tmp_path / "generated").glob("*.py"))
+    assert fresh == ["connection_pb2.py", "connection_pb2_grpc.py"]
+    for name in fresh:
+        assert (tmp_path / "generated" / name).read_text() == (ROOT / "generated" / name).read_text(), (
+            f"generated/{name} differs from connection.proto: run `make proto`")
+
+
+# --- validation -----------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    ("SendMessage", pb.MessageRequest(client_id="", message="hello"), "client_id must not be empty"),
+    ("SendMessage", pb.MessageRequest(client_id="x" * 129, message="hello"),
+     "at most 128 characters, got 129"),
+    ("SendMessage", pb.MessageRequest(client_id="a\x00b", message="hello"), "U+0000 at position 1"),
+    ("SendMessage", pb.MessageRequest(client_id="line\n", message="hello"), "U+000A at position 4"),
+    ("SendMessage", pb.MessageRequest(client_id="\x7f", message="hello"), "U+007F"),
+    ("SendMessage", pb.MessageRequest(client_id="c1\x85", message="hello"), "U+0085"),
+    ("SendMessage", pb.MessageRequest(client_id="alice", message=""), "Invalid message type: "),
+    ("SendMessage", pb.MessageRequest(client_id="alice", message="hello!"),
+     "Invalid message type: hello!"),
+    ("GetClientStatus", pb.ClientStatusRequest(client_id="y" * 200),
+     "at most 128 characters, got 200"),
+    ("GetClientStatus", pb.ClientStatusRequest(client_id="tab\there"), "U+0009"),
+    ("ListClients", pb.ListClientsRequest(page_size=-1), "page_size must not be negative"),
+    ("ListClients", pb.ListClientsRequest(page_token="not a token!"), "page_token"),
+    ("ListClients", pb.ListClientsRequest(status=7), "status must be one of"),
+    ("ListClients", pb.ListClientsRequest(id_prefix="\x1b["), "id_prefix must not contain"),
+    ("SendMessages", pb.SendMessagesRequest(requests=[
+        pb.MessageRequest(client_id="ok", message="hello"),
+        pb.MessageRequest(client_id="bad", message="howdy")]),
+     "requests[1]: Invalid message type: howdy"),
+    ("SendMessages", pb.SendMessagesRequest(requests=[
+        pb.MessageRequest(client_id=f"u{i}", message="hello") for i in range(1001)]),
+     "at most 1000 requests per call, got 1001"),
+]
+
+
+@allure.feature("Validation")
+@allure.story("Bad input is refused with a reason")
+@pytest.mark.parametrize(("method", "request_message", "reason"), BAD_REQUESTS,
+                         ids=[f"{method}-{reason[:30]}" for method, _, reason in BAD_REQUESTS])
+def test_bad_input_is_invalid_argument_with_the_broken_rule(stub, method, request_message, reason):
+    with allure.step(f"{method} with a bad field"):
+        error = rpc_error(getattr(stub, method), request_message)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason in error.details()
+    with allure.step("the server still serves, and nothing was applied"):
+        assert send(stub, "after", "hello").success
+        assert stub.CountClients(pb.CountClientsRequest()).total == 1
+
+
+@allure.feature("Validation")
+@allure.story("Edge cases that are valid")
+@pytest.mark.parametrize("client_id", ["x" * 128, "名前🙂", "a b", "ümlaut-ß", "-", "\u200b"])
+def test_any_printable_unicode_id_up_to_128_characters_is_accepted(stub, client_id):
+    assert send(stub, client_id, "hello").client.client_id == client_id
+    status = stub.GetClientStatus(pb.ClientStatusRequest(client_id=client_id))
+    assert status.statuses == {client_id: "connected"}
+
+
+# --- revisions, timestamps, listing ------------------------------------------------------
+
+
+@pytest.fixture
+def clock():
+    return ManualClock()
+
+
+@pytest.fixture
+def clocked_stub(clock):
+    """A stub on a memory server whose time the test moves."""
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), clock=clock)
+    server.start()
+    with connect(f"127.0.0.1:{server.port}") as channel:
+        yield pb_grpc.ClientServiceStub(channel)
+    server.stop(0)
+
+
+@allure.feature("Semantics")
+@allure.story("Revisions")
+def test_every_change_gets_the_next_revision_and_repeats_get_none(clocked_stub):
+    stub = clocked_stub
+    revisions = [send(stub, client_id, message).client.revision for client_id, message in
+                 [("a", "hello"), ("b", "hello"), ("a", "goodbye"), ("b", "goodbye")]]
+    assert revisions == [1, 2, 3, 4]
+    repeat = send(stub, "b", "goodbye")
+    assert (repeat.changed, repeat.client.revision) == (False, 4)
+    assert stub.CountClients(pb.CountClientsRequest()).revision == 4
+
+
+@allure.feature("Semantics")
+@allure.story("Timestamps")
+def test_repeated_hello_refreshes_last_seen_but_not_changed_at(clocked_stub, clock):
+    first = send(clocked_stub, "alice", "hello").client
+    clock.advance(90.5)
+    again = send(clocked_stub, "alice", "hello").client
+    assert again.changed_at == first.changed_at
+    assert again.last_seen.ToNanoseconds() - first.last_seen.ToNanoseconds() == 90_500_000_000
+    assert first.changed_at.ToNanoseconds() == int(clock.now - 90.5) * 10**9
+    clock.advance(10)
+    gone = send(clocked_stub, "alice", "goodbye").client
+    assert gone.changed_at.seconds == int(clock.now)
+    assert gone.revision == first.revision + 1
+
+
+@allure.feature("Listing")
+@allure.story("Pages")
+def test_pages_walk_every_client_once_in_id_order(stub):
+    ids = [f"user-{i:03d}" for i in range(250)]
+    stub.SendMessages(pb.SendMessagesRequest(requests=[
+        pb.MessageRequest(client_id=client_id, message="hello" if i % 3 else "goodbye")
+        for i, client_id in enumerate(ids)]))
+    seen, token, pages = [], "", 0
+    while True:
+        page = stub.ListClients(pb.ListClientsRequest(page_size=100, page_token=token))
+        seen += [client.client_id for client in page.clients]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert (seen, pages) == (ids, 3)
+
+
+@allure.feature("Listing")
+@allure.story("Filters")
+def test_status_and_prefix_filters_combine(stub):
+    stub.SendMessages(pb.SendMessagesRequest(requests=[
+        pb.MessageRequest(client_id=client_id, message=message) for client_id, message in
+        [("eu-1", "hello"), ("eu-2", "goodbye"), ("eu-3", "hello"), ("us-1", "hello"),
+         ("e", "hello")]]))
+    def ids(**query):
+        return [c.client_id for c in stub.ListClients(pb.ListClientsRequest(**query)).clients]
+    assert ids(id_prefix="eu-") == ["eu-1", "eu-2", "eu-3"]
+    assert ids(id_prefix="eu-", status=pb.STATUS_CONNECTED) == ["eu-1", "eu-3"]
+    assert ids(status=pb.STATUS_DISCONNECTED) == ["eu-2"]
+    assert ids(status=pb.STATUS_CONNECTED) == ["e", "eu-1", "eu-3", "us-1"]
+    assert ids(id_prefix="zz") == []
+    assert ids(page_size=2000) == ["e", "eu-1", "eu-2", "eu-3", "us-1"]
+
+
+@allure.feature("Listing")
+@allure.story("Counts")
+def test_count_follows_changes_without_listing(stub):
+    for client_id in ("a", "b", "c"):
+        send(stub, client_id, "hello")
+    send(stub, "b", "goodbye")
+    counts = stub.CountClients(pb.CountClientsRequest())
+    assert (counts.connected, counts.disconnected, counts.total, counts.revision) == (2, 1, 3, 4)
+
+
+# --- many clients at once -----------------------------------------------------------
+
+
+@allure.feature("Concurrency")
+@allure.story("Threads on one server")
+def test_concurrent_writers_end_in_their_last_states_with_unique_revisions(stub):
+    def writer(worker):
+        revisions = []
+        for round_ in range(25):
+            for client_id in (f"w{worker}-a", f"w{worker}-b"):
+                message = "hello" if round_ % 2 == 0 else "goodbye"
+                revisions.append(send(stub, client_id, message).client.revision)
+        assert not send(stub, f"w{worker}-a", "hello").changed
+        send(stub, f"w{worker}-b", "goodbye")
+        return revisions
+
+    with futures.ThreadPoolExecutor(8) as pool:
+        revisions = [rev for result in pool.map(writer, range(8)) for rev in result]
+    assert len(set(revisions)) == len(revisions) == 8 * 50
+    statuses = stub.GetClientStatus(pb.ClientStatusRequest()).statuses
+    assert statuses == {**{f"w{w}-a": "connected" for w in range(8)},
+                        **{f"w{w}-b": "disconnected" for w in range(8)}}
+    assert stub.CountClients(pb.CountClientsRequest()).revision == 8 * 50 + 8
+
+
+# --- durability -------------------------------------------------------------------------
+
+
+class AckedWriters:
+    """Threads writing fresh ids until stopped, remembering every acknowledged change."""
+
+    def __init__(self, address, threads=6):
+        self.acked = {}
+        self.enough = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.ClientServiceStub(self._channel)
+        self._threads = [threading.Thread(target=self._write, args=(n,)) for n in range(threads)]
+
+    def start(self, enough):
+        self._wanted = enough
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _write(self, worker):
+        for n in itertools.count():
+            if self._stop.is_set():
+                return
+            client_id = f"writer{worker}-{n}"
+            try:
+                reply = send(self._stub, client_id, "hello")
+            except grpc.RpcError:
+                return
+            with self._lock:
+                self.acked[client_id] = reply.client.revision
+                if len(self.acked) >= self._wanted:
+                    self.enough.set()
+
+    def join(self):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(DEADLINE)
+        self._channel.close()
+
+
+@allure.feature("Durability")
+@allure.story("kill -9 loses nothing acknowledged")
+def test_kill_9_under_concurrent_writes_loses_no_acknowledged_change(server_processes, sqlite_url):
+    last_revision = 0
+    for attempt in range(3):
+        with allure.step(f"round {attempt + 1}: write concurrently, kill -9 mid-stream"):
+            server = server_processes("--store", sqlite_url)
+            writers = AckedWriters(server.address).start(enough=200)
+            assert writers.enough.wait(DEADLINE), "writers made no progress"
+            server.kill()
+            writers.join()
+        with allure.step("restart on the same file: every acknowledged change is there"):
+            server = server_processes("--store", sqlite_url)
+            with connect(server.address) as channel:
+                stub = pb_grpc.ClientServiceStub(channel)
+                statuses = stub.GetClientStatus(pb.ClientStatusRequest()).statuses
+                missing = [cid for cid in writers.acked if statuses.get(cid) != "connected"]
+                assert not missing, f"{len(missing)} acknowledged changes lost, e.g. {missing[:3]}"
+                for client_id, revision in list(writers.acked.items())[:50]:
+                    record = stub.GetClientStatus(pb.ClientStatusRequest(client_id=client_id))
+                    assert record.clients[0].revision == revision
+                revision = stub.CountClients(pb.CountClientsRequest()).revision
+                assert revision >= max(writers.acked.values()) > last_revision
+                last_revision = revision
+            server.kill()
+
+
+@allure.feature("Durability")
+@allure.story("Graceful stop")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_with_exit_zero_and_state_survives(server_processes, sqlite_url,
+                                                                 signum):
+    server = server_processes("--store", sqlite_url)
+    with connect(server.address) as channel:
+        send(pb_grpc.ClientServiceStub(channel), "alice", "hello")
+    assert server.terminate(signum) == 0
+    server.wait_for_log("stopped")
+    again = server_processes("--store", sqlite_url)
+    with connect(again.address) as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        assert stub.GetClientStatus(pb.ClientStatusRequest()).statuses == {"alice": "connected"}
+
+
+# --- operations -------------------------------------------------------------------------
+
+
+@allure.feature("Operations")
+@allure.story("Health and reflection")
+def test_health_reports_serving_and_reflection_lists_the_services(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "client_service.ClientService"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        list_services="")]))
+    names = {service.name for reply in replies for service in reply.list_services_response.service}
+    assert {"client_service.ClientService", "grpc.health.v1.Health"} <= names
+
+
+@allure.feature("Operations")
+@allure.story("Limits")
+def test_request_over_the_size_limit_is_resource_exhausted(stub):
+    error = rpc_error(send, stub, "x" * (presence.DEFAULT_MAX_REQUEST_BYTES + 1), "hello")
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert send(stub, "small", "hello").success
+
+
+@allure.feature("Operations")
+@allure.story("Limits")
+def test_calls_past_the_concurrency_limit_are_resource_exhausted():
+    release, entered = threading.Event(), threading.Event()
+
+    def stalled_clock():
+        entered.set()
+        release.wait(DEADLINE)
+        return 1_800_000_000.0
+
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), clock=stalled_clock,
+                                    max_concurrent_rpcs=1)
+    server.start()
+    try:
+        with connect(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ClientServiceStub(channel)
+            stalled = stub.SendMessage.future(pb.MessageRequest(client_id="a", message="hello"))
+            assert entered.wait(DEADLINE)
+            error = rpc_error(stub.CountClients, pb.CountClientsRequest())
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            release.set()
+            assert stalled.result(timeout=DEADLINE).success
+            assert stub.CountClients(pb.CountClientsRequest()).connected == 1
+    finally:
+        release.set()
+        server.stop(0)
+
+
+@allure.feature("Operations")
+@allure.story("Command line")
+def test_help_explains_every_flag_and_its_environment_twin():
+    result = subprocess.run([sys.executable, "server.py", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=DEADLINE)
+    assert result.returncode == 0
+    help_text = " ".join(result.stdout.split())
+    for flag, env in [("--host", "PRESENCE_HOST"), ("--port", "PRESENCE_PORT"),
+                      ("--store", "PRESENCE_STORE"), ("--workers", "PRESENCE_WORKERS"),
+                      ("--max-concurrent-rpcs", "PRESENCE_MAX_CONCURRENT_RPCS"),
+                      ("--max-request-bytes", "PRESENCE_MAX_REQUEST_BYTES"),
+                      ("--grace", "PRESENCE_GRACE"), ("--log-level", "PRESENCE_LOG_LEVEL")]:
+        assert flag in help_text and env in help_text
+
+
+@allure.feature("Operations")
+@allure.story("Command line")
+def test_environment_twins_configure_the_server(server_processes, tmp_path):
+    db = tmp_path / "from-env.db"
+    server = server_processes(env={"PRESENCE_STORE": f"sqlite:///{db}", "PRESENCE_LOG_LEVEL": "DEBUG"})
+    with connect(server.address) as channel:
+        send(pb_grpc.ClientServiceStub(channel), "envy", "hello")
+    server.wait_for_log(r"envy is connected \(revision 1\)")
+    assert db.exists()
+
+
+@allure.feature("Operations")
+@allure.story("Clear errors at start")
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--store", "postgres://db"], "unsupported store URL 'postgres://db'"),
+    (["--store", "sqlite:////nonexistent-dir/sub/x.db"], "cannot open SQLite database"),
+    (["--port", "70000"], "port must be 0 to 65535"),
+    (["--workers", "0"], "must be at least 1"),
+])
+def test_bad_configuration_fails_at_start_with_one_clear_line(flags, expected):
+    result = subprocess.run([sys.executable, "server.py", "--host", "127.0.0.1", *flags],
+                            cwd=ROOT, capture_output=True, text=True, timeout=DEADLINE)
+    assert result.returncode in (1, 2)
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@allure.feature("Operations")
+@allure.story("Clear errors at start")
+def test_port_in_use_fails_at_start_with_a_clear_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "server.py", "--host", "127.0.0.1", "--port", str(port),
+             "--store", "memory://"], cwd=ROOT, capture_output=True, text=True, timeout=DEADLINE)
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and str(port) in result.stderr
+    assert "Traceback" not in result.stderr

@@ -275,6 +275,7 @@ class SqliteStore:
         self._pending = []
         self._submitted = 0
         self._committed = 0
+        self.commits = 0
         self._error = None
         self._closing = False
         self._writer = threading.Thread(target=self._write_loop, name="sqlite-writer", daemon=True)
@@ -322,6 +323,7 @@ class SqliteStore:
                 return
             with self._mutex:
                 self._committed = last
+                self.commits += 1
                 self._committed_cond.notify_all()
 
     def close(self):

@@ -1,0 +1,120 @@
+"""The rules without gRPC: validation, the registry's pages and counts, the SQLite store."""
+
+import threading
+from concurrent import futures
+
+import allure
+import pytest
+
+import server as presence
+from server import Registry, Status
+
+CONNECTED, DISCONNECTED = Status.CONNECTED, Status.DISCONNECTED
+
+
+@pytest.fixture
+def registry():
+    return Registry(presence.MemoryStore(), clock=lambda: 1_800_000_000.0)
+
+
+@allure.feature("Validation")
+@allure.story("Client id rule")
+@pytest.mark.parametrize(("client_id", "reason"), [
+    ("", "must not be empty"),
+    ("x" * 129, "at most 128 characters, got 129"),
+    ("bell\x07", "U+0007 at position 4"),
+    ("\x9f", "U+009F at position 0"),
+])
+def test_client_id_rule_names_what_broke(client_id, reason):
+    with pytest.raises(presence.InvalidArgument, match=reason.replace("+", r"\+")):
+        presence.validate_client_id(client_id)
+
+
+@allure.feature("Validation")
+@allure.story("Messages")
+@pytest.mark.parametrize(("message", "status"), [
+    ("hello", CONNECTED), (" Goodbye\t", DISCONNECTED), ("HELLO\n", CONNECTED)])
+def test_messages_map_to_statuses_ignoring_case_and_padding(message, status):
+    assert presence.parse_message(message) is status
+
+
+@allure.feature("Listing")
+@allure.story("Page tokens")
+@pytest.mark.parametrize("client_id", ["alice", "名前🙂", "a/b+c=d", "x" * 128])
+def test_page_token_round_trips_any_id(client_id):
+    assert presence.decode_page_token(presence.encode_page_token(client_id)) == client_id
+
+
+@allure.feature("Listing")
+@allure.story("Pages")
+def test_page_merges_statuses_in_id_order_and_says_when_more_follow(registry):
+    registry.apply_many([(f"c{i}", CONNECTED if i % 2 else DISCONNECTED) for i in range(10)])
+    page, more, revision = registry.page(4)
+    assert ([r.client_id for r in page], more, revision) == (["c0", "c1", "c2", "c3"], True, 10)
+    page, more, _ = registry.page(4, after="c7")
+    assert ([r.client_id for r in page], more) == (["c8", "c9"], False)
+    page, more, _ = registry.page(10, after="c2", status=CONNECTED)
+    assert [r.client_id for r in page] == ["c3", "c5", "c7", "c9"]
+
+
+@allure.feature("Listing")
+@allure.story("Filters")
+def test_prefix_stops_at_the_first_id_outside_it(registry):
+    registry.apply_many([(cid, CONNECTED) for cid in ["a", "ab", "abc", "abd", "b", "aa"]])
+    page, more, _ = registry.page(10, prefix="ab")
+    assert ([r.client_id for r in page], more) == (["ab", "abc", "abd"], False)
+    page, more, _ = registry.page(1, prefix="ab", after="ab")
+    assert ([r.client_id for r in page], more) == (["abc"], True)
+
+
+@allure.feature("Semantics")
+@allure.story("Counts")
+def test_counts_move_between_statuses(registry):
+    registry.apply("a", CONNECTED)
+    registry.apply("b", CONNECTED)
+    registry.apply("a", DISCONNECTED)
+    assert registry.counts() == presence.Counts(connected=1, disconnected=1, revision=3)
+    assert registry.statuses() == {"a": "disconnected", "b": "connected"}
+
+
+@allure.feature("Durability")
+@allure.story("SQLite store")
+def test_sqlite_store_reloads_every_record_and_the_revision(tmp_path):
+    store = presence.SqliteStore(str(tmp_path / "db.sqlite"))
+    registry = Registry(store)
+    registry.apply("a", CONNECTED)
+    registry.apply("b", CONNECTED)
+    registry.apply("a", DISCONNECTED)
+    store.close()
+    reopened = presence.SqliteStore(str(tmp_path / "db.sqlite"))
+    again = Registry(reopened)
+    assert again.get("a") == registry.get("a")
+    assert (again.counts(), again.statuses()) == (registry.counts(), registry.statuses())
+    reopened.close()
+
+
+@allure.feature("Durability")
+@allure.story("Group commit")
+def test_concurrent_writers_share_sqlite_commits(tmp_path):
+    store = presence.SqliteStore(str(tmp_path / "db.sqlite"))
+    registry = Registry(store)
+    start = threading.Barrier(16)
+
+    def write(worker):
+        start.wait()
+        for n in range(40):
+            registry.apply(f"w{worker}-{n}", CONNECTED)
+
+    with futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(write, range(16)))
+    writes = 16 * 40
+    assert registry.counts().connected == writes
+    assert store.commits < writes / 2, f"{store.commits} commits for {writes} writes"
+    store.close()
+
+
+@allure.feature("Durability")
+@allure.story("SQLite store")
+def test_unopenable_database_is_a_store_error_naming_the_path(tmp_path):
+    with pytest.raises(presence.StoreError, match="cannot open SQLite database .*missing"):
+        presence.SqliteStore(str(tmp_path / "missing" / "dir" / "db.sqlite"))

@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parent
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 TARGETS = ("ceiling", "memory", "sqlite")
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
@@ -658,6 +659,8 @@ def serve_ceiling(argv):
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Taken by sigwait below, never by a handler that could interrupt a lock holder.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     grpc_server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=presence.DEFAULT_WORKERS, thread_name_prefix="rpc"),
         maximum_concurrent_rpcs=presence.DEFAULT_MAX_CONCURRENT_RPCS,
@@ -665,12 +668,9 @@ def serve_ceiling(argv):
     )
     pb_grpc.add_ClientServiceServicer_to_server(CeilingService(), grpc_server)
     port = grpc_server.add_insecure_port(presence.format_address(args.host, args.port))
-    stopping = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, frame: stopping.set())
     grpc_server.start()
     logger.info("listening on %s", presence.format_address(args.host, port))
-    stopping.wait()
+    signal.sigwait(STOP_SIGNALS)
     grpc_server.stop(1).wait()
     return 0
 
@@ -765,8 +765,10 @@ def measure_load(run, server, *, processes, in_flight, warmup, window, tag, labe
         group.go(start_ns, end_ns)
         run.wait_until(start_ns, f"{label}: warm-up")
         before = run.cpu(server, group)
+        logger.debug("%s: window of %g s starts (server pid %d)", label, window, server.pid)
         run.wait_until(end_ns, f"{label}: measuring")
         after = run.cpu(server, group)
+        logger.debug("%s: window ends", label)
         run.show(f"{label}: collecting")
         outcomes = group.results(args.call_timeout + 60)
     server.check()
@@ -862,11 +864,13 @@ def render_throughput(figures):
     rounds.add_column("order")
     for name in medians:
         rounds.add_column(name, justify="right")
+    rounds.add_column("noise cores", justify="right")
     for entry in figures["rounds"]:
+        rows = [entry["targets"][name] for name in medians]
         rounds.add_row(str(entry["round"]), " → ".join(entry["order"]), *(
             f"{_fmt(row['calls_per_s'], thousands=True)} | {_fmt(row['p99_ms'], 2)} | "
             f"{_fmt(row['cpu_us_per_call'], 1)} ({_fmt(row['client_cpu_us_per_call'], 0)})"
-            for row in (entry["targets"][name] for name in medians)))
+            for row in rows), _fmt(max(row["noise_cores"] for row in rows), 2))
     return [table, rounds]
 
 
@@ -1034,6 +1038,8 @@ def render_scale(figures):
                                                           thousands=True))
     row("SendMessage p99 ms at that size", lambda e: _fmt(e["writes"]["p99_ms"], 2))
     row("SendMessage server CPU µs/call", lambda e: _fmt(e["writes"]["cpu_us_per_call"], 1))
+    row("  other processes' cores meanwhile (noise)",
+        lambda e: _fmt(e["writes"]["noise_cores"], 2))
     row("errors", lambda e: _fmt_errors({**e["writes"]["errors"], **e["others_errors"]}))
     return [table]
 
@@ -1228,7 +1234,8 @@ def main(argv=None):
     console = Console(width=None if sys.stdout.isatty() else 160)
     logging.basicConfig(level=args.log_level, format="%(message)s", datefmt="%X",
                         handlers=[RichHandler(console=console, show_path=False)])
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _interrupt)
     raise_fd_limit()
     results = {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),

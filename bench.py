@@ -74,7 +74,7 @@ CHANNELS_PER_PROCESS = 1000
 PRESETS = {
     "quick": {"rounds": 3, "window": 5.0, "scale": [10_000], "connections": 500,
               "connections_seconds": 5.0},
-    "full": {"rounds": 5, "window": 10.0, "scale": [100_000, 1_000_000], "connections": 4_000,
+    "full": {"rounds": 7, "window": 10.0, "scale": [100_000, 1_000_000], "connections": 4_000,
              "connections_seconds": 20.0},
 }
 
@@ -739,6 +739,7 @@ def cpu_figures(before, after, calls, seconds):
         "cpu_us_per_call": server * per_call if per_call else None,
         "client_cpu_us_per_call": load * per_call if per_call else None,
         "server_cores": server / CLOCK_TICK / seconds,
+        "load_cores": load / CLOCK_TICK / seconds,
         "noise_cores": max(others, 0) / CLOCK_TICK / seconds,
     }
 
@@ -1048,11 +1049,11 @@ def render_scale(figures):
 
 
 def run_connections(run):
-    """N clients on channels of their own, one SendMessage a second each, against memory://."""
+    """N clients on channels of their own, one SendMessage a second each."""
     args = run.args
     clients = args.connections
     processes = args.connection_processes or max(1, math.ceil(clients / CHANNELS_PER_PROCESS))
-    server = run.start_server("memory")
+    server = run.start_server(args.connections_target)
     specs = [Connections(server.address, f"conn-p{index}", count, args.call_timeout)
              for index, count in enumerate(split(clients, processes))]
     label = f"{clients:,} connected clients"
@@ -1068,6 +1069,8 @@ def run_connections(run):
         run.wait_until(start_ns, f"{label}: warm-up")
         before = run.cpu(server, group)
         fds = fd_count(server.pid)
+        logger.debug("%s: window of %g s starts (server pid %d)", label, args.connections_seconds,
+                     server.pid)
         run.wait_until(end_ns, f"{label}: measuring")
         after = run.cpu(server, group)
         run.show(f"{label}: collecting")
@@ -1081,6 +1084,7 @@ def run_connections(run):
     made = sum(outcome["made"] for outcome in outcomes)
     figures = {
         "clients": clients, "processes": processes, "seconds": args.connections_seconds,
+        "target": args.connections_target,
         "connect_s": connect_s, "server_fds": fds,
         "calls": made, "calls_due": int(clients * args.connections_seconds),
         "errors": dict(errors), "error_count": sum(errors.values()),
@@ -1096,7 +1100,7 @@ def render_connections(figures):
     goals = {goal.key: goal for goal in CONNECTIONS_GOALS}
     table = Table(title=f"{figures['clients']:,} connected clients (own channel each, "
                         f"{figures['processes']} load process(es)), one SendMessage a second, "
-                        f"{figures['seconds']:g} s, memory://")
+                        f"{figures['seconds']:g} s, against {figures['target']}")
     for header in ("figure", "value", "DESIGN §7"):
         table.add_column(header, justify="right" if header == "value" else "left")
     table.add_row("connected in", f"{figures['connect_s']:.1f} s", "")
@@ -1111,6 +1115,7 @@ def render_connections(figures):
     table.add_row("max ms", _fmt(figures["max_ms"], 1), "")
     table.add_row("server CPU µs/call", _fmt(figures["cpu_us_per_call"], 1), "")
     table.add_row("server cores busy", _fmt(figures["server_cores"], 2), "")
+    table.add_row("load processes' cores busy", _fmt(figures["load_cores"], 2), "")
     table.add_row("other processes' cores (noise)", _fmt(figures["noise_cores"], 2), "")
     return [table]
 
@@ -1197,6 +1202,9 @@ def build_parser():
                              help="seconds measured (quick: "
                              f"{quick['connections_seconds']:g}, --full: "
                              f"{full['connections_seconds']:g})")
+    connections.add_argument("--connections-target", choices=TARGETS, default="memory",
+                             help="server they call (default: %(default)s; the ceiling shows "
+                             "what gRPC itself manages on this machine)")
     connections.add_argument("--connection-processes", type=_positive_int, metavar="P",
                              help=f"load processes holding them (default: one per "
                              f"{CHANNELS_PER_PROCESS:,} clients)")

@@ -1,6 +1,7 @@
 """System tests: the real server over real gRPC on loopback, in-process and as a subprocess."""
 
 import itertools
+import queue
 import signal
 import socket
 import subprocess
@@ -173,6 +174,12 @@ BAD_REQUESTS = [
     ("SendMessage", pb.MessageRequest(client_id="alice", message=""), "Invalid message type: "),
     ("SendMessage", pb.MessageRequest(client_id="alice", message="hello!"),
      "Invalid message type: hello!"),
+    ("SendMessage", pb.MessageRequest(client_id="a", message="hello", lease_seconds=3601),
+     "lease_seconds must be at most 3600, got 3601"),
+    ("SendMessage", pb.MessageRequest(client_id="a", message="goodbye", lease_seconds=5),
+     "lease_seconds is only for hello"),
+    ("SendMessage", pb.MessageRequest(client_id="a", message="hello", session_id="s" * 129),
+     "session_id must be at most 128 characters"),
     ("GetClientStatus", pb.ClientStatusRequest(client_id="y" * 200),
      "at most 128 characters, got 200"),
     ("GetClientStatus", pb.ClientStatusRequest(client_id="tab\there"), "U+0009"),
@@ -334,7 +341,8 @@ def test_concurrent_writers_end_in_their_last_states_with_unique_revisions(stub)
 class AckedWriters:
     """Threads writing fresh ids until stopped, remembering every acknowledged change."""
 
-    def __init__(self, address, threads=6):
+    def __init__(self, address, prefix, threads=6):
+        self.prefix = prefix
         self.acked = {}
         self.enough = threading.Event()
         self._stop = threading.Event()
@@ -353,7 +361,7 @@ class AckedWriters:
         for n in itertools.count():
             if self._stop.is_set():
                 return
-            client_id = f"writer{worker}-{n}"
+            client_id = f"{self.prefix}-writer{worker}-{n}"
             try:
                 reply = send(self._stub, client_id, "hello")
             except grpc.RpcError:
@@ -377,7 +385,7 @@ def test_kill_9_under_concurrent_writes_loses_no_acknowledged_change(server_proc
     for attempt in range(3):
         with allure.step(f"round {attempt + 1}: write concurrently, kill -9 mid-stream"):
             server = server_processes("--store", sqlite_url)
-            writers = AckedWriters(server.address).start(enough=200)
+            writers = AckedWriters(server.address, prefix=f"round{attempt}").start(enough=200)
             assert writers.enough.wait(DEADLINE), "writers made no progress"
             server.kill()
             writers.join()
@@ -441,26 +449,29 @@ def test_request_over_the_size_limit_is_resource_exhausted(stub):
 @allure.feature("Operations")
 @allure.story("Limits")
 def test_calls_past_the_concurrency_limit_are_resource_exhausted():
-    release, entered = threading.Event(), threading.Event()
+    limit = 3  # max_concurrent_rpcs=2 plus the room kept for max_watchers=1
+    release, entered = threading.Event(), threading.Semaphore(0)
 
     def stalled_clock():
-        entered.set()
+        entered.release()
         release.wait(DEADLINE)
         return 1_800_000_000.0
 
     server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), clock=stalled_clock,
-                                    max_concurrent_rpcs=1)
+                                    max_concurrent_rpcs=2, max_watchers=1)
     server.start()
     try:
         with connect(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ClientServiceStub(channel)
-            stalled = stub.SendMessage.future(pb.MessageRequest(client_id="a", message="hello"))
-            assert entered.wait(DEADLINE)
+            stalled = [stub.SendMessage.future(pb.MessageRequest(client_id=f"c{n}", message="hello"))
+                       for n in range(limit)]
+            for _ in stalled:
+                assert entered.acquire(timeout=DEADLINE)
             error = rpc_error(stub.CountClients, pb.CountClientsRequest())
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             release.set()
-            assert stalled.result(timeout=DEADLINE).success
-            assert stub.CountClients(pb.CountClientsRequest()).connected == 1
+            assert all(call.result(timeout=DEADLINE).success for call in stalled)
+            assert stub.CountClients(pb.CountClientsRequest()).connected == limit
     finally:
         release.set()
         server.stop(0)
@@ -488,7 +499,7 @@ def test_environment_twins_configure_the_server(server_processes, tmp_path):
     server = server_processes(env={"PRESENCE_STORE": f"sqlite:///{db}", "PRESENCE_LOG_LEVEL": "DEBUG"})
     with connect(server.address) as channel:
         send(pb_grpc.ClientServiceStub(channel), "envy", "hello")
-    server.wait_for_log(r"envy is connected \(revision 1\)")
+    server.wait_for_log(r"envy: connected \(hello\).*revision 1")
     assert db.exists()
 
 
@@ -521,3 +532,340 @@ def test_port_in_use_fails_at_start_with_a_clear_error(tmp_path):
     assert result.returncode == 1
     assert "cannot start" in result.stderr and str(port) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- leases and sessions ----------------------------------------------------------------
+
+
+def hello(stub, client_id, session_id="", lease=0):
+    return stub.SendMessage(pb.MessageRequest(client_id=client_id, message="hello",
+                                              session_id=session_id, lease_seconds=lease))
+
+
+def goodbye(stub, client_id, session_id=""):
+    return stub.SendMessage(pb.MessageRequest(client_id=client_id, message="goodbye",
+                                              session_id=session_id))
+
+
+def status_of(stub, client_id):
+    return stub.GetClientStatus(pb.ClientStatusRequest(client_id=client_id)).clients[0]
+
+
+@pytest.fixture
+def clocked_server(clock):
+    """A started memory server whose time the test moves."""
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), clock=clock)
+    server.start()
+    yield server
+    server.stop(0)
+
+
+@allure.feature("Leases")
+@allure.story("Expiry on a moved clock")
+def test_lease_keeps_client_connected_while_renewed_and_expires_after(clocked_server, clock):
+    registry = clocked_server.registry
+    with connect(f"127.0.0.1:{clocked_server.port}") as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        first = hello(stub, "alice", lease=30).client
+        assert first.sessions[0].expires_at.seconds == int(clock.now) + 30
+        with allure.step("renewed before it runs out: still connected, no new revision"):
+            clock.advance(29)
+            assert registry.expire_due() == []
+            renewed = hello(stub, "alice", lease=30).client
+            assert (renewed.revision, renewed.status) == (first.revision, pb.STATUS_CONNECTED)
+            clock.advance(29)
+            assert registry.expire_due() == []
+        with allure.step("not renewed: disconnected with reason 'lease expired', a new revision"):
+            clock.advance(2)
+            expired = registry.expire_due()
+            assert [(c.record.client_id, c.reason, c.revision) for c in expired] == [
+                ("alice", "lease expired", first.revision + 1)]
+            record = status_of(stub, "alice")
+            assert (record.status, record.reason, len(record.sessions)) == (
+                pb.STATUS_DISCONNECTED, "lease expired", 0)
+            assert record.last_seen == renewed.last_seen
+
+
+@allure.feature("Leases")
+@allure.story("Expiry on a moved clock")
+def test_expiry_finds_due_leases_without_touching_the_rest(clock):
+    registry = presence.Registry(presence.MemoryStore(), clock=clock)
+    registry.apply_many([presence.Message(f"quiet{n}", presence.Status.CONNECTED)
+                         for n in range(10_000)])
+    registry.apply("short", presence.Status.CONNECTED, lease=5)
+    registry.apply("long", presence.Status.CONNECTED, lease=500)
+    assert registry.seconds_to_next_expiry() == 5
+    clock.advance(6)
+    assert [change.record.client_id for change in registry.expire_due()] == ["short"]
+    assert registry.counts().connected == 10_001
+
+
+@allure.feature("Sessions")
+@allure.story("Several terminals, one user")
+def test_user_stays_connected_while_any_session_is_live(stub):
+    with allure.step("two sessions arrive"):
+        assert hello(stub, "bob", "laptop").client.status == pb.STATUS_CONNECTED
+        both = hello(stub, "bob", "phone").client
+        assert [s.session_id for s in both.sessions] == ["laptop", "phone"]
+        assert stub.CountClients(pb.CountClientsRequest()).live_sessions == 2
+    with allure.step("one leaves: still connected"):
+        reply = goodbye(stub, "bob", "laptop")
+        assert reply.client.status == pb.STATUS_CONNECTED
+        assert reply.info == "Client bob session laptop ended; still connected with 1 sessions."
+        assert [s.session_id for s in reply.client.sessions] == ["phone"]
+    with allure.step("the last leaves: disconnected, with the original info text"):
+        reply = goodbye(stub, "bob", "phone")
+        assert (reply.client.status, reply.info) == (pb.STATUS_DISCONNECTED,
+                                                     "Client bob marked as disconnected.")
+
+
+@allure.feature("Sessions")
+@allure.story("Goodbye without a session")
+def test_goodbye_without_session_ends_every_session(stub):
+    for session in ("a", "b", "c"):
+        hello(stub, "carol", session)
+    reply = goodbye(stub, "carol")
+    assert (reply.client.status, len(reply.client.sessions)) == (pb.STATUS_DISCONNECTED, 0)
+    assert stub.CountClients(pb.CountClientsRequest()).live_sessions == 0
+
+
+@allure.feature("Sessions")
+@allure.story("Goodbye without a session")
+def test_goodbye_for_a_session_that_is_not_live_changes_nothing(stub):
+    revision = hello(stub, "dan", "one").client.revision
+    reply = goodbye(stub, "dan", "other")
+    assert (reply.changed, reply.client.revision, reply.client.status) == (
+        False, revision, pb.STATUS_CONNECTED)
+
+
+# --- the watch stream -------------------------------------------------------------------
+
+
+class Watch:
+    """A Watch stream read by a background thread, so the test waits with a deadline."""
+
+    def __init__(self, stub, since_revision=0, read=True):
+        self.call = stub.Watch(pb.WatchRequest(since_revision=since_revision))
+        self._messages = queue.Queue()
+        self._reading = threading.Event()
+        if read:
+            self._reading.set()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        self._reading.wait()
+        try:
+            for message in self.call:
+                self._messages.put(message)
+        except grpc.RpcError as error:
+            self._messages.put(error)
+        else:
+            self._messages.put(None)
+
+    def resume_reading(self):
+        self._reading.set()
+
+    def next(self):
+        """The next message; None when the stream ended cleanly; an RpcError when it failed."""
+        try:
+            return self._messages.get(timeout=DEADLINE)
+        except queue.Empty:
+            raise AssertionError("no watch message within the deadline") from None
+
+    def snapshot(self):
+        """Read a whole snapshot: the clients by id and the revision."""
+        clients, first = {}, self.next()
+        message = first
+        while True:
+            clients.update({client.client_id: client for client in message.snapshot})
+            if message.snapshot_complete:
+                return clients, message.revision, first.resync
+            message = self.next()
+
+    def events(self, count):
+        """The next count events, in the order they came."""
+        events = []
+        while len(events) < count:
+            message = self.next()
+            assert isinstance(message, pb.WatchResponse), f"stream ended early: {message}"
+            events += message.events
+        assert len(events) == count
+        return events
+
+
+def describe(events):
+    return [(event.client.client_id, pb.EventKind.Name(event.kind), event.session_id,
+             event.reason) for event in events]
+
+
+@allure.feature("Watch")
+@allure.story("Snapshot, then live changes")
+def test_watch_sends_the_snapshot_then_every_change_in_revision_order(stub):
+    hello(stub, "alice")
+    goodbye(stub, "bob")
+    watch = Watch(stub)
+    with allure.step("the snapshot"):
+        clients, revision, resync = watch.snapshot()
+        assert {cid: c.status for cid, c in clients.items()} == {
+            "alice": pb.STATUS_CONNECTED, "bob": pb.STATUS_DISCONNECTED}
+        assert (revision, resync) == (2, False)
+    with allure.step("then each change as it happens"):
+        hello(stub, "bob", "s1")
+        hello(stub, "bob", "s2")
+        hello(stub, "bob", "s2")  # a renewal: no event
+        goodbye(stub, "bob", "s1")
+        goodbye(stub, "bob")
+        events = watch.events(4)
+        assert describe(events) == [
+            ("bob", "EVENT_CONNECTED", "s1", "hello"),
+            ("bob", "EVENT_SESSION_STARTED", "s2", "hello"),
+            ("bob", "EVENT_SESSION_ENDED", "s1", "goodbye"),
+            ("bob", "EVENT_DISCONNECTED", "", "goodbye"),
+        ]
+        assert [event.revision for event in events] == [3, 4, 5, 6]
+    watch.call.cancel()
+
+
+@allure.feature("Watch")
+@allure.story("Resume from a revision")
+def test_watch_resumed_from_a_revision_gets_exactly_the_changes_after_it(stub):
+    for n in range(10):
+        hello(stub, f"user{n}")
+    watch = Watch(stub, since_revision=6)
+    events = watch.events(4)
+    assert [event.revision for event in events] == [7, 8, 9, 10]
+    hello(stub, "late")
+    assert [event.client.client_id for event in watch.events(1)] == ["late"]
+    watch.call.cancel()
+
+
+@allure.feature("Watch")
+@allure.story("Resume from a revision no longer held")
+@pytest.mark.parametrize("since", [1, 999], ids=["too-old", "from-the-future"])
+def test_watch_resumed_from_an_unheld_revision_is_told_to_resync(since):
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), watch_history=8)
+    server.start()
+    try:
+        with connect(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ClientServiceStub(channel)
+            for n in range(40):
+                hello(stub, f"user{n}")
+            watch = Watch(stub, since_revision=since)
+            clients, revision, resync = watch.snapshot()
+            assert (resync, revision, len(clients)) == (True, 40, 40)
+            hello(stub, "next")
+            assert [event.revision for event in watch.events(1)] == [41]
+            watch.call.cancel()
+    finally:
+        server.stop(0)
+
+
+@allure.feature("Watch")
+@allure.story("A slow watcher is cut off")
+def test_slow_watcher_is_cut_off_while_others_get_everything():
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), watch_buffer=1000)
+    server.start()
+    try:
+        address = f"127.0.0.1:{server.port}"
+        small_window = grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)])
+        with connect(address) as channel, small_window:
+            stub = pb_grpc.ClientServiceStub(channel)
+            slow = Watch(pb_grpc.ClientServiceStub(small_window), read=False)
+            fast = Watch(stub)
+            assert fast.snapshot()[1] == 0
+            with allure.step("10,000 changes that the fast watcher keeps up with"):
+                for batch in range(10):
+                    stub.SendMessages(pb.SendMessagesRequest(requests=[
+                        pb.MessageRequest(client_id=f"c{batch}-{n}", message="hello")
+                        for n in range(1000)]))
+                    revisions = [event.revision for event in fast.events(1000)]
+                    assert revisions == list(range(batch * 1000 + 1, batch * 1000 + 1001))
+            with allure.step("the slow watcher, which read nothing, is cut off"):
+                slow.resume_reading()
+                received, message = 0, slow.next()
+                while isinstance(message, pb.WatchResponse):
+                    received += len(message.events)
+                    message = slow.next()
+                assert isinstance(message, grpc.RpcError)
+                assert message.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "fell more than 1000 changes behind" in message.details()
+                assert received < 10_000
+            assert hello(stub, "still-serving").success
+            hello(stub, "one-more")
+            assert [event.client.client_id for event in fast.events(2)] == [
+                "still-serving", "one-more"]
+            fast.call.cancel()
+    finally:
+        server.stop(0)
+
+
+@allure.feature("Watch")
+@allure.story("Limits")
+def test_watchers_past_the_limit_are_resource_exhausted():
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), max_watchers=2)
+    server.start()
+    try:
+        with connect(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ClientServiceStub(channel)
+            watches = [Watch(stub), Watch(stub)]
+            for watch in watches:
+                watch.snapshot()
+            refused = Watch(stub).next()
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "too many watchers (limit 2)" in refused.details()
+            watches[0].call.cancel()
+            assert watches[0].next().code() == grpc.StatusCode.CANCELLED
+            third = Watch(stub)
+            for attempt in range(50):  # the slot frees when the server sees the cancel
+                message = third.next()
+                if isinstance(message, pb.WatchResponse):
+                    break
+                third = Watch(stub)
+            assert isinstance(message, pb.WatchResponse)
+    finally:
+        server.stop(0)
+
+
+@allure.feature("Watch")
+@allure.story("Clean end on shutdown")
+def test_watchers_end_cleanly_when_the_server_stops(memory_server, stub):
+    watch = Watch(stub)
+    watch.snapshot()
+    memory_server.stop(grace=DEADLINE)
+    assert watch.next() is None
+
+
+@allure.feature("Leases")
+@allure.story("Restart")
+def test_leases_that_ran_out_while_down_expire_at_start_as_ordinary_changes(tmp_path, clock):
+    path = str(tmp_path / "leases.db")
+    with allure.step("before the restart: one leased session, one without a lease"):
+        store = presence.SqliteStore(path)
+        server = presence.create_server("127.0.0.1:0", store, clock=clock)
+        server.registry.apply("leased", presence.Status.CONNECTED, "tty1", lease=60)
+        server.registry.apply("leased", presence.Status.CONNECTED, "tty2", lease=600)
+        server.registry.apply("forever", presence.Status.CONNECTED)
+        server.stop(0)
+        store.close()
+    with allure.step("down for 61 s, then restarted on the same file"):
+        clock.advance(61)
+        store = presence.SqliteStore(path)
+        server = presence.create_server("127.0.0.1:0", store, clock=clock)
+        server.start()
+    try:
+        with connect(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ClientServiceStub(channel)
+            leased = status_of(stub, "leased")
+            assert [s.session_id for s in leased.sessions] == ["tty2"]
+            assert (leased.status, leased.revision) == (pb.STATUS_CONNECTED, 4)
+            watch = Watch(stub, since_revision=3)
+            assert describe(watch.events(1)) == [
+                ("leased", "EVENT_SESSION_ENDED", "tty1", "lease expired")]
+            clock.advance(600)
+            server.registry.expire_due()
+            assert status_of(stub, "leased").status == pb.STATUS_DISCONNECTED
+            assert status_of(stub, "forever").status == pb.STATUS_CONNECTED
+            watch.call.cancel()
+    finally:
+        server.stop(0)
+        store.close()

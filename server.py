@@ -53,6 +53,7 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_BATCH = 1000
 SNAPSHOT_CHUNK = 1000
+STATUS_MAP_CHUNK = 10_000
 EVENTS_PER_MESSAGE = 500
 WATCH_POLL_SECONDS = 1.0
 REAPER_MAX_SLEEP = 1.0
@@ -435,11 +436,6 @@ class Registry:
         with self._lock:
             return list(self._clients.values()), self.revision
 
-    def statuses(self):
-        """Every client's status word, for the original all-clients answer."""
-        records, _ = self.snapshot()
-        return {record.client_id: STATUS_WORDS[record.status] for record in records}
-
     def page(self, limit, after="", status=None, prefix=""):
         """Up to limit records ordered by id, after `after`; also whether more follow."""
         with self._lock:
@@ -724,6 +720,39 @@ def reply_info(message, record):
     return f"Client {record.client_id} marked as {STATUS_WORDS[record.status]}."
 
 
+def serialize_statuses(records):
+    """The all-clients answer, serialized chunk by chunk.
+
+    Serialized messages concatenate into their merge, so chunks give the same
+    bytes as one big message while letting other threads run between them: one
+    call at a million clients never stalls the rest of the server.
+    """
+    return b"".join(
+        pb.ClientStatusResponse(statuses={
+            record.client_id: STATUS_WORDS[record.status]
+            for record in records[start:start + STATUS_MAP_CHUNK]}).SerializeToString()
+        for start in range(0, len(records), STATUS_MAP_CHUNK))
+
+
+def serialize_response(response):
+    """Serialize a response, passing through one already serialized in parts."""
+    return response if type(response) is bytes else response.SerializeToString()
+
+
+def method_handlers(service):
+    """The service's handlers, as the generated code makes them but with serialize_response."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["ClientService"].methods:
+        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make(
+            getattr(service, method.name),
+            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            response_serializer=serialize_response,
+        )
+    return handlers
+
+
 def message_response(message, record, change):
     """The answer to one Hello or Goodbye."""
     response = pb.MessageResponse(success=True, info=reply_info(message, record),
@@ -774,7 +803,7 @@ class ClientService(pb_grpc.ClientServiceServicer):
     def GetClientStatus(self, request, context):
         client_id = request.client_id
         if not client_id:
-            return pb.ClientStatusResponse(statuses=self._registry.statuses())
+            return serialize_statuses(self._registry.snapshot()[0])
         try:
             validate_client_id(client_id)
         except InvalidArgument as error:
@@ -914,8 +943,10 @@ def create_server(
         maximum_concurrent_rpcs=max_concurrent_rpcs + max_watchers,
         options=[("grpc.max_receive_message_length", max_request_bytes), ("grpc.so_reuseport", 0)],
     )
-    service = ClientService(registry, max_lease, max_watchers, watch_buffer)
-    pb_grpc.add_ClientServiceServicer_to_server(service, grpc_server)
+    handlers = method_handlers(ClientService(registry, max_lease, max_watchers, watch_buffer))
+    grpc_server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    grpc_server.add_registered_method_handlers(SERVICE_NAME, handlers)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     for service_name in ("", SERVICE_NAME):

@@ -133,6 +133,18 @@ except grpc.RpcError as error:
 
 
 @allure.feature("Wire contract")
+@allure.story("All clients")
+def test_all_clients_map_spanning_many_serialization_chunks_is_complete(stub):
+    count = presence.STATUS_MAP_CHUNK * 2 + 345
+    for start in range(0, count, presence.MAX_BATCH):
+        stub.SendMessages(pb.SendMessagesRequest(requests=[
+            pb.MessageRequest(client_id=f"c{n}", message="hello" if n % 2 else "goodbye")
+            for n in range(start, min(start + presence.MAX_BATCH, count))]))
+    statuses = stub.GetClientStatus(pb.ClientStatusRequest()).statuses
+    assert statuses == {f"c{n}": "connected" if n % 2 else "disconnected" for n in range(count)}
+
+
+@allure.feature("Wire contract")
 @allure.story("Compatibility with the original proto")
 def test_program_built_on_the_original_proto_works_unchanged(tmp_path, address):
     with allure.step("generate Python code from the original service's proto"):

@@ -15,6 +15,9 @@ client: $(STAMP)  ## open the interactive client
 test: $(STAMP)  ## run every test, results for Allure in allure-results/
 	$(BIN)/python -m pytest test_grpc_system.py tests --alluredir=allure-results
 
+bench: $(STAMP)  ## benchmark beside the ceiling (DESIGN section 7); more: make bench ARGS=--full
+	$(BIN)/python bench.py $(ARGS)
+
 proto: $(STAMP)  ## regenerate generated/ from connection.proto
 	$(BIN)/python -m grpc_tools.protoc --proto_path=generated=. --python_out=. --grpc_python_out=. connection.proto
 

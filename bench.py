@@ -1,0 +1,1276 @@
+"""Benchmark: our server beside an empty-handler ceiling, for the figures of DESIGN section 7."""
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import random
+import re
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from array import array
+from collections import Counter, deque
+from concurrent import futures
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+from unittest import mock
+
+import google.protobuf
+import grpc
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+import server as presence
+from generated import connection_pb2 as pb
+from generated import connection_pb2_grpc as pb_grpc
+
+logger = logging.getLogger("bench")
+
+ROOT = Path(__file__).resolve().parent
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+PR_SET_PDEATHSIG = 1
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+TARGETS = ("ceiling", "memory", "sqlite")
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+SECOND_NS = 1_000_000_000
+BIG_MESSAGE = 512 * 1024 * 1024
+BATCH = presence.MAX_BATCH
+MESSAGES = ("hello", "goodbye")
+PRELOAD_PROCESSES = 2
+PRELOAD_IN_FLIGHT = 2
+PAGE_SIZE = 1000
+PAGE_CALLS = 50
+COUNT_CALLS = 200
+PROBE_IN_FLIGHT = 4
+PROBE_BASELINE_SECONDS = 1.0
+CHANNELS_PER_PROCESS = 1000
+PRESETS = {
+    "quick": {"rounds": 3, "window": 5.0, "scale": [10_000], "connections": 500,
+              "connections_seconds": 5.0},
+    "full": {"rounds": 5, "window": 10.0, "scale": [100_000, 1_000_000], "connections": 4_000,
+             "connections_seconds": 20.0},
+}
+
+
+class BenchError(RuntimeError):
+    """Something the benchmark needs did not happen (a server did not start, a load died)."""
+
+
+# --- small data types ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClosedLoop:
+    """One load process: in_flight callers, each sending its next SendMessage when one returns.
+
+    It uses the ids `tag-first` .. `tag-(first+ids-1)`, or the preloaded ids of that range when
+    width is set (scale_id), each flipped by every pass: even numbers goodbye first, odd hello,
+    the opposite of how preload left them, so every call is a change.
+    """
+
+    address: str
+    tag: str
+    in_flight: int
+    ids: int
+    timeout: float
+    first: int = 0
+    width: int = 0
+
+
+@dataclass(frozen=True)
+class Connections:
+    """One load process holding `clients` channels, each sending a hello once a second."""
+
+    address: str
+    tag: str
+    clients: int
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Preload:
+    """One load process sending batches first, first+step, ... of the `clients` to preload."""
+
+    address: str
+    clients: int
+    first: int
+    step: int
+    in_flight: int
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One target of DESIGN section 7: a figure, its limit and which side of it is good."""
+
+    key: str
+    label: str
+    limit: float
+    at_most: bool = True
+    unit: str = ""
+
+    def met(self, value):
+        """True or False, or None when the figure was not measured."""
+        if value is None:
+            return None
+        return value <= self.limit if self.at_most else value >= self.limit
+
+    def describe(self):
+        """The target as DESIGN states it, e.g. '≤ 1.1×'."""
+        return f"{'≤' if self.at_most else '≥'} {self.limit:g}{self.unit}"
+
+
+@dataclass
+class CpuSample:
+    """CPU ticks used so far by the server, the load processes, bench.py and the whole machine."""
+
+    server: int
+    load: int
+    own: int
+    machine: int
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A pluggable part of the benchmark: `run` returns a dict of figures, `render` tables of it."""
+
+    name: str
+    help: str
+    run: Callable
+    render: Callable
+
+
+THROUGHPUT_GOALS = {
+    "memory": (Goal("cpu_ratio", "CPU", 1.10, unit="×"),
+               Goal("throughput_ratio", "calls/s", 0.92, at_most=False, unit="×"),
+               Goal("p99_ratio", "p99", 1.5, unit="×")),
+    "sqlite": (Goal("cpu_ratio", "CPU", 1.40, unit="×"),
+               Goal("throughput_ratio", "calls/s", 0.75, at_most=False, unit="×"),
+               Goal("p99_ratio", "p99", 1.5, unit="×")),
+}
+SCALE_GOALS = (
+    Goal("page_p99_ms", "page of 1,000 (p99)", 20, unit=" ms"),
+    Goal("count_p99_ms", "count (p99)", 5, unit=" ms"),
+    Goal("map_answered", "all-clients map answered", 1, at_most=False),
+    Goal("others_p99_ms_during_map", "others' p99 during the map", 50, unit=" ms"),
+    Goal("bytes_per_client", "memory per client", 250, unit=" B"),
+)
+CONNECTIONS_GOALS = (
+    Goal("error_count", "errors", 0),
+    Goal("p99_ms", "p99", 50, unit=" ms"),
+)
+
+
+# --- pure helpers -------------------------------------------------------------
+
+
+def percentile(values, fraction):
+    """Nearest-rank percentile of values (unsorted is fine); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
+
+
+def latency_figures(latencies_ns):
+    """p50, p99 and max in milliseconds."""
+    ordered = sorted(latencies_ns)
+    return {
+        "p50_ms": _ms(percentile(ordered, 0.50)),
+        "p99_ms": _ms(percentile(ordered, 0.99)),
+        "max_ms": _ms(ordered[-1] if ordered else None),
+    }
+
+
+def _ms(ns):
+    return None if ns is None else ns / 1e6
+
+
+def ratio(value, base):
+    """value / base, or None when either is missing or base is zero."""
+    if value is None or not base:
+        return None
+    return value / base
+
+
+def median(values):
+    """Median of the values that were measured; None when none were."""
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
+
+
+def rotate(items, by):
+    """items turned left by `by`, so each round starts with another target."""
+    by %= len(items)
+    return list(items[by:]) + list(items[:by])
+
+
+def scale_id(number, width):
+    """The id of the number-th preloaded client; zero-padded so ids sort by number."""
+    return f"user-{number:0{width}d}"
+
+
+def scale_width(clients):
+    """Digits in the largest preloaded number, so that every id has the same length."""
+    return len(str(max(clients - 1, 1)))
+
+
+def split(total, parts):
+    """total as `parts` nearly equal counts."""
+    return [total // parts + (1 if part < total % parts else 0) for part in range(parts)]
+
+
+def process_ticks(pid):
+    """utime + stime of a process (fields 14 and 15 of /proc/PID/stat), in clock ticks."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def machine_ticks():
+    """Busy clock ticks of all CPUs so far (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as stat:
+        values = [int(value) for value in stat.readline().split()[1:]]
+    return sum(values[:3]) + sum(values[5:8])
+
+
+def rss_bytes(pid):
+    """Resident memory of a process (VmRSS of /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise BenchError(f"no VmRSS for process {pid}")
+
+
+def fd_count(pid):
+    """Open file descriptors of a process: its sockets, mostly."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def machine_info():
+    """What the figures were measured on."""
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "protobuf": google.protobuf.__version__,
+        "clock_ticks_per_s": CLOCK_TICK,
+        "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def _fmt(value, digits=1, thousands=False):
+    if value is None:
+        return "—"
+    if thousands:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _fmt_ratio(value):
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def _mark(goal, value):
+    met = goal.met(value)
+    return "[dim]?[/]" if met is None else "[green]✓[/]" if met else "[red]✗[/]"
+
+
+def _fmt_errors(errors):
+    return ", ".join(f"{code} {count}" for code, count in sorted(errors.items())) or "0"
+
+
+def verdicts(goals, figures):
+    """Each goal's target, value and whether it is met, for the JSON."""
+    return {
+        goal.key: {"target": goal.describe(), "value": figures.get(goal.key),
+                   "met": goal.met(figures.get(goal.key))}
+        for goal in goals
+    }
+
+
+# --- processes: never leave one behind ----------------------------------------
+
+
+def _die_with_parent():
+    """Ask Linux to SIGTERM this process when bench.py dies, so no process is left behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def raise_fd_limit():
+    """Soft fd limit up to the hard one: thousands of channels need thousands of sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class ServerProcess:
+    """One server under test in its own process; its log is drained so the pipe never fills."""
+
+    def __init__(self, name, argv):
+        self.name = name
+        self.log = deque(maxlen=200)
+        self._listening = threading.Event()
+        self.address = None
+        self.process = subprocess.Popen(
+            argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        self.pid = self.process.pid
+        threading.Thread(target=self._drain, name=f"log-{name}", daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self._listening.wait(0.1):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise BenchError(f"{name} server did not start: " + " | ".join(list(self.log)[-5:]))
+        logger.info("%s server: pid %d on %s", name, self.pid, self.address)
+
+    def _drain(self):
+        for line in self.process.stderr:
+            self.log.append(line.rstrip("\n"))
+            match = LISTENING.search(line)
+            if match and not self._listening.is_set():
+                self.address = f"{match.group(1)}:{match.group(2)}"
+                self._listening.set()
+
+    def check(self):
+        """Fail loudly when the server died under load."""
+        if self.process.poll() is not None:
+            raise BenchError(f"{self.name} server exited with {self.process.returncode}: "
+                             + " | ".join(list(self.log)[-5:]))
+
+    def stop(self):
+        """SIGTERM, then SIGKILL if it does not stop in time."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s server did not stop on SIGTERM; killing it", self.name)
+                self.process.kill()
+                self.process.wait()
+
+
+class LoadGroup:
+    """Load processes running one job: started together, given one window, then collected."""
+
+    def __init__(self, job, specs):
+        context = multiprocessing.get_context("spawn")
+        self.processes = []
+        self.connections = []
+        try:
+            for index, spec in enumerate(specs):
+                ours, theirs = context.Pipe()
+                process = context.Process(target=_worker_entry, args=(theirs, job, spec),
+                                          name=f"load-{index}", daemon=True)
+                process.start()
+                theirs.close()
+                self.processes.append(process)
+                self.connections.append(ours)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self):
+        return [process.pid for process in self.processes]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def _gather(self, kind, timeout, on_progress=None):
+        """Wait until every process sent a message of `kind`; return their payloads in order."""
+        payloads = {}
+        pending = {connection: index for index, connection in enumerate(self.connections)}
+        deadline = time.monotonic() + timeout
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BenchError(f"load processes sent no {kind!r} within {timeout:.0f} s")
+            for connection in multiprocessing.connection.wait(list(pending), min(remaining, 0.2)):
+                try:
+                    message, payload = connection.recv()
+                except EOFError:
+                    raise BenchError(f"load process {pending[connection]} died") from None
+                if message == "progress":
+                    if on_progress:
+                        on_progress(payload)
+                elif message == "error":
+                    raise BenchError(f"load process {pending[connection]} failed:\n{payload}")
+                elif message == kind:
+                    payloads[pending.pop(connection)] = payload
+        return [payloads[index] for index in range(len(self.connections))]
+
+    def wait_ready(self, timeout=START_TIMEOUT, on_progress=None):
+        self._gather("ready", timeout, on_progress)
+
+    def go(self, start_ns, end_ns):
+        """Start the load now; count what completes between start_ns and end_ns (None: stop())."""
+        for connection in self.connections:
+            connection.send((start_ns, end_ns))
+
+    def stop(self):
+        for connection in self.connections:
+            with contextlib.suppress(OSError):
+                connection.send("stop")
+
+    def results(self, timeout, on_progress=None):
+        return self._gather("done", timeout, on_progress)
+
+    def close(self):
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self.processes:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for connection in self.connections:
+            connection.close()
+
+
+# --- the load processes -------------------------------------------------------
+
+
+def _worker_entry(connection, job, spec):
+    """A load process: run one job against the server and send its outcome to bench.py."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise_fd_limit()
+    try:
+        result = asyncio.run(job(connection, spec))
+    except Exception:
+        connection.send(("error", traceback.format_exc()))
+    else:
+        connection.send(("done", result))
+    finally:
+        connection.close()
+
+
+async def _ready_then_go(connection):
+    """Say ready, then wait for the (start_ns, end_ns) of the window."""
+    connection.send(("ready", None))
+    return await asyncio.get_running_loop().run_in_executor(None, connection.recv)
+
+
+def _stop_event(connection):
+    """An event set when bench.py sends stop (or goes away)."""
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+
+    def on_message():
+        loop.remove_reader(connection.fileno())
+        event.set()
+
+    loop.add_reader(connection.fileno(), on_message)
+    return event
+
+
+async def closed_loop(connection, spec):
+    """SendMessage from in_flight callers over one channel; hello and goodbye alternate per id."""
+    numbers = range(spec.first, spec.first + spec.ids)
+    names = [scale_id(number, spec.width) if spec.width else f"{spec.tag}-{number}"
+             for number in numbers]
+    requests = [[pb.MessageRequest(client_id=name, message=MESSAGES[(number + flip) % 2])
+                 for name, number in zip(names, numbers)] for flip in (1, 0)]
+    async with grpc.aio.insecure_channel(spec.address) as channel:
+        await asyncio.wait_for(channel.channel_ready(), START_TIMEOUT)
+        send = pb_grpc.ClientServiceStub(channel).SendMessage
+        start_ns, end_ns = await _ready_then_go(connection)
+        end_ns = end_ns or math.inf
+        stop = _stop_event(connection)
+        starts, latencies, errors = array("q"), array("q"), Counter()
+        counter = iter(range(sys.maxsize))
+
+        async def caller():
+            while not stop.is_set():
+                number = next(counter)
+                request = requests[(number // spec.ids) % 2][number % spec.ids]
+                began = time.monotonic_ns()
+                if began >= end_ns:
+                    return
+                code = None
+                try:
+                    await send(request, timeout=spec.timeout)
+                except grpc.aio.AioRpcError as error:
+                    code = error.code().name
+                ended = time.monotonic_ns()
+                if start_ns <= ended < end_ns:
+                    if code:
+                        errors[code] += 1
+                    else:
+                        starts.append(began)
+                        latencies.append(ended - began)
+
+        await asyncio.gather(*(caller() for _ in range(spec.in_flight)))
+    return {"starts": starts, "latencies": latencies, "errors": dict(errors)}
+
+
+async def connected_clients(connection, spec):
+    """`clients` channels of their own, each saying hello once a second with its own id."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(spec.address, options=options)
+                for _ in range(spec.clients)]
+    try:
+        async def ready(channel):
+            await channel.channel_ready()
+            connection.send(("progress", 1))
+
+        await asyncio.wait_for(asyncio.gather(*(ready(channel) for channel in channels)),
+                               START_TIMEOUT)
+        start_ns, end_ns = await _ready_then_go(connection)
+        go_ns = time.monotonic_ns()
+        latencies, errors, made = array("q"), Counter(), [0]
+
+        async def client(number, channel):
+            send = pb_grpc.ClientServiceStub(channel).SendMessage
+            request = pb.MessageRequest(client_id=f"{spec.tag}-{number}", message="hello")
+            tick = go_ns + SECOND_NS * number // spec.clients
+            while tick < end_ns:
+                await asyncio.sleep(max(0, tick - time.monotonic_ns()) / 1e9)
+                began = time.monotonic_ns()
+                code = None
+                try:
+                    await send(request, timeout=spec.timeout)
+                except grpc.aio.AioRpcError as error:
+                    code = error.code().name
+                ended = time.monotonic_ns()
+                if start_ns <= began < end_ns:
+                    made[0] += 1
+                    if code:
+                        errors[code] += 1
+                    else:
+                        latencies.append(ended - began)
+                tick = max(tick + SECOND_NS, ended)
+
+        await asyncio.gather(*(client(number, channel)
+                               for number, channel in enumerate(channels)))
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels))
+    return {"latencies": latencies, "errors": dict(errors), "made": made[0]}
+
+
+async def preload(connection, spec):
+    """Register clients in batches of 1,000 with SendMessages; even ids hello, odd goodbye."""
+    width = scale_width(spec.clients)
+    batches = iter(range(spec.first, math.ceil(spec.clients / BATCH), spec.step))
+    options = [("grpc.max_receive_message_length", BIG_MESSAGE)]
+    async with grpc.aio.insecure_channel(spec.address, options=options) as channel:
+        await asyncio.wait_for(channel.channel_ready(), START_TIMEOUT)
+        send = pb_grpc.ClientServiceStub(channel).SendMessages
+        await _ready_then_go(connection)
+
+        async def sender():
+            for batch in batches:
+                numbers = range(batch * BATCH, min((batch + 1) * BATCH, spec.clients))
+                request = pb.SendMessagesRequest(requests=[
+                    pb.MessageRequest(client_id=scale_id(number, width),
+                                      message=MESSAGES[number % 2])
+                    for number in numbers
+                ])
+                await send(request, timeout=spec.timeout)
+                connection.send(("progress", len(numbers)))
+
+        await asyncio.gather(*(sender() for _ in range(spec.in_flight)))
+    return {}
+
+
+# --- the ceiling: an empty-handler server in our process model ----------------
+
+
+class CeilingService(pb_grpc.ClientServiceServicer):
+    """Answers every SendMessage with one constant, prebuilt response."""
+
+    def __init__(self):
+        self._response = pb.MessageResponse(
+            success=True, info="Client bench marked as connected.", changed=True,
+            client=presence.client_to_pb(presence.Client(
+                "bench", pb.STATUS_CONNECTED, time.time(), time.time(), 1)),
+        )
+
+    def SendMessage(self, request, context):
+        return self._response
+
+
+def server_options():
+    """The options server.create_server gives grpc.server, read off a throwaway server."""
+    seen = {}
+    real_server = grpc.server
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real_server(*args, **kwargs)
+
+    with mock.patch.object(grpc, "server", spy):
+        built = presence.create_server("127.0.0.1:0", presence.open_store("memory://"))
+    built.grpc_server.stop(None)
+    return seen["options"]
+
+
+def serve_ceiling(argv):
+    """The hidden `_ceiling` subcommand: serve the ceiling until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(prog="bench.py _ceiling")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Taken by sigwait below, never by a handler that could interrupt a lock holder.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    grpc_server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=presence.DEFAULT_WORKERS, thread_name_prefix="rpc"),
+        maximum_concurrent_rpcs=presence.DEFAULT_MAX_CONCURRENT_RPCS,
+        options=server_options(),
+    )
+    pb_grpc.add_ClientServiceServicer_to_server(CeilingService(), grpc_server)
+    port = grpc_server.add_insecure_port(presence.format_address(args.host, args.port))
+    grpc_server.start()
+    logger.info("listening on %s", presence.format_address(args.host, port))
+    signal.sigwait(STOP_SIGNALS)
+    grpc_server.stop(1).wait()
+    return 0
+
+
+# --- what every mode shares ---------------------------------------------------
+
+
+class Run:
+    """The options, the console and progress, the temporary folder, the servers to stop."""
+
+    def __init__(self, args, console, progress, stack):
+        self.args = args
+        self.console = console
+        self.progress = progress
+        self.stack = stack
+        self.tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        self.phase = progress.add_task("starting", total=None)
+        self._servers = 0
+
+    def start_server(self, target):
+        """A fresh server for target: the ceiling, memory:// or SQLite on a new file."""
+        self._servers += 1
+        if target == "ceiling":
+            argv = [sys.executable, str(ROOT / "bench.py"), "_ceiling", "--port", "0"]
+        else:
+            store = ("memory://" if target == "memory"
+                     else f"sqlite:///{self.tmpdir / f'bench-{self._servers}.db'}")
+            argv = [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0",
+                    "--store", store, "--log-level", "INFO"]
+        self.show(f"starting the {target} server")
+        server = ServerProcess(target, argv)
+        self.stack.callback(server.stop)
+        return server
+
+    def show(self, description, total=None, completed=0):
+        """Say what is happening now in the progress display (a bar when total is known)."""
+        self.progress.remove_task(self.phase)
+        self.phase = self.progress.add_task(description, total=total, completed=completed)
+
+    def wait_until(self, deadline_ns, description):
+        """Sleep until deadline_ns (monotonic), showing a bar for the time left."""
+        left = max(0, deadline_ns - time.monotonic_ns()) / 1e9
+        self.show(description, total=max(left, 0.001))
+        while (remaining := deadline_ns - time.monotonic_ns()) > 0:
+            time.sleep(min(remaining / 1e9, 0.1))
+            self.progress.update(self.phase, completed=left - max(remaining, 0) / 1e9)
+
+    def cpu(self, server, group):
+        """A CpuSample now."""
+        return CpuSample(
+            server=process_ticks(server.pid),
+            load=sum(process_ticks(pid) for pid in group.pids),
+            own=process_ticks(os.getpid()),
+            machine=machine_ticks(),
+        )
+
+
+def cpu_figures(before, after, calls, seconds):
+    """Server and client CPU per call (us) and the cores other processes used (noise)."""
+    server = after.server - before.server
+    load = after.load - before.load
+    others = (after.machine - before.machine) - server - load - (after.own - before.own)
+    per_call = 1e6 / CLOCK_TICK / calls if calls else None
+    return {
+        "server_cpu_s": server / CLOCK_TICK,
+        "cpu_us_per_call": server * per_call if per_call else None,
+        "client_cpu_us_per_call": load * per_call if per_call else None,
+        "server_cores": server / CLOCK_TICK / seconds,
+        "noise_cores": max(others, 0) / CLOCK_TICK / seconds,
+    }
+
+
+def measure_load(run, server, *, processes, in_flight, warmup, window, tag, label, preloaded=0):
+    """The normal load against server: warm-up, then one window; its figures.
+
+    With preloaded=N the load flips the first of the N preloaded clients instead of new ones.
+    """
+    args = run.args
+    if preloaded:
+        ids = min(args.ids, preloaded // processes)
+        width = scale_width(preloaded)
+        specs = [ClosedLoop(server.address, tag, in_flight, ids, args.call_timeout,
+                            first=index * ids, width=width) for index in range(processes)]
+    else:
+        specs = [ClosedLoop(server.address, f"{tag}-p{index}", in_flight, args.ids,
+                            args.call_timeout) for index in range(processes)]
+    run.show(f"{label}: starting {processes} load process(es)")
+    with LoadGroup(closed_loop, specs) as group:
+        group.wait_ready()
+        start_ns = time.monotonic_ns() + int(warmup * SECOND_NS)
+        end_ns = start_ns + int(window * SECOND_NS)
+        group.go(start_ns, end_ns)
+        run.wait_until(start_ns, f"{label}: warm-up")
+        before = run.cpu(server, group)
+        logger.debug("%s: window of %g s starts (server pid %d)", label, window, server.pid)
+        run.wait_until(end_ns, f"{label}: measuring")
+        after = run.cpu(server, group)
+        logger.debug("%s: window ends", label)
+        run.show(f"{label}: collecting")
+        outcomes = group.results(args.call_timeout + 60)
+    server.check()
+    latencies = [value for outcome in outcomes for value in outcome["latencies"]]
+    errors = Counter()
+    for outcome in outcomes:
+        errors.update(outcome["errors"])
+    calls = len(latencies) + sum(errors.values())
+    return {
+        "calls": len(latencies),
+        "calls_per_s": len(latencies) / window,
+        **latency_figures(latencies),
+        "errors": dict(errors),
+        **cpu_figures(before, after, calls, window),
+    }
+
+
+# --- mode: throughput ---------------------------------------------------------
+
+
+RATIOS = {"throughput_ratio": "calls_per_s", "p99_ratio": "p99_ms", "cpu_ratio": "cpu_us_per_call",
+          "p50_ratio": "p50_ms"}
+
+
+def run_throughput(run):
+    """SendMessage against the ceiling, memory:// and SQLite, rounds in rotating order."""
+    args = run.args
+    names = ["ceiling"] + [name for name in args.targets if name != "ceiling"]
+    servers = {name: run.start_server(name) for name in names}
+    rounds = []
+    for number in range(args.rounds):
+        order = rotate(names, number)
+        figures = {}
+        for name in order:
+            figures[name] = measure_load(
+                run, servers[name], processes=args.processes, in_flight=args.in_flight,
+                warmup=args.warmup, window=args.window, tag=f"r{number}",
+                label=f"throughput round {number + 1}/{args.rounds}: {name}")
+            time.sleep(0.2)
+        for name in names:
+            for key, figure in RATIOS.items():
+                figures[name][key] = ratio(figures[name][figure], figures["ceiling"][figure])
+        rounds.append({"round": number + 1, "order": order,
+                       "targets": {name: figures[name] for name in names}})
+    for server in servers.values():
+        server.stop()
+    medians = {}
+    for name in names:
+        per_round = [entry["targets"][name] for entry in rounds]
+        keys = [key for key, value in per_round[0].items() if not isinstance(value, dict)]
+        medians[name] = {key: median(figures[key] for figures in per_round) for key in keys}
+        errors = Counter()
+        for figures in per_round:
+            errors.update(figures["errors"])
+        medians[name]["errors"] = dict(errors)
+    return {
+        "load": {"processes": args.processes, "in_flight": args.in_flight, "warmup_s": args.warmup,
+                 "window_s": args.window, "rounds": args.rounds, "ids_per_process": args.ids},
+        "rounds": rounds,
+        "median": medians,
+        "verdicts": {name: verdicts(goals, medians[name])
+                     for name, goals in THROUGHPUT_GOALS.items() if name in medians},
+    }
+
+
+def render_throughput(figures):
+    """The comparison table (medians, ratios to the ceiling) and the per-round table."""
+    load, medians = figures["load"], figures["median"]
+    noise = [entry["targets"][name]["noise_cores"] for entry in figures["rounds"]
+             for name in entry["targets"]]
+    table = Table(
+        title=f"SendMessage throughput: {load['processes']} load process(es) × "
+              f"{load['in_flight']} in flight, median of {load['rounds']} rounds of "
+              f"{load['window_s']:g} s (×: ratio to the ceiling of the same round)",
+        caption=f"other processes on the machine used {statistics.mean(noise):.2f} cores on average "
+                f"during the windows (max {max(noise):.2f})",
+    )
+    for header in ("target", "calls/s", "×", "p50 ms", "p99 ms", "×", "max ms",
+                   "server CPU µs/call", "×", "errors", "DESIGN §7"):
+        table.add_column(header, justify="left" if header in ("target", "DESIGN §7") else "right")
+    for name, row in medians.items():
+        goals = THROUGHPUT_GOALS.get(name, ())
+        design = "\n".join(f"{goal.label} {goal.describe()} {_mark(goal, row.get(goal.key))}"
+                           for goal in goals) or "baseline"
+        table.add_row(
+            name, _fmt(row["calls_per_s"], thousands=True), _fmt_ratio(row["throughput_ratio"]),
+            _fmt(row["p50_ms"], 2), _fmt(row["p99_ms"], 2), _fmt_ratio(row["p99_ratio"]),
+            _fmt(row["max_ms"], 1), _fmt(row["cpu_us_per_call"], 1), _fmt_ratio(row["cpu_ratio"]),
+            _fmt_errors(row["errors"]), design,
+        )
+    rounds = Table(title="per round: calls/s | p99 ms | server CPU µs/call (client CPU µs/call)")
+    rounds.add_column("round")
+    rounds.add_column("order")
+    for name in medians:
+        rounds.add_column(name, justify="right")
+    rounds.add_column("noise cores", justify="right")
+    for entry in figures["rounds"]:
+        rows = [entry["targets"][name] for name in medians]
+        rounds.add_row(str(entry["round"]), " → ".join(entry["order"]), *(
+            f"{_fmt(row['calls_per_s'], thousands=True)} | {_fmt(row['p99_ms'], 2)} | "
+            f"{_fmt(row['cpu_us_per_call'], 1)} ({_fmt(row['client_cpu_us_per_call'], 0)})"
+            for row in rows), _fmt(max(row["noise_cores"] for row in rows), 2))
+    return [table, rounds]
+
+
+# --- mode: scale --------------------------------------------------------------
+
+
+def run_scale(run):
+    """For each --scale N: a fresh memory:// server preloaded with N clients, then measured."""
+    return {"runs": [measure_scale(run, clients) for clients in run.args.scale]}
+
+
+def _timed(call, arguments):
+    """Call once per argument; the latencies in ns."""
+    latencies = []
+    for argument in arguments:
+        began = time.monotonic_ns()
+        call(argument)
+        latencies.append(time.monotonic_ns() - began)
+    return latencies
+
+
+def measure_scale(run, clients):
+    """Preload `clients`, then page, count, write and ask for the all-clients map."""
+    args = run.args
+    label = f"scale {clients:,}"
+    server = run.start_server("memory")
+    figures = {"clients": clients}
+    options = [("grpc.max_receive_message_length", BIG_MESSAGE)]
+    with grpc.insecure_channel(server.address, options=options) as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        stub.CountClients(pb.CountClientsRequest(), timeout=args.call_timeout)
+        time.sleep(0.5)
+        rss_before = rss_bytes(server.pid)
+
+        run.show(f"{label}: preloading", total=clients)
+        began = time.monotonic()
+        specs = [Preload(server.address, clients, first, PRELOAD_PROCESSES, PRELOAD_IN_FLIGHT, 120)
+                 for first in range(PRELOAD_PROCESSES)]
+        with LoadGroup(preload, specs) as group:
+            group.wait_ready()
+            group.go(None, None)
+            group.results(START_TIMEOUT + clients / 1000,
+                          on_progress=lambda sent: run.progress.advance(run.phase, sent))
+        figures["preload_s"] = time.monotonic() - began
+        figures["preload_per_s"] = clients / figures["preload_s"]
+        server.check()
+        time.sleep(0.5)
+        rss_after = rss_bytes(server.pid)
+        figures.update(rss_before_mib=rss_before / 2**20, rss_after_mib=rss_after / 2**20,
+                       bytes_per_client=(rss_after - rss_before) / clients)
+        counts = stub.CountClients(pb.CountClientsRequest(), timeout=args.call_timeout)
+        figures["registered"] = counts.total
+        if counts.total != clients:
+            logger.warning("%s: the server counts %d clients, not %d", label, counts.total, clients)
+
+        run.show(f"{label}: {PAGE_CALLS} pages of {PAGE_SIZE:,}")
+        width = scale_width(clients)
+        rng = random.Random(clients)
+        tokens = [""] + [presence.encode_page_token(scale_id(rng.randrange(clients), width))
+                         for _ in range(PAGE_CALLS - 1)]
+        pages = _timed(lambda token: stub.ListClients(
+            pb.ListClientsRequest(page_size=PAGE_SIZE, page_token=token),
+            timeout=args.call_timeout), tokens)
+        figures.update(page_median_ms=_ms(percentile(pages, 0.5)),
+                       page_p99_ms=_ms(percentile(pages, 0.99)))
+
+        run.show(f"{label}: {COUNT_CALLS} counts")
+        counts = _timed(lambda _: stub.CountClients(pb.CountClientsRequest(),
+                                                    timeout=args.call_timeout), range(COUNT_CALLS))
+        figures.update(count_median_ms=_ms(percentile(counts, 0.5)),
+                       count_p99_ms=_ms(percentile(counts, 0.99)))
+
+        figures["writes"] = measure_load(
+            run, server, processes=args.processes, in_flight=args.in_flight, warmup=args.warmup,
+            window=args.window, tag="scale", label=f"{label}: SendMessage load",
+            preloaded=clients)
+        figures.update(measure_map(run, server, stub, label))
+    server.stop()
+    figures["verdicts"] = verdicts(SCALE_GOALS, figures)
+    return figures
+
+
+def measure_map(run, server, stub, label):
+    """The old all-clients map while another process keeps calling SendMessage."""
+    args = run.args
+    probe = ClosedLoop(server.address, "probe", PROBE_IN_FLIGHT, args.ids, args.call_timeout)
+    run.show(f"{label}: all-clients map, probe starting")
+    with LoadGroup(closed_loop, [probe]) as group:
+        group.wait_ready()
+        go_ns = time.monotonic_ns()
+        group.go(go_ns, None)
+        run.wait_until(go_ns + int(PROBE_BASELINE_SECONDS * SECOND_NS),
+                       f"{label}: all-clients map, probe baseline")
+        run.show(f"{label}: all-clients map, waiting for the answer")
+        ticks = process_ticks(server.pid)
+        began = time.monotonic_ns()
+        try:
+            answer = stub.GetClientStatus(pb.ClientStatusRequest(client_id=""), timeout=600)
+            entries, error = len(answer.statuses), None
+            del answer
+        except grpc.RpcError as failure:
+            entries, error = 0, f"{failure.code().name}: {failure.details()}"
+        ended = time.monotonic_ns()
+        ticks = process_ticks(server.pid) - ticks
+        time.sleep(0.3)
+        group.stop()
+        outcome = group.results(args.call_timeout + 60)[0]
+    server.check()
+    during = [latency for start, latency in zip(outcome["starts"], outcome["latencies"])
+              if start < ended and start + latency > began]
+    before = [latency for start, latency in zip(outcome["starts"], outcome["latencies"])
+              if start + latency <= began]
+    if error:
+        logger.warning("%s: the all-clients map failed: %s", label, error)
+    return {
+        "map_answered": 0 if error else 1,
+        "map_error": error,
+        "map_entries": entries,
+        "map_s": (ended - began) / 1e9,
+        "map_server_cpu_s": ticks / CLOCK_TICK,
+        "others_calls_during_map": len(during),
+        "others_p99_ms_during_map": _ms(percentile(during, 0.99)),
+        "others_max_ms_during_map": _ms(max(during, default=None)),
+        "others_p99_ms_before_map": _ms(percentile(before, 0.99)),
+        "others_errors": outcome["errors"],
+    }
+
+
+def render_scale(figures):
+    """One column per registry size, DESIGN's target (set for one million) beside each figure."""
+    runs = figures["runs"]
+    table = Table(title="Scale: a memory:// server preloaded with N clients "
+                        "(DESIGN §7 sets these targets at one million)")
+    table.add_column("figure")
+    for entry in runs:
+        table.add_column(f"N = {entry['clients']:,}", justify="right")
+    table.add_column("DESIGN §7")
+    goals = {goal.key: goal for goal in SCALE_GOALS}
+
+    def row(name, cell, goal_key=None):
+        goal = goals.get(goal_key)
+        cells = [cell(entry) + (f" {_mark(goal, entry.get(goal_key))}" if goal else "")
+                 for entry in runs]
+        table.add_row(name, *cells, goal.describe() if goal else "")
+
+    row("preload (clients/s)", lambda e: _fmt(e["preload_per_s"], thousands=True))
+    row("server RSS before → after (MiB)",
+        lambda e: f"{e['rss_before_mib']:.0f} → {e['rss_after_mib']:.0f}")
+    row("memory per client (bytes)", lambda e: _fmt(e["bytes_per_client"], 0), "bytes_per_client")
+    row(f"ListClients page of {PAGE_SIZE:,}: median ms", lambda e: _fmt(e["page_median_ms"], 2))
+    row(f"ListClients page of {PAGE_SIZE:,}: p99 ms", lambda e: _fmt(e["page_p99_ms"], 2),
+        "page_p99_ms")
+    row("CountClients: median ms", lambda e: _fmt(e["count_median_ms"], 2))
+    row("CountClients: p99 ms", lambda e: _fmt(e["count_p99_ms"], 2), "count_p99_ms")
+    row("all-clients map: answered in s",
+        lambda e: (f"{e['map_s']:.2f} ({e['map_entries']:,})" if e["map_answered"]
+                   else e["map_error"].split(":")[0]), "map_answered")
+    row("all-clients map: server CPU s", lambda e: _fmt(e["map_server_cpu_s"], 2))
+    row("SendMessage p99 ms before the map", lambda e: _fmt(e["others_p99_ms_before_map"], 2))
+    row("SendMessage p99 ms during the map",
+        lambda e: f"{_fmt(e['others_p99_ms_during_map'], 1)} "
+                  f"(max {_fmt(e['others_max_ms_during_map'], 0)}, "
+                  f"{e['others_calls_during_map']} calls)", "others_p99_ms_during_map")
+    row("SendMessage calls/s at that size", lambda e: _fmt(e["writes"]["calls_per_s"],
+                                                          thousands=True))
+    row("SendMessage p99 ms at that size", lambda e: _fmt(e["writes"]["p99_ms"], 2))
+    row("SendMessage server CPU µs/call", lambda e: _fmt(e["writes"]["cpu_us_per_call"], 1))
+    row("  other processes' cores meanwhile (noise)",
+        lambda e: _fmt(e["writes"]["noise_cores"], 2))
+    row("errors", lambda e: _fmt_errors({**e["writes"]["errors"], **e["others_errors"]}))
+    return [table]
+
+
+# --- mode: connections --------------------------------------------------------
+
+
+def run_connections(run):
+    """N clients on channels of their own, one SendMessage a second each, against memory://."""
+    args = run.args
+    clients = args.connections
+    processes = args.connection_processes or max(1, math.ceil(clients / CHANNELS_PER_PROCESS))
+    server = run.start_server("memory")
+    specs = [Connections(server.address, f"conn-p{index}", count, args.call_timeout)
+             for index, count in enumerate(split(clients, processes))]
+    label = f"{clients:,} connected clients"
+    run.show(f"{label}: connecting", total=clients)
+    began = time.monotonic()
+    with LoadGroup(connected_clients, specs) as group:
+        group.wait_ready(START_TIMEOUT + 30,
+                         on_progress=lambda count: run.progress.advance(run.phase, count))
+        connect_s = time.monotonic() - began
+        start_ns = time.monotonic_ns() + int(args.warmup * SECOND_NS)
+        end_ns = start_ns + int(args.connections_seconds * SECOND_NS)
+        group.go(start_ns, end_ns)
+        run.wait_until(start_ns, f"{label}: warm-up")
+        before = run.cpu(server, group)
+        fds = fd_count(server.pid)
+        run.wait_until(end_ns, f"{label}: measuring")
+        after = run.cpu(server, group)
+        run.show(f"{label}: collecting")
+        outcomes = group.results(args.call_timeout + 60)
+    server.check()
+    server.stop()
+    latencies = [value for outcome in outcomes for value in outcome["latencies"]]
+    errors = Counter()
+    for outcome in outcomes:
+        errors.update(outcome["errors"])
+    made = sum(outcome["made"] for outcome in outcomes)
+    figures = {
+        "clients": clients, "processes": processes, "seconds": args.connections_seconds,
+        "connect_s": connect_s, "server_fds": fds,
+        "calls": made, "calls_due": int(clients * args.connections_seconds),
+        "errors": dict(errors), "error_count": sum(errors.values()),
+        **latency_figures(latencies),
+        **cpu_figures(before, after, made, args.connections_seconds),
+    }
+    figures["verdicts"] = verdicts(CONNECTIONS_GOALS, figures)
+    return figures
+
+
+def render_connections(figures):
+    """The connected-clients figures beside DESIGN's targets."""
+    goals = {goal.key: goal for goal in CONNECTIONS_GOALS}
+    table = Table(title=f"{figures['clients']:,} connected clients (own channel each, "
+                        f"{figures['processes']} load process(es)), one SendMessage a second, "
+                        f"{figures['seconds']:g} s, memory://")
+    for header in ("figure", "value", "DESIGN §7"):
+        table.add_column(header, justify="right" if header == "value" else "left")
+    table.add_row("connected in", f"{figures['connect_s']:.1f} s", "")
+    table.add_row("server fds during the window", f"{figures['server_fds']:,}", "")
+    table.add_row("calls made / due", f"{figures['calls']:,} / {figures['calls_due']:,}", "")
+    table.add_row("errors", f"{_fmt_errors(figures['errors'])} "
+                            f"{_mark(goals['error_count'], figures['error_count'])}",
+                  "zero errors")
+    table.add_row("p50 ms", _fmt(figures["p50_ms"], 2), "")
+    table.add_row("p99 ms", f"{_fmt(figures['p99_ms'], 2)} {_mark(goals['p99_ms'], figures['p99_ms'])}",
+                  goals["p99_ms"].describe())
+    table.add_row("max ms", _fmt(figures["max_ms"], 1), "")
+    table.add_row("server CPU µs/call", _fmt(figures["cpu_us_per_call"], 1), "")
+    table.add_row("server cores busy", _fmt(figures["server_cores"], 2), "")
+    table.add_row("other processes' cores (noise)", _fmt(figures["noise_cores"], 2), "")
+    return [table]
+
+
+MODES = {mode.name: mode for mode in (
+    Mode("throughput", "SendMessage against the ceiling, memory:// and SQLite",
+         run_throughput, render_throughput),
+    Mode("scale", "registries of N clients: page, count, all-clients map, memory, writes",
+         run_scale, render_scale),
+    Mode("connections", "N connected clients calling once a second",
+         run_connections, render_connections),
+)}
+
+
+# --- command line -------------------------------------------------------------
+
+
+def _positive_int(text):
+    value = int(text.replace("_", "").replace(",", ""))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser():
+    """The command line; options left unset take the quick or --full preset."""
+    quick, full = PRESETS["quick"], PRESETS["full"]
+    parser = argparse.ArgumentParser(
+        description="Benchmark the presence server beside an empty-handler gRPC server (the "
+        "ceiling) in the same process model, and check the figures of DESIGN section 7. "
+        "Everything measured runs in processes of its own on loopback ports picked at run time "
+        "and is stopped afterwards.",
+        epilog="Modes: " + "; ".join(f"{name}: {mode.help}" for name, mode in MODES.items())
+        + ". Examples: `python bench.py` (quick, under 3 minutes), `python bench.py --full` "
+        "(under 15 minutes), `python bench.py --only scale --scale 1000000`, "
+        "`make bench ARGS=--full`. Results go to the terminal and, with every per-round figure, "
+        "to the --output JSON file.",
+    )
+    parser.add_argument("--full", action="store_true",
+                        help=f"the full run: {full['rounds']} rounds of {full['window']:g} s, scale "
+                        f"at {', '.join(f'{n:,}' for n in full['scale'])}, "
+                        f"{full['connections']:,} connections for {full['connections_seconds']:g} s")
+    parser.add_argument("--only", nargs="+", choices=list(MODES), metavar="MODE",
+                        help=f"run only these modes ({', '.join(MODES)}); default: all")
+    parser.add_argument("--output", type=Path, default=Path("bench-results.json"),
+                        help="JSON file for every figure (default: %(default)s)")
+    load = parser.add_argument_group("the SendMessage load")
+    load.add_argument("--processes", type=_positive_int, default=1,
+                      help="load processes (default: %(default)s)")
+    load.add_argument("--in-flight", type=_positive_int, default=32,
+                      help="calls each load process keeps in flight (default: %(default)s)")
+    load.add_argument("--ids", type=_positive_int, default=10_000,
+                      help="client ids per load process; hello and goodbye alternate per id, so "
+                      "every call is a change (default: %(default)s)")
+    load.add_argument("--warmup", type=_positive_float, default=2.0,
+                      help="seconds of load before each window (default: %(default)s)")
+    load.add_argument("--window", type=_positive_float,
+                      help=f"seconds measured (quick: {quick['window']:g}, --full: {full['window']:g})")
+    load.add_argument("--call-timeout", type=_positive_float, default=5.0,
+                      help="deadline of every call, seconds (default: %(default)s)")
+    throughput = parser.add_argument_group("throughput mode")
+    throughput.add_argument("--rounds", type=_positive_int,
+                            help="rounds, the order of the targets rotated each round "
+                            f"(quick: {quick['rounds']}, --full: {full['rounds']})")
+    throughput.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS),
+                            metavar="TARGET", help="servers to compare (ceiling, memory, "
+                            "sqlite); the ceiling always runs (default: all)")
+    scale = parser.add_argument_group("scale mode")
+    scale.add_argument("--scale", type=_positive_int, nargs="+", metavar="N",
+                       help="registry sizes to preload and measure (quick: "
+                       f"{quick['scale'][0]:,}, --full: {' '.join(str(n) for n in full['scale'])})")
+    connections = parser.add_argument_group("connections mode")
+    connections.add_argument("--connections", type=_positive_int, metavar="N",
+                             help="connected clients, each on a channel of its own (quick: "
+                             f"{quick['connections']}, --full: {full['connections']})")
+    connections.add_argument("--connections-seconds", type=_positive_float, metavar="S",
+                             help="seconds measured (quick: "
+                             f"{quick['connections_seconds']:g}, --full: "
+                             f"{full['connections_seconds']:g})")
+    connections.add_argument("--connection-processes", type=_positive_int, metavar="P",
+                             help=f"load processes holding them (default: one per "
+                             f"{CHANNELS_PER_PROCESS:,} clients)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="bench.py's own log (default: %(default)s)")
+    return parser
+
+
+def parse_args(argv):
+    """Parsed options with the preset filled in where none was given."""
+    args = build_parser().parse_args(argv)
+    for key, value in PRESETS["full" if args.full else "quick"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.only = args.only or list(MODES)
+    return args
+
+
+def write_results(path, results):
+    """Write the JSON results (again after every mode, so a later failure keeps them)."""
+    path.write_text(json.dumps(results, indent=2, default=list) + "\n")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    """Run the chosen modes, print their tables, write the JSON; 0 when every mode ran."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_ceiling"]:
+        return serve_ceiling(argv[1:])
+    args = parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    logging.basicConfig(level=args.log_level, format="%(message)s", datefmt="%X",
+                        handlers=[RichHandler(console=console, show_path=False)])
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _interrupt)
+    raise_fd_limit()
+    results = {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "options": {key: value if not isinstance(value, Path) else str(value)
+                    for key, value in vars(args).items()},
+    }
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                        TaskProgressColumn(), TimeElapsedColumn(), console=console,
+                        refresh_per_second=4)
+    status = 0
+    try:
+        with contextlib.ExitStack() as stack, progress:
+            run = Run(args, console, progress, stack)
+            overall = progress.add_task("modes", total=len(args.only))
+            for mode in (MODES[name] for name in args.only):
+                progress.update(overall, description=f"mode: {mode.name}")
+                with contextlib.ExitStack() as mode_stack:
+                    run.stack = mode_stack
+                    results[mode.name] = mode.run(run)
+                for table in mode.render(results[mode.name]):
+                    console.print(table)
+                write_results(args.output, results)
+                progress.advance(overall)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: every server and load process stopped")
+        status = 130
+    except BenchError as error:
+        logger.error("%s", error)
+        status = 1
+    results["machine"]["loadavg_at_end"] = os.getloadavg()
+    write_results(args.output, results)
+    console.print(f"results: {args.output}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,573 @@
+"""Focused tests of client.py: renderers, completion, the dispatcher and main() on a real server."""
+
+import io
+import json
+import socket
+
+import allure
+import pytest
+from prompt_toolkit.completion import CompleteEvent
+from prompt_toolkit.document import Document
+from prompt_toolkit.history import FileHistory, InMemoryHistory
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+from rich.console import Console
+
+import client
+from generated import connection_pb2 as pb
+
+NOW = 1_800_000_000.0
+
+
+def rendered(renderable):
+    """What a renderable looks like as plain text, 120 columns wide."""
+    console = Console(file=io.StringIO(), width=120)
+    console.print(renderable)
+    return console.file.getvalue()
+
+
+def record(client_id, status=pb.STATUS_CONNECTED, changed_ago=120, seen_ago=3, revision=7):
+    message = pb.Client(client_id=client_id, status=status, revision=revision)
+    message.changed_at.FromNanoseconds(int((NOW - changed_ago) * 1e9))
+    message.last_seen.FromNanoseconds(int((NOW - seen_ago) * 1e9))
+    return message
+
+
+def counts(connected, disconnected, revision=9):
+    return pb.CountClientsResponse(connected=connected, disconnected=disconnected,
+                                   total=connected + disconnected, revision=revision)
+
+
+def free_address():
+    """An address nothing listens on: a port bound, then closed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+class Script:
+    """Answers prompts from a list, the way a user or a pipe would; EOFError when it runs out."""
+
+    def __init__(self, *lines):
+        self.lines = list(lines)
+        self.prompts = []
+
+    def __call__(self, prompt, kind):
+        self.prompts.append((prompt, kind))
+        if not self.lines:
+            raise EOFError
+        line = self.lines.pop(0)
+        if isinstance(line, BaseException):
+            raise line
+        return line
+
+
+@pytest.fixture
+def consoles():
+    out = Console(file=io.StringIO(), width=120)
+    err = Console(file=io.StringIO(), width=120)
+    return out, err
+
+
+@pytest.fixture
+def presence(address):
+    with client.PresenceClient(address, timeout=5) as presence:
+        yield presence
+
+
+def make_dispatcher(presence, consoles, *lines, json_output=False):
+    out, err = consoles
+    read = Script(*lines)
+    return client.Dispatcher(presence, out, err, json_output=json_output, read=read,
+                             clock=lambda: NOW)
+
+
+def text_of(console):
+    return console.file.getvalue()
+
+
+# --- relative time and renderers --------------------------------------------------------
+
+
+@allure.feature("Client")
+@allure.story("Rendering")
+@pytest.mark.parametrize("ago, words", [
+    (None, "—"),
+    (-30, "just now"),
+    (0, "just now"),
+    (4.9, "just now"),
+    (5, "5 s ago"),
+    (42, "42 s ago"),
+    (59.9, "59 s ago"),
+    (60, "1 min ago"),
+    (150, "2 min ago"),
+    (3599, "59 min ago"),
+    (3600, "1 h ago"),
+    (3 * 3600 + 59, "3 h ago"),
+    (86399, "23 h ago"),
+    (86400, "1 d ago"),
+    (5 * 86400 + 7, "5 d ago"),
+])
+def test_relative_time_reads_at_a_glance(ago, words):
+    then = None if ago is None else NOW - ago
+    assert client.relative_time(then, NOW) == words
+
+
+@allure.feature("Client")
+@allure.story("Rendering")
+def test_client_table_shows_id_status_relative_times_and_revision():
+    text = rendered(client.render_clients([record("alice", changed_ago=120, seen_ago=42)], NOW))
+    row = next(line for line in text.splitlines() if "alice" in line)
+    for cell in ("connected", "2 min ago", "42 s ago", "7"):
+        assert cell in row
+    assert "revision" in text and "last seen" in text
+
+
+@allure.feature("Client")
+@allure.story("Rendering")
+@pytest.mark.parametrize("status, word, colour", [
+    (pb.STATUS_CONNECTED, "connected", "green"),
+    (pb.STATUS_DISCONNECTED, "disconnected", "red"),
+    (pb.STATUS_UNSPECIFIED, "unknown", "yellow"),
+])
+def test_status_word_is_coloured_by_status(status, word, colour):
+    text = client.status_text(status)
+    assert text.plain == word
+    assert colour in str(text.style)
+
+
+@allure.feature("Client")
+@allure.story("Rendering")
+def test_client_ids_are_shown_literally_not_as_markup():
+    text = rendered(client.render_clients([record("[bold]mallory[/bold]")], NOW))
+    assert "[bold]mallory[/bold]" in text
+
+
+@allure.feature("Client")
+@allure.story("Rendering")
+def test_send_answer_shows_server_info_and_the_record():
+    response = pb.MessageResponse(success=True, info="Client alice marked as connected.",
+                                  client=record("alice", changed_ago=0, seen_ago=0), changed=True)
+    text = rendered(client.render_send(response, NOW))
+    assert "Client alice marked as connected." in text
+    assert "just now" in text
+    assert "no change" not in text
+
+
+@allure.feature("Client")
+@allure.story("Rendering")
+def test_send_answer_notes_when_nothing_changed():
+    response = pb.MessageResponse(success=True, info="Client bob marked as disconnected.",
+                                  client=record("bob", pb.STATUS_DISCONNECTED), changed=False)
+    text = rendered(client.render_send(response, NOW))
+    assert "no change: bob was already disconnected" in text
+
+
+@allure.feature("Client")
+@allure.story("Rendering")
+def test_send_answer_from_an_old_server_is_just_its_info():
+    response = pb.MessageResponse(success=True, info="Client carol marked as connected.")
+    text = rendered(client.render_send(response, NOW))
+    assert text.strip() == "Client carol marked as connected."
+
+
+@allure.feature("Client")
+@allure.story("Rendering")
+def test_listing_shows_every_client_and_the_counts_when_short():
+    listing = client.Listing([record("alice"), record("bob", pb.STATUS_DISCONNECTED)], counts(1, 1))
+    text = rendered(client.render_listing(listing, NOW))
+    assert "alice" in text and "bob" in text
+    assert "1 connected · 1 disconnected · 2 total" in text
+    assert "showing" not in text
+
+
+@allure.feature("Client")
+@allure.story("Rendering")
+def test_long_listing_is_cut_and_says_how_many_there_are():
+    clients = [record(f"user{index:04}") for index in range(250)]
+    text = rendered(client.render_listing(client.Listing(clients, counts(2000, 500)), NOW))
+    assert "user0199" in text and "user0200" not in text
+    assert "showing 200 of 2,500 (CountClients)" in text
+    assert "2,000 connected · 500 disconnected · 2,500 total" in text
+
+
+@allure.feature("Client")
+@allure.story("Rendering")
+def test_empty_registry_says_so():
+    text = rendered(client.render_listing(client.Listing([], counts(0, 0)), NOW))
+    assert "no clients yet" in text and "0 total" in text
+
+
+@allure.feature("Client")
+@allure.story("Rendering")
+def test_menu_lists_numbers_words_and_usage():
+    text = rendered(client.render_menu("localhost:50051"))
+    assert "server localhost:50051" in text
+    for line in ("1  send ID MESSAGE", "2  status [ID]", "3  exit", "help"):
+        assert line in text
+
+
+@allure.feature("Client")
+@allure.story("Rendering")
+@pytest.mark.parametrize("reachable, answer, shown", [
+    (True, counts(3, 4), "● reachable  3 online of 7"),
+    (False, None, "● unreachable  online: —"),
+    (None, None, "● connecting"),
+])
+def test_toolbar_shows_address_reachability_and_online_count(reachable, answer, shown):
+    text = "".join(fragment for _, fragment in
+                   client.render_toolbar("db1:50051", reachable, answer))
+    assert "db1:50051" in text and shown in text
+
+
+@allure.feature("Client")
+@allure.story("Rendering")
+def test_json_client_has_stable_fields_and_null_for_unset_times():
+    full = client.client_json(record("alice", revision=3))
+    assert set(full) == {"client_id", "status", "changed_at", "last_seen", "revision"}
+    assert full["status"] == "connected" and full["revision"] == 3
+    assert full["changed_at"].endswith("Z")
+    bare = client.client_json(pb.Client(client_id="old", status=pb.STATUS_DISCONNECTED))
+    assert bare == {"client_id": "old", "status": "disconnected", "changed_at": None,
+                    "last_seen": None, "revision": 0}
+
+
+# --- completion --------------------------------------------------------------------------
+
+
+SOURCES = {"id": lambda prefix: ["alice", "albert", "bob"],
+           "message": lambda prefix: client.MESSAGES}
+
+
+def completions(completer, text):
+    return [completion.text for completion in
+            completer.get_completions(Document(text), CompleteEvent(completion_requested=True))]
+
+
+@allure.feature("Client")
+@allure.story("Completion")
+@pytest.mark.parametrize("text, expected", [
+    ("", ["send", "status", "exit", "quit", "help"]),
+    ("s", ["send", "status"]),
+    ("sta", ["status"]),
+    ("STA", []),
+    ("send ", ["alice", "albert", "bob"]),
+    ("send al", ["alice", "albert"]),
+    ("send alice ", ["hello", "goodbye"]),
+    ("send alice g", ["goodbye"]),
+    ("send alice hello ", []),
+    ("status ", ["alice", "albert", "bob"]),
+    ("status b", ["bob"]),
+    ("status bob ", []),
+    ("1 al", ["alice", "albert"]),
+    ("exit ", []),
+    ("bogus ", []),
+])
+def test_menu_line_completes_words_then_ids_then_messages(text, expected):
+    assert completions(client.MenuCompleter(SOURCES), text) == expected
+
+
+@allure.feature("Client")
+@allure.story("Completion")
+def test_sub_prompts_complete_from_their_own_source():
+    assert completions(client.AnswerCompleter(SOURCES["id"]), "al") == ["alice", "albert"]
+    assert completions(client.AnswerCompleter(SOURCES["message"]), "h") == ["hello"]
+
+
+@allure.feature("Client")
+@allure.story("Completion")
+def test_ids_for_completion_come_from_the_server(stub, presence):
+    for client_id in ("alice", "albert", "bob"):
+        stub.SendMessage(pb.MessageRequest(client_id=client_id, message="hello"))
+    ids = client.IdCache(presence)
+    assert ids.matching("al") == ["albert", "alice"]
+    assert ids.matching("") == ["albert", "alice", "bob"]
+
+
+@allure.feature("Client")
+@allure.story("Completion")
+def test_listing_stops_at_the_limit_and_says_whether_it_saw_everyone(stub, presence):
+    for client_id in ("alice", "albert", "bob"):
+        stub.SendMessage(pb.MessageRequest(client_id=client_id, message="hello"))
+    clients, complete = presence.clients(limit=2)
+    assert [client.client_id for client in clients] == ["albert", "alice"] and not complete
+    clients, complete = presence.clients(prefix="b")
+    assert [client.client_id for client in clients] == ["bob"] and complete
+
+
+@allure.feature("Client")
+@allure.story("Completion")
+def test_ids_are_cached_briefly_and_refetched_when_stale(stub, presence):
+    clock = [0.0]
+    ids = client.IdCache(presence, ttl=5, clock=lambda: clock[0])
+    stub.SendMessage(pb.MessageRequest(client_id="alice", message="hello"))
+    assert ids.matching("") == ["alice"]
+    stub.SendMessage(pb.MessageRequest(client_id="bob", message="hello"))
+    assert ids.matching("b") == [], "a complete cached page answers narrower prefixes"
+    clock[0] = 6.0
+    assert ids.matching("b") == ["bob"]
+
+
+@allure.feature("Client")
+@allure.story("Completion")
+def test_completion_never_raises_when_the_server_is_down():
+    with client.PresenceClient(free_address()) as down:
+        assert client.IdCache(down).matching("a") == []
+
+
+# --- the dispatcher against a real server ----------------------------------------------------
+
+
+@allure.feature("Client")
+@allure.story("REPL")
+def test_inline_send_marks_the_client_and_shows_the_answer(presence, consoles, stub):
+    dispatcher = make_dispatcher(presence, consoles)
+    assert dispatcher.onecmd("send alice hello") == client.EXIT_OK
+    assert "Client alice marked as connected." in text_of(consoles[0])
+    answer = stub.GetClientStatus(pb.ClientStatusRequest(client_id="alice"))
+    assert answer.statuses["alice"] == "connected"
+    assert dispatcher.read.prompts == [], "inline arguments need no prompt"
+
+
+@allure.feature("Client")
+@allure.story("REPL")
+def test_menu_number_prompts_for_id_then_message(presence, consoles):
+    dispatcher = make_dispatcher(presence, consoles, "  bob ", "Goodbye")
+    assert dispatcher.onecmd("1") == client.EXIT_OK
+    assert [kind for _, kind in dispatcher.read.prompts] == ["id", "message"]
+    assert "Client bob marked as disconnected." in text_of(consoles[0])
+
+
+@allure.feature("Client")
+@allure.story("REPL")
+def test_send_with_only_an_id_prompts_for_the_message(presence, consoles):
+    dispatcher = make_dispatcher(presence, consoles, "hello")
+    assert dispatcher.onecmd("send carol") == client.EXIT_OK
+    assert [kind for _, kind in dispatcher.read.prompts] == ["message"]
+
+
+@allure.feature("Client")
+@allure.story("REPL")
+def test_status_word_alone_lists_everyone_without_prompting(presence, consoles, stub):
+    stub.SendMessage(pb.MessageRequest(client_id="alice", message="hello"))
+    stub.SendMessage(pb.MessageRequest(client_id="bob", message="goodbye"))
+    dispatcher = make_dispatcher(presence, consoles)
+    assert dispatcher.onecmd("status") == client.EXIT_OK
+    text = text_of(consoles[0])
+    assert "alice" in text and "bob" in text
+    assert "1 connected · 1 disconnected · 2 total" in text
+    assert dispatcher.read.prompts == []
+
+
+@allure.feature("Client")
+@allure.story("REPL")
+def test_status_number_with_empty_id_lists_everyone(presence, consoles, stub):
+    stub.SendMessage(pb.MessageRequest(client_id="alice", message="hello"))
+    dispatcher = make_dispatcher(presence, consoles, "")
+    assert dispatcher.onecmd("2") == client.EXIT_OK
+    assert "1 connected · 0 disconnected · 1 total" in text_of(consoles[0])
+
+
+@allure.feature("Client")
+@allure.story("REPL")
+def test_status_of_one_client_shows_its_record(presence, consoles, stub):
+    stub.SendMessage(pb.MessageRequest(client_id="alice", message="hello"))
+    dispatcher = make_dispatcher(presence, consoles)
+    assert dispatcher.onecmd("STATUS alice") == client.EXIT_OK
+    row = next(line for line in text_of(consoles[0]).splitlines() if "alice" in line)
+    assert "connected" in row
+
+
+@allure.feature("Client")
+@allure.story("REPL")
+@pytest.mark.parametrize("line, code, message", [
+    ("dance", client.EXIT_USAGE, "error: unknown command 'dance' — type help for the menu"),
+    ("send a b c", client.EXIT_USAGE, "error: too many arguments — usage: send ID MESSAGE"),
+    ('send "alice', client.EXIT_USAGE, "error: cannot read that line: No closing quotation"),
+    ("status zed", client.EXIT_SERVER_ERROR, "error: Client zed not found (NOT_FOUND)"),
+    ("send alice hi", client.EXIT_SERVER_ERROR,
+     "error: Invalid message type: hi (INVALID_ARGUMENT)"),
+])
+def test_a_bad_line_is_one_error_line_and_a_code(presence, consoles, line, code, message):
+    dispatcher = make_dispatcher(presence, consoles)
+    assert dispatcher.onecmd(line) == code
+    assert text_of(consoles[1]) == message + "\n"
+    assert text_of(consoles[0]) == ""
+
+
+@allure.feature("Client")
+@allure.story("Unreachable server")
+def test_unreachable_server_is_one_line_with_a_retry_hint(consoles):
+    address = free_address()
+    with client.PresenceClient(address, timeout=5) as down:
+        dispatcher = make_dispatcher(down, consoles)
+        assert dispatcher.onecmd("status") == client.EXIT_UNREACHABLE
+    assert text_of(consoles[1]) == (f"error: server {address} is unreachable: connection refused"
+                                    " — retrying on the next command\n")
+
+
+@allure.feature("Client")
+@allure.story("REPL")
+def test_an_unexpected_failure_is_one_line_and_the_session_goes_on(address, consoles):
+    closed = client.PresenceClient(address)
+    closed.channel.close()
+    dispatcher = make_dispatcher(closed, consoles)
+    assert dispatcher.onecmd("status alice") == client.EXIT_SERVER_ERROR
+    assert text_of(consoles[1]).startswith("error: status failed: ")
+    assert dispatcher.onecmd("help") == client.EXIT_OK
+    assert not dispatcher.stopped
+
+
+@allure.feature("Client")
+@allure.story("Pipes")
+def test_json_status_follows_every_page_while_the_table_is_cut(presence, consoles, stub):
+    with allure.step("register 1,500 clients: more than one page of 1,000"):
+        for start in (0, 1000):
+            requests = [pb.MessageRequest(client_id=f"user{index:05}", message="hello")
+                        for index in range(start, min(start + 1000, 1500))]
+            stub.SendMessages(pb.SendMessagesRequest(requests=requests))
+    with allure.step("--json gets every client and the counts"):
+        dispatcher = make_dispatcher(presence, consoles, json_output=True)
+        assert dispatcher.onecmd("status") == client.EXIT_OK
+        answer = json.loads(text_of(consoles[0]))
+        assert len(answer["clients"]) == 1500
+        assert answer["clients"][-1]["client_id"] == "user01499"
+        assert (answer["connected"], answer["disconnected"], answer["total"]) == (1500, 0, 1500)
+    with allure.step("the table shows 200 rows and says how many there are"):
+        out = Console(file=io.StringIO(), width=120)
+        client.Dispatcher(presence, out, consoles[1]).onecmd("status")
+        assert "showing 200 of 1,500 (CountClients)" in text_of(out)
+
+
+@allure.feature("Client")
+@allure.story("REPL")
+def test_loop_survives_ctrl_c_and_ends_at_exit(presence, consoles):
+    dispatcher = make_dispatcher(presence, consoles, KeyboardInterrupt(), "send alice hello",
+                                 "quit", "send bob hello")
+    assert client.run_loop(dispatcher) == client.EXIT_OK
+    assert dispatcher.stopped
+    assert "Client alice marked as connected." in text_of(consoles[0])
+    assert "bob" not in text_of(consoles[0]), "nothing runs after exit"
+
+
+@allure.feature("Client")
+@allure.story("Pipes")
+def test_pipe_reader_echoes_answers_and_ends_at_end_of_input(presence, consoles):
+    out, err = consoles
+    reader = client.PipeReader(io.StringIO("1\nalice\nHello\n2\nalice\n"), out)
+    dispatcher = client.Dispatcher(presence, out, err, read=reader)
+    assert client.run_loop(dispatcher) == client.EXIT_OK
+    text = text_of(out)
+    assert "presence> 1\nclient id: alice\nmessage (hello/goodbye): Hello\n" in text
+    assert "Client alice marked as connected." in text
+    assert text.count("│ alice ") == 2, "the send answer and the status answer"
+    assert text_of(err) == ""
+
+
+# --- prompt_toolkit without a terminal ----------------------------------------------------
+
+
+@allure.feature("Client")
+@allure.story("REPL")
+def test_prompt_toolkit_session_runs_the_menu(presence, consoles, stub):
+    out, err = consoles
+    with create_pipe_input() as pipe:
+        reader = client.TerminalReader(presence, InMemoryHistory(), input=pipe,
+                                       output=DummyOutput())
+        try:
+            pipe.send_text("1\ralice\rhello\rstatus alice\rexit\r")
+            dispatcher = client.Dispatcher(presence, out, err, read=reader)
+            assert client.run_loop(dispatcher) == client.EXIT_OK
+        finally:
+            reader.close()
+    assert dispatcher.stopped
+    assert "Client alice marked as connected." in text_of(out)
+    answer = stub.GetClientStatus(pb.ClientStatusRequest(client_id="alice"))
+    assert answer.statuses["alice"] == "connected"
+
+
+@allure.feature("Client")
+@allure.story("REPL")
+def test_history_goes_to_a_file_or_memory_when_it_cannot(tmp_path):
+    assert isinstance(client.open_history(tmp_path / "history"), FileHistory)
+    assert (tmp_path / "history").exists()
+    assert isinstance(client.open_history(tmp_path / "missing" / "history"), InMemoryHistory)
+
+
+# --- main(): arguments and exit codes ------------------------------------------------------
+
+
+@allure.feature("Client")
+@allure.story("One-shot commands")
+def test_one_shot_send_prints_the_answer_and_exits_zero(address, capsys):
+    assert client.main(["--server", address, "send", "alice", "hello"]) == client.EXIT_OK
+    assert "Client alice marked as connected." in capsys.readouterr().out
+
+
+@allure.feature("Client")
+@allure.story("One-shot commands")
+def test_one_shot_json_status_is_one_object(address, capsys, stub):
+    stub.SendMessage(pb.MessageRequest(client_id="alice", message="hello"))
+    assert client.main(["--server", address, "--json", "status", "alice"]) == client.EXIT_OK
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["client"]["client_id"] == "alice"
+    assert answer["client"]["status"] == "connected"
+
+
+@allure.feature("Client")
+@allure.story("One-shot commands")
+def test_server_address_comes_from_the_environment(address, capsys, monkeypatch):
+    monkeypatch.setenv("PRESENCE_SERVER", address)
+    assert client.main(["--json", "send", "bob", "goodbye"]) == client.EXIT_OK
+    assert json.loads(capsys.readouterr().out)["client"]["status"] == "disconnected"
+
+
+@allure.feature("Client")
+@allure.story("One-shot commands")
+@pytest.mark.parametrize("argv, code, stderr", [
+    (["status", "zed"], client.EXIT_SERVER_ERROR, "error: Client zed not found (NOT_FOUND)\n"),
+    (["send", "alice", "hi"], client.EXIT_SERVER_ERROR,
+     "error: Invalid message type: hi (INVALID_ARGUMENT)\n"),
+    (["send", ""], client.EXIT_USAGE, None),
+    (["send", "alice"], client.EXIT_USAGE, None),
+    (["dance"], client.EXIT_USAGE, None),
+    (["--timeout", "0", "status"], client.EXIT_USAGE, None),
+    (["--timeout", "soon", "status"], client.EXIT_USAGE, None),
+])
+def test_exit_codes_say_what_went_wrong(address, capsys, argv, code, stderr):
+    assert client.main(["--server", address, *argv]) == code
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    if stderr is None:
+        assert captured.err.startswith("usage: client.py")
+    else:
+        assert captured.err == stderr
+
+
+@allure.feature("Client")
+@allure.story("Unreachable server")
+def test_unreachable_server_exits_three_with_one_line(capsys):
+    address = free_address()
+    assert client.main(["--server", address, "--timeout", "2", "status"]) == client.EXIT_UNREACHABLE
+    expected = f"error: server {address} is unreachable: connection refused\n"
+    assert capsys.readouterr().err == expected
+
+
+@allure.feature("Client")
+@allure.story("One-shot commands")
+def test_help_explains_commands_json_exit_codes_and_examples(capsys):
+    assert client.main(["--help"]) == client.EXIT_OK
+    text = capsys.readouterr().out
+    for part in ("examples:", "send ID MESSAGE", '"client_id"', "exit codes:", "PRESENCE_SERVER",
+                 "PRESENCE_TIMEOUT", "PRESENCE_HISTORY", "--log-level"):
+        assert part in text
+
+
+@allure.feature("Client")
+@allure.story("Pipes")
+def test_main_reads_the_menu_from_piped_stdin(address, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("send alice hello\nstatus\n"))
+    assert client.main(["--server", address]) == client.EXIT_OK
+    out = capsys.readouterr().out
+    assert "Client alice marked as connected." in out
+    assert "1 connected · 0 disconnected · 1 total" in out

@@ -277,8 +277,9 @@ class Registry:
     A change is applied in memory, given the next revision, and handed to the
     store under the lock, so the store and the change log see changes in
     revision order; the caller then waits, outside the lock, until the store
-    says the change is durable. Leases sit in a heap ordered by expiry, so
-    finding the due ones never scans the clients.
+    says the change is durable. Looking up one record needs no lock: records
+    are immutable and a dict lookup is atomic. Leases sit in a heap ordered by
+    expiry, so finding the due ones never scans the clients.
     """
 
     def __init__(self, store, clock=time.time, history=DEFAULT_WATCH_HISTORY):

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shlex
+import socket
 import sys
 import threading
 import time
@@ -17,6 +18,7 @@ from prompt_toolkit.completion import Completer, Completion
 from prompt_toolkit.history import FileHistory, InMemoryHistory
 from rich import box
 from rich.console import Console, Group, RenderableType
+from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
@@ -39,6 +41,9 @@ MAX_ROWS = 200  # a table longer than this helps nobody; --json gets every clien
 QUICK_TIMEOUT = 1.0  # completion and toolbar calls must never keep the user waiting
 IDS_TTL = 5.0  # seconds a page of ids for completion stays fresh
 COUNT_INTERVAL = 3.0  # seconds between toolbar refreshes of the online count
+DEFAULT_LEASE = 15  # seconds; --as renews at a third of it, so a crash shows within this
+WATCH_REFRESH = 4  # live table redraws per second at most
+MIN_COUNT_SPACING = 0.2  # the toolbar recounts at most this often when the stream is busy
 PROMPT = "presence> "
 MESSAGES = ("hello", "goodbye")
 RETRY_HINT = " — retrying on the next command"
@@ -46,6 +51,8 @@ UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_E
 STATUS_WORDS = {pb.STATUS_CONNECTED: "connected", pb.STATUS_DISCONNECTED: "disconnected"}
 WORD_STATUSES = {word: status for status, word in STATUS_WORDS.items()}
 STATUS_STYLES = {pb.STATUS_CONNECTED: "bold green", pb.STATUS_DISCONNECTED: "dim red"}
+EVENT_WORDS = {pb.EVENT_CONNECTED: "connected", pb.EVENT_DISCONNECTED: "disconnected",
+               pb.EVENT_SESSION_STARTED: "session_started", pb.EVENT_SESSION_ENDED: "session_ended"}
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ClientService"].full_name
 # gRPC retries UNAVAILABLE itself, with backoff, within each call's deadline.
 SERVICE_CONFIG = {"methodConfig": [{
@@ -128,6 +135,7 @@ COMMANDS = (
     Command("status", "show one client, or every client when the id is empty", "2",
             params=(CLIENT_ID_OR_ALL,), one_shot=True),
     Command("exit", "leave (also quit, Ctrl-D)", "3", aliases=("quit",)),
+    Command("watch", "watch every client live until Ctrl-C", "4", one_shot=True),
     Command("help", "show this menu (also ?)", aliases=("?",)),
 )
 MENU_WORDS = tuple(word for command in COMMANDS for word in command.words if word.isalpha())
@@ -182,15 +190,36 @@ def render_menu(address):
 def render_clients(clients, now):
     """Client records as a table: id, coloured status, relative times, revision."""
     table = Table(box=box.ROUNDED, header_style="bold")
-    for column in ("client", "status", "changed", "last seen"):
+    for column in ("client", "status", "sessions", "changed", "last seen"):
         table.add_column(column)
     table.add_column("revision", justify="right")
     for client in clients:
         table.add_row(Text(client.client_id), status_text(client.status),
+                      sessions_text(client.sessions),
                       relative_time(timestamp_seconds(client.changed_at), now),
                       relative_time(timestamp_seconds(client.last_seen), now),
                       str(client.revision) if client.revision else "—")
     return table
+
+
+def sessions_text(sessions):
+    """Live sessions by name ("default" for the unnamed one), "—" for none."""
+    return ", ".join(session.session_id or "default" for session in sessions) or "—"
+
+
+def render_watch(clients, revision, now, max_rows=MAX_ROWS):
+    """The watched registry: the most recently changed clients first, then the counts."""
+    recent = sorted(clients.values(), key=lambda client: client.revision, reverse=True)
+    connected = sum(client.status == pb.STATUS_CONNECTED for client in clients.values())
+    parts = [render_clients(recent[:max_rows], now) if recent else
+             Text("no clients yet", style="dim")]
+    if len(recent) > max_rows:
+        parts.append(Text(f"showing the {max_rows:,} most recently changed of {len(recent):,}",
+                          style="yellow"))
+    parts.append(Text.assemble((f"{connected:,} connected", "green"), " · ",
+                               (f"{len(clients) - connected:,} disconnected", "red"), " · ",
+                               (f"revision {revision} · live, Ctrl-C to stop", "dim")))
+    return Group(*parts)
 
 
 def render_send(response, now):
@@ -223,12 +252,14 @@ def render_listing(listing, now, max_rows=MAX_ROWS):
     return Group(*parts)
 
 
-def render_toolbar(address, reachable, counts):
+def render_toolbar(address, reachable, counts, user=None):
     """The bottom toolbar as prompt_toolkit formatted text."""
     state = {True: ("fg:ansigreen", "● reachable"), False: ("fg:ansired", "● unreachable"),
              None: ("fg:ansiyellow", "● connecting")}[reachable]
     online = f"{counts.connected:,} online of {counts.total:,}" if counts else "online: —"
-    return [("", f" {address}  "), state, ("", f"  {online}   Tab completes · Ctrl-D exits")]
+    me = [("bold", f"  as {user}")] if user else []
+    return [("", f" {address}  "), state, *me,
+            ("", f"  {online}   Tab completes · Ctrl-D exits")]
 
 
 def timestamp_json(timestamp):
@@ -240,7 +271,22 @@ def client_json(client):
     """A client record as the stable JSON object documented in --help."""
     return {"client_id": client.client_id, "status": STATUS_WORDS.get(client.status, "unknown"),
             "changed_at": timestamp_json(client.changed_at),
-            "last_seen": timestamp_json(client.last_seen), "revision": client.revision}
+            "last_seen": timestamp_json(client.last_seen), "revision": client.revision,
+            "sessions": [{"session_id": session.session_id,
+                          "expires_at": timestamp_json(session.expires_at)}
+                         for session in client.sessions],
+            "reason": client.reason}
+
+
+def watch_json(message):
+    """One JSON object per snapshot entry or change in a watch message, in order."""
+    for client in message.snapshot:
+        yield {"kind": "snapshot", "revision": message.revision, "resync": message.resync,
+               "client": client_json(client)}
+    for event in message.events:
+        yield {"kind": EVENT_WORDS.get(event.kind, "unknown"), "revision": event.revision,
+               "session_id": event.session_id, "reason": event.reason,
+               "client": client_json(event.client)}
 
 
 def send_json(response):
@@ -287,9 +333,14 @@ class PresenceClient:
     def __exit__(self, *exc_info):
         self.channel.close()
 
-    def send(self, client_id, message):
-        request = pb.MessageRequest(client_id=client_id, message=message)
-        return self._stub.SendMessage(request, timeout=self.timeout)
+    def send(self, client_id, message, session_id="", lease=0, timeout=None):
+        request = pb.MessageRequest(client_id=client_id, message=message, session_id=session_id,
+                                    lease_seconds=lease)
+        return self._stub.SendMessage(request, timeout=timeout or self.timeout)
+
+    def watch(self, since_revision=0):
+        """The Watch stream: no deadline, it runs until cancelled."""
+        return self._stub.Watch(pb.WatchRequest(since_revision=since_revision))
 
     def status(self, client_id):
         """One client's records; built from the old string map if the server sends no records."""
@@ -359,18 +410,26 @@ class IdCache:
 
 
 class ServerMonitor:
-    """The toolbar's facts: reachability from the channel, the online count from a daemon thread."""
+    """The toolbar's facts: reachability from the channel, the online count from daemon threads.
 
-    def __init__(self, client, interval=COUNT_INTERVAL):
+    One thread counts (CountClients); another follows the Watch stream from the counted
+    revision and asks for a recount whenever changes arrive, so the count moves with them.
+    """
+
+    def __init__(self, client, interval=COUNT_INTERVAL, user=None):
         self._client = client
         self._interval = interval
+        self._user = user
         self.reachable = None
         self.counts = None
+        self._watch_call = None
         self._wake = threading.Event()
         self._stopped = threading.Event()
         client.channel.subscribe(self._on_connectivity, try_to_connect=True)
-        self._thread = threading.Thread(target=self._count_loop, name="toolbar-count", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=loop, name=name, daemon=True) for loop, name in
+                         ((self._count_loop, "toolbar-count"), (self._watch_loop, "toolbar-watch"))]
+        for thread in self._threads:
+            thread.start()
 
     def _on_connectivity(self, state):
         logger.debug("channel to %s is %s", self._client.address, state.name)
@@ -387,21 +446,77 @@ class ServerMonitor:
             except grpc.RpcError as error:
                 logger.debug("toolbar count failed: %s", error.code().name)
                 self.counts = None
+            self._stopped.wait(MIN_COUNT_SPACING)
             self._wake.wait(self._interval)
+
+    def _watch_loop(self):
+        while not self._stopped.is_set():
+            counts = self.counts
+            try:
+                self._watch_call = self._client.watch(counts.revision if counts else 0)
+                for message in self._watch_call:
+                    if message.events:
+                        self.refresh()
+            except grpc.RpcError as error:
+                logger.debug("toolbar watch ended: %s", error.code().name)
+            self._stopped.wait(self._interval)
 
     def refresh(self):
         """Count again now (after a command) instead of at the next interval."""
         self._wake.set()
 
     def close(self):
-        """Stop counting before the channel closes, so no call races the close."""
+        """Stop counting and watching before the channel closes, so no call races the close."""
         self._stopped.set()
         self._wake.set()
-        self._thread.join(QUICK_TIMEOUT * 2)
+        if self._watch_call is not None:
+            self._watch_call.cancel()
+        for thread in self._threads:
+            thread.join(QUICK_TIMEOUT * 2)
         self._client.channel.unsubscribe(self._on_connectivity)
 
     def toolbar(self):
-        return render_toolbar(self._client.address, self.reachable, self.counts)
+        return render_toolbar(self._client.address, self.reachable, self.counts, self._user)
+
+
+class PresenceKeeper:
+    """Keeps one user connected while the client runs: its own session, a lease renewed in the
+    background, and a Goodbye for that session on the way out. Killed outright, the user goes
+    offline when the lease runs out."""
+
+    def __init__(self, client, user, lease=DEFAULT_LEASE):
+        self._client = client
+        self.user = user
+        self.lease = lease
+        self.session_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._renew_loop, name="presence", daemon=True)
+
+    def start(self):
+        """Say hello now (so a bad name fails at once), then keep renewing."""
+        self._hello()
+        self._thread.start()
+        return self
+
+    def _hello(self):
+        self._client.send(self.user, "hello", self.session_id, self.lease)
+
+    def _renew_loop(self):
+        while not self._stopped.wait(self.lease / 3):
+            try:
+                self._hello()
+            except grpc.RpcError as error:  # the server may be back by the next renewal
+                logger.info("could not renew %s's lease: %s", self.user, error.code().name)
+
+    def close(self):
+        """Stop renewing and end this session, briefly: an exit must not hang on a dead server."""
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        try:
+            self._client.send(self.user, "goodbye", self.session_id, timeout=QUICK_TIMEOUT)
+        except grpc.RpcError as error:
+            logger.info("could not say goodbye for %s: %s", self.user, error.code().name)
 
 
 # --- completion -----------------------------------------------------------------------
@@ -526,6 +641,38 @@ class Dispatcher:
         listing = self.client.listing(None if self.json_output else MAX_ROWS)
         return Answer(render_listing(listing, self.clock()), listing_json(listing))
 
+    def do_watch(self):
+        """Follow the Watch stream until Ctrl-C or the server ends it."""
+        call = self.client.watch()
+        try:
+            if self.json_output:
+                self._print_watch_json(call)
+            else:
+                self._show_watch_live(call)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            call.cancel()
+        return Answer(Text("watch stopped", style="dim"))
+
+    def _print_watch_json(self, call):
+        for message in call:
+            for change in watch_json(message):
+                self.out.out(json.dumps(change, ensure_ascii=False), highlight=False)
+            self.out.file.flush()
+
+    def _show_watch_live(self, call):
+        clients, revision = {}, 0
+        with Live(render_watch(clients, revision, self.clock()), console=self.out,
+                  refresh_per_second=WATCH_REFRESH, auto_refresh=False) as live:
+            for message in call:
+                if message.resync:
+                    clients.clear()
+                clients.update((client.client_id, client) for client in message.snapshot)
+                clients.update((event.client.client_id, event.client) for event in message.events)
+                revision = message.revision
+                live.update(render_watch(clients, revision, self.clock()), refresh=True)
+
     def do_help(self):
         return Answer(render_menu(self.client.address))
 
@@ -570,8 +717,8 @@ class PipeReader:
 class TerminalReader:
     """prompt_toolkit prompts: completion per kind, history, the toolbar with its monitor."""
 
-    def __init__(self, client, history, *, input=None, output=None):
-        self.monitor = ServerMonitor(client)
+    def __init__(self, client, history, *, user=None, input=None, output=None):
+        self.monitor = ServerMonitor(client, user=user)
         ids = IdCache(client)
         sources = {"id": ids.matching, "message": lambda word: MESSAGES}
         self._completers = {"command": MenuCompleter(sources),
@@ -610,9 +757,12 @@ examples:
   python client.py --server db1:50051 status          every client, as a table
   python client.py send alice hello                   mark alice connected
   python client.py --json status alice                one client as JSON
+  python client.py --json watch                       every change as it happens, a line each
+  python client.py --as alice                         the menu, alice connected while it runs
   printf '1\\nalice\\nhello\\n2\\nalice\\n3\\n' | python client.py   script the menu
 
-the menu (a terminal or piped input): 1/send, 2/status, 3/exit (or quit), help (or ?).
+the menu (a terminal or piped input): 1/send, 2/status, 3/exit (or quit), 4/watch,
+help (or ?). watch shows a live table until Ctrl-C.
 A word takes its arguments inline: send alice hello, status alice, status (every client).
 
 --json prints one object per answer, on one line:
@@ -622,14 +772,22 @@ A word takes its arguments inline: send alice hello, status alice, status (every
                     "total": int, "revision": int}
   CLIENT           {"client_id": str, "status": "connected" | "disconnected" | "unknown",
                     "changed_at": RFC 3339 UTC or null, "last_seen": RFC 3339 UTC or null,
-                    "revision": int}
+                    "revision": int, "sessions": [{"session_id": str,
+                    "expires_at": RFC 3339 UTC or null}, ...], "reason": str}
+  watch            one object per line, flushed, until Ctrl-C: first the snapshot,
+                   {"kind": "snapshot", "revision": int, "resync": bool, "client": CLIENT}
+                   for each client, then each change as it happens,
+                   {"kind": "connected" | "disconnected" | "session_started" |
+                    "session_ended", "revision": int, "session_id": str, "reason": str,
+                    "client": CLIENT}
 
 exit codes: 0 ok; 1 the server answered with an error (NOT_FOUND, INVALID_ARGUMENT, ...);
 2 usage error; 3 server unreachable (UNAVAILABLE, or no answer within --timeout).
 Errors are one line on stderr, e.g. "error: Client zed not found (NOT_FOUND)".
 
-environment: PRESENCE_SERVER, PRESENCE_TIMEOUT and PRESENCE_HISTORY stand in for
---server, --timeout and --history; a flag on the command line wins.
+environment: PRESENCE_SERVER, PRESENCE_TIMEOUT, PRESENCE_HISTORY, PRESENCE_AS and
+PRESENCE_LEASE stand in for --server, --timeout, --history, --as and --lease; a flag on
+the command line wins.
 """
 
 
@@ -641,6 +799,13 @@ def _seconds(text):
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
     return value
+
+
+def _whole_seconds(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds, 1 or more, "
+                                         f"got {text!r}")
+    return int(text)
 
 
 def build_parser():
@@ -661,6 +826,14 @@ def build_parser():
     parser.add_argument("--history", metavar="FILE",
                         default=os.environ.get("PRESENCE_HISTORY", DEFAULT_HISTORY),
                         help="the REPL's history file (default: %(default)s) [PRESENCE_HISTORY]")
+    parser.add_argument("--as", dest="user", metavar="NAME",
+                        default=os.environ.get("PRESENCE_AS") or None,
+                        help="keep NAME connected while the menu runs: its own session with a "
+                             "lease, renewed in the background, ended on exit [PRESENCE_AS]")
+    parser.add_argument("--lease", metavar="SECONDS", type=_whole_seconds,
+                        default=os.environ.get("PRESENCE_LEASE", DEFAULT_LEASE),
+                        help="the lease --as asks for: killed outright, NAME shows connected for "
+                             "at most this long (default: %(default)s) [PRESENCE_LEASE]")
     parser.add_argument("--log-level", default="WARNING", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="diagnostics on stderr (default: %(default)s)")
@@ -677,18 +850,42 @@ def build_parser():
 
 
 def run_terminal(client, out, err, args):
-    """The REPL in a terminal; the toolbar's thread stops before the channel closes."""
-    reader = TerminalReader(client, open_history(args.history))
+    """The REPL in a terminal; the toolbar's threads stop before the channel closes."""
+    reader = TerminalReader(client, open_history(args.history), user=args.user)
     try:
         return run_loop(Dispatcher(client, out, err, json_output=args.json, read=reader))
     finally:
         reader.close()
 
 
+def run_menu(client, out, err, args):
+    """The menu in a terminal or over piped input, as args.user while it runs if asked."""
+    keeper = None
+    if args.user:
+        try:
+            keeper = PresenceKeeper(client, args.user, args.lease).start()
+        except grpc.RpcError as error:
+            message, code = describe_error(error, client.address, client.timeout)
+            err.print(Text(f"error: cannot connect as {args.user}: {message}", style="red"))
+            return code
+    try:
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            return run_terminal(client, out, err, args)
+        reader = PipeReader(sys.stdin, out)
+        return run_loop(Dispatcher(client, out, err, json_output=args.json, read=reader))
+    finally:
+        if keeper:
+            keeper.close()
+
+
 def main(argv=None):
     """Run a one-shot command, the menu over piped input, or the REPL; return the exit code."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
+        if args.user and args.command:
+            parser.error("--as keeps NAME connected while the menu runs; "
+                         "it does not go with a one-shot command")
     except SystemExit as exit:  # argparse has printed the usage and why
         return exit.code
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
@@ -700,12 +897,12 @@ def main(argv=None):
                 command = find_command(args.command)
                 dispatcher = Dispatcher(client, out, err, json_output=args.json)
                 return dispatcher.run(command, [getattr(args, p.name) for p in command.params])
-            if sys.stdin.isatty() and sys.stdout.isatty():
-                return run_terminal(client, out, err, args)
-            reader = PipeReader(sys.stdin, out)
-            return run_loop(Dispatcher(client, out, err, json_output=args.json, read=reader))
+            return run_menu(client, out, err, args)
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
+        except BrokenPipeError:  # e.g. `watch | head`: the reader left, nothing more to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
 
 
 if __name__ == "__main__":

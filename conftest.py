@@ -1,8 +1,14 @@
 """Shared fixtures: servers on port 0 (in-process and as real subprocesses), channels, stubs."""
 
+import fcntl
+import io
+import queue
+import struct
+import termios
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -10,14 +16,20 @@ import time
 from pathlib import Path
 
 import grpc
+import pexpect
+import ptyprocess
 import pytest
 
 import server as presence
+from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent
 DEADLINE = 15.0
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
+CLIENT = str(ROOT / "client.py")
+PROMPT = "presence>"  # prompt_toolkit draws the trailing space as a cursor move
+ANSI = r"(?:\x1b\[[0-9;]*m)*"
 
 
 def pytest_collection_modifyitems(items):
@@ -132,3 +144,157 @@ def server_processes():
 @pytest.fixture
 def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path / 'connections.db'}"
+
+
+@pytest.fixture
+def clock():
+    return ManualClock()
+
+
+class ManualClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now=1_800_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class Watch:
+    """A Watch stream read by a background thread, so the test waits with a deadline."""
+
+    def __init__(self, stub, since_revision=0, read=True):
+        self.call = stub.Watch(pb.WatchRequest(since_revision=since_revision))
+        self._messages = queue.Queue()
+        self._reading = threading.Event()
+        if read:
+            self._reading.set()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        self._reading.wait()
+        try:
+            for message in self.call:
+                self._messages.put(message)
+        except grpc.RpcError as error:
+            self._messages.put(error)
+        else:
+            self._messages.put(None)
+
+    def resume_reading(self):
+        self._reading.set()
+
+    def next(self):
+        """The next message; None when the stream ended cleanly; an RpcError when it failed."""
+        try:
+            return self._messages.get(timeout=DEADLINE)
+        except queue.Empty:
+            raise AssertionError("no watch message within the deadline") from None
+
+    def snapshot(self):
+        """Read a whole snapshot: the clients by id and the revision."""
+        clients, first = {}, self.next()
+        message = first
+        while True:
+            clients.update({client.client_id: client for client in message.snapshot})
+            if message.snapshot_complete:
+                return clients, message.revision, first.resync
+            message = self.next()
+
+    def events(self, count):
+        """The next count events, in the order they came."""
+        events = []
+        while len(events) < count:
+            message = self.next()
+            assert isinstance(message, pb.WatchResponse), f"stream ended early: {message}"
+            events += message.events
+        assert len(events) == count
+        return events
+
+
+# --- the client as people run it ------------------------------------------------------
+
+
+def free_address():
+    """An address nothing listens on: a port bound, then closed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def run_client(*args, stdin=None):
+    """Run client.py to the end; its exit code, stdout and stderr."""
+    return subprocess.run([sys.executable, CLIENT, *args], cwd=ROOT, input=stdin,
+                          capture_output=True, text=True, timeout=DEADLINE)
+
+
+class TerminalSpawn(pexpect.spawn):
+    """pexpect.spawn whose child starts through subprocess (vfork, exec), not Python's fork().
+
+    pexpect forks this very process, and a Python-level fork() while gRPC threads are busy
+    here (the in-process server, the stub's channel) can crash the child before it reaches
+    exec. subprocess runs no Python in the child, so it is safe. The child gets the
+    pseudo-terminal as stdin, stdout and stderr, in a session of its own whose controlling
+    terminal it is (`setsid --ctty`): Ctrl-C outside prompt_toolkit's raw mode is a SIGINT,
+    as in any terminal.
+    """
+
+    def _spawnpty(self, args, env=None, cwd=None, dimensions=(24, 80), **ignored):
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *dimensions, 0, 0))
+        self.popen = subprocess.Popen(["setsid", "--ctty", *args], stdin=slave, stdout=slave,
+                                      stderr=slave, cwd=cwd, env=env)
+        os.close(slave)
+        return ptyprocess.PtyProcess(self.popen.pid, master)
+
+
+@pytest.fixture
+def repl(tmp_path):
+    """Start `client.py --server ADDRESS` in a 40x160 pseudo-terminal; all are closed after."""
+    children = []
+
+    def spawn(address, *flags, answer_cpr=False):
+        env = {**os.environ, "TERM": "xterm-256color", "HOME": str(tmp_path)}
+        if not answer_cpr:
+            env["PROMPT_TOOLKIT_NO_CPR"] = "1"
+        child = TerminalSpawn(sys.executable, [CLIENT, "--server", address, *flags], cwd=ROOT, env=env,
+                              dimensions=(40, 160), encoding="utf-8", timeout=DEADLINE)
+        child.logfile_read = io.StringIO()  # the whole transcript, for "no traceback" checks
+        children.append(child)
+        return child
+
+    yield spawn
+    for child in children:
+        child.close(force=True)
+
+
+def complete(child, typed, completed):
+    """Type `typed`, press Tab and wait until the rest of `completed` is drawn."""
+    child.send(typed)
+    child.expect_exact(typed.split()[-1])
+    child.send("\t")
+    child.expect_exact(completed[len(typed):])
+
+
+class Lines:
+    """A text stream read line by line in a background thread, so a test waits with a deadline."""
+
+    def __init__(self, stream):
+        self._lines = queue.Queue()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream):
+        for line in stream:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def next(self):
+        """The next line, or None at the end of the stream."""
+        try:
+            return self._lines.get(timeout=DEADLINE)
+        except queue.Empty:
+            raise AssertionError("no line within the deadline") from None

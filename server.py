@@ -3,7 +3,8 @@
 Run `python server.py --help` for the flags. The rules live in `Registry`, which
 keeps every client in memory behind one lock; a store (`memory://` or the
 default `sqlite:///connections.db`) makes each change durable before it is
-acknowledged. `ClientService` only translates between protobuf and the registry.
+acknowledged, and a `ChangeLog` hands durable changes to watchers in revision
+order. `ClientService` only translates between protobuf and the registry.
 """
 
 import argparse
@@ -11,6 +12,7 @@ import base64
 import binascii
 import heapq
 import itertools
+import json
 import logging
 import os
 import re
@@ -42,10 +44,19 @@ DEFAULT_WORKERS = 16
 DEFAULT_MAX_CONCURRENT_RPCS = 1024
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024
 DEFAULT_GRACE_SECONDS = 5.0
+DEFAULT_MAX_LEASE = 3600
+DEFAULT_MAX_WATCHERS = 1000
+DEFAULT_WATCH_BUFFER = 1000
+DEFAULT_WATCH_HISTORY = 100_000
 MAX_ID_LENGTH = 128
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_BATCH = 1000
+SNAPSHOT_CHUNK = 1000
+STATUS_MAP_CHUNK = 10_000
+EVENTS_PER_MESSAGE = 500
+WATCH_POLL_SECONDS = 1.0
+REAPER_MAX_SLEEP = 1.0
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
@@ -56,8 +67,30 @@ class Status(IntEnum):
     DISCONNECTED = pb.STATUS_DISCONNECTED
 
 
+class EventKind(IntEnum):
+    """What a change did to a client's sessions; the values are the wire enum's."""
+
+    CONNECTED = pb.EVENT_CONNECTED
+    DISCONNECTED = pb.EVENT_DISCONNECTED
+    SESSION_STARTED = pb.EVENT_SESSION_STARTED
+    SESSION_ENDED = pb.EVENT_SESSION_ENDED
+
+
 STATUS_WORDS = {Status.CONNECTED: "connected", Status.DISCONNECTED: "disconnected"}
 MESSAGES = {"hello": Status.CONNECTED, "goodbye": Status.DISCONNECTED}
+HELLO, GOODBYE, LEASE_EXPIRED = "hello", "goodbye", "lease expired"
+
+
+class Session(NamedTuple):
+    """One live session; expires_at is 0.0 when it has no lease."""
+
+    session_id: str
+    expires_at: float
+
+
+DEFAULT_SESSION = Session("", 0.0)
+# Shared by every client connected the original way, so they cost no memory for it.
+DEFAULT_SESSIONS = (DEFAULT_SESSION,)
 
 
 class Client(NamedTuple):
@@ -68,6 +101,27 @@ class Client(NamedTuple):
     changed_at: float
     last_seen: float
     revision: int
+    reason: str
+    sessions: tuple
+
+
+class Change(NamedTuple):
+    """One change as watchers see it: the revision it got and the record after it."""
+
+    revision: int
+    kind: EventKind
+    record: Client
+    session_id: str
+    reason: str
+
+
+class Message(NamedTuple):
+    """A validated Hello or Goodbye."""
+
+    client_id: str
+    status: Status
+    session_id: str = ""
+    lease: int = 0
 
 
 class Counts(NamedTuple):
@@ -75,6 +129,7 @@ class Counts(NamedTuple):
 
     connected: int
     disconnected: int
+    live_sessions: int
     revision: int
 
 
@@ -84,6 +139,10 @@ class InvalidArgument(ValueError):
 
 class StoreError(RuntimeError):
     """The store could not make a change durable."""
+
+
+class WatchLimit(RuntimeError):
+    """A watcher may not start, or may not go on; the message says why."""
 
 
 # --- validation ---------------------------------------------------------------
@@ -128,25 +187,113 @@ def decode_page_token(token):
         raise InvalidArgument("page_token is not a token this server issued") from None
 
 
+# --- sessions -----------------------------------------------------------------
+
+
+def find_session(sessions, session_id):
+    """The live session with this id, or None."""
+    for session in sessions:
+        if session.session_id == session_id:
+            return session
+    return None
+
+
+def put_session(sessions, session):
+    """Sessions with `session` added or renewed, ordered by id."""
+    if session == DEFAULT_SESSION and sessions in ((), DEFAULT_SESSIONS):
+        return DEFAULT_SESSIONS
+    kept = [other for other in sessions if other.session_id != session.session_id]
+    kept.append(session)
+    kept.sort()
+    return tuple(kept)
+
+
+def drop_session(sessions, session_id):
+    """Sessions without the one with this id."""
+    return tuple(session for session in sessions if session.session_id != session_id)
+
+
 # --- the rules ----------------------------------------------------------------
 
 
-class Registry:
-    """Every client's status in memory, behind one briefly held lock.
+class ChangeLog:
+    """The recent changes in revision order, shared by every watcher.
 
-    A change is applied in memory and handed to the store under the lock, so the
-    store sees changes in revision order; the caller then waits, outside the
-    lock, until the store says the change is durable.
+    Each watcher keeps only a cursor (the last revision it sent), so publishing
+    costs the same for one watcher or a thousand. Changes become visible once
+    the store says they are durable (`advance`); the oldest are dropped past
+    `capacity`, and a watcher asking for those is told so (`read` gives None).
     """
 
-    def __init__(self, store, clock=time.time):
+    def __init__(self, revision, capacity):
+        self._changed = threading.Condition()
+        self._changes = []
+        self._first = revision + 1
+        self.durable = revision
+        self._capacity = capacity
+        self.closed = False
+
+    def append(self, changes):
+        """Hold new changes, not yet visible; called in revision order."""
+        with self._changed:
+            self._changes.extend(changes)
+            excess = len(self._changes) - self._capacity
+            if excess > self._capacity // 4:
+                del self._changes[:excess]
+                self._first += excess
+
+    def advance(self, revision):
+        """Make every change up to revision visible: the store has it."""
+        if revision <= self.durable:  # only ever grows, so a stale read just takes the lock
+            return
+        with self._changed:
+            if revision > self.durable:
+                self.durable = revision
+                self._changed.notify_all()
+
+    def read(self, after, timeout):
+        """The visible changes after revision `after`, waiting up to timeout for one.
+
+        [] when none came in time or the log closed; None when the changes right
+        after `after` are no longer held.
+        """
+        with self._changed:
+            if self.durable <= after and not self.closed:
+                self._changed.wait(timeout)
+            if after + 1 < self._first:
+                return None
+            return self._changes[after + 1 - self._first:self.durable + 1 - self._first]
+
+    def close(self):
+        """Wake every watcher so it can end its stream."""
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+
+class Registry:
+    """Every client's status and sessions in memory, behind one briefly held lock.
+
+    A change is applied in memory, given the next revision, and handed to the
+    store under the lock, so the store and the change log see changes in
+    revision order; the caller then waits, outside the lock, until the store
+    says the change is durable. Looking up one record needs no lock: records
+    are immutable and a dict lookup is atomic. Leases sit in a heap ordered by
+    expiry, so finding the due ones never scans the clients.
+    """
+
+    def __init__(self, store, clock=time.time, history=DEFAULT_WATCH_HISTORY):
         self._store = store
         self._clock = clock
         self._lock = threading.Lock()
         self._clients = {}
         self._ids = {Status.CONNECTED: SortedList(), Status.DISCONNECTED: SortedList()}
+        self._leases = []
+        self._live_sessions = 0
         self.revision = 0
         self._load(store.load())
+        self.log = ChangeLog(self.revision, history)
+        store.attach(self.log.advance)
 
     def _load(self, records):
         by_status = {status: [] for status in self._ids}
@@ -154,50 +301,141 @@ class Registry:
             self._clients[record.client_id] = record
             by_status[record.status].append(record.client_id)
             self.revision = max(self.revision, record.revision)
+            self._live_sessions += len(record.sessions)
+            self._leases.extend((session.expires_at, record.client_id, session.session_id)
+                                for session in record.sessions if session.expires_at)
         for status, ids in by_status.items():
             self._ids[status] = SortedList(ids)
+        heapq.heapify(self._leases)
 
-    def apply(self, client_id, status):
-        """Set a client's status; return its record and whether the status changed."""
-        return self.apply_many([(client_id, status)])[0]
+    # -- changes
 
-    def apply_many(self, changes):
-        """Set several statuses in order, durable together; a (record, changed) for each."""
+    def apply(self, client_id, status, session_id="", lease=0):
+        """Apply one Hello or Goodbye; return the record after it and whether it changed."""
+        record, change = self.apply_one(Message(client_id, status, session_id, lease))
+        return record, change is not None
+
+    def apply_one(self, message):
+        """Apply one message and wait until it is durable: (record, change or None)."""
         now = self._clock()
         with self._lock:
-            results = [self._apply_locked(client_id, status, now) for client_id, status in changes]
-            ticket = self._store.submit_many([record for record, _ in results])
+            record, change = self._apply_locked(message, now)
+            if change:
+                self.log.append((change,))
+            ticket = self._store.submit_many((record,), self.revision)
+        self._store.wait(ticket)
+        if change and logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s", describe_change(change))
+        return record, change
+
+    def apply_many(self, messages):
+        """Apply messages in order, durable together; a (record, change or None) for each."""
+        now = self._clock()
+        with self._lock:
+            results = [self._apply_locked(message, now) for message in messages]
+            ticket = self._submit_locked(results)
         self._store.wait(ticket)
         if logger.isEnabledFor(logging.DEBUG):
-            for record, changed in results:
-                if changed:
-                    logger.debug("%s is %s (revision %d)", record.client_id,
-                                 STATUS_WORDS[record.status], record.revision)
+            for _, change in results:
+                if change:
+                    logger.debug("%s", describe_change(change))
         return results
 
-    def _apply_locked(self, client_id, status, now):
-        old = self._clients.get(client_id)
-        if old is not None and old.status == status:
-            record = Client(client_id, status, old.changed_at, now, old.revision)
-            self._clients[client_id] = record
-            return record, False
+    def expire_due(self):
+        """End every session whose lease has run out; return the changes made."""
+        now = self._clock()
+        with self._lock:
+            results = []
+            while self._leases and self._leases[0][0] <= now:
+                expires_at, client_id, session_id = heapq.heappop(self._leases)
+                record = self._clients.get(client_id)
+                session = record and find_session(record.sessions, session_id)
+                if session and session.expires_at == expires_at:
+                    results.append(self._end_locked(record, session_id, False, now, LEASE_EXPIRED))
+            if not results:
+                return []
+            ticket = self._submit_locked(results)
+        self._store.wait(ticket)
+        changes = [change for _, change in results if change]
+        for change in changes[:10]:
+            logger.info("%s", describe_change(change))
+        if len(changes) > 10:
+            logger.info("%d more leases expired", len(changes) - 10)
+        return changes
+
+    def seconds_to_next_expiry(self):
+        """How long until the earliest lease may run out (it may have been renewed)."""
+        with self._lock:
+            return self._leases[0][0] - self._clock() if self._leases else float("inf")
+
+    def _submit_locked(self, results):
+        changes = [change for _, change in results if change]
+        if changes:
+            self.log.append(changes)
+        return self._store.submit_many([record for record, _ in results], self.revision)
+
+    def _apply_locked(self, message, now):
+        old = self._clients.get(message.client_id)
+        if message.status is Status.CONNECTED:
+            return self._hello_locked(old, message, now)
+        if old is None:
+            return self._record_locked(None, message.client_id, (), EventKind.DISCONNECTED,
+                                       message.session_id, GOODBYE, now)
+        return self._end_locked(old, message.session_id, not message.session_id, now, GOODBYE)
+
+    def _hello_locked(self, old, message, now):
+        expires_at = now + message.lease if message.lease else 0.0
+        if expires_at:
+            heapq.heappush(self._leases, (expires_at, message.client_id, message.session_id))
+        sessions = old.sessions if old else ()
+        new_sessions = put_session(sessions, Session(message.session_id, expires_at))
+        if find_session(sessions, message.session_id):
+            return self._unchanged_locked(old, new_sessions, now), None
+        kind = EventKind.SESSION_STARTED if sessions else EventKind.CONNECTED
+        return self._record_locked(old, message.client_id, new_sessions, kind,
+                                   message.session_id, HELLO, now)
+
+    def _end_locked(self, old, session_id, every_session, now, reason):
+        new_sessions = () if every_session else drop_session(old.sessions, session_id)
+        seen = now if reason != LEASE_EXPIRED else old.last_seen
+        if len(new_sessions) == len(old.sessions):
+            return self._unchanged_locked(old, new_sessions, seen), None
+        kind = EventKind.SESSION_ENDED if new_sessions else EventKind.DISCONNECTED
+        return self._record_locked(old, old.client_id, new_sessions, kind, session_id, reason, now,
+                                   seen)
+
+    def _unchanged_locked(self, old, sessions, seen):
+        record = Client(old.client_id, old.status, old.changed_at, seen, old.revision, old.reason,
+                        sessions)
+        self._clients[old.client_id] = record
+        return record
+
+    def _record_locked(self, old, client_id, sessions, kind, session_id, reason, now, seen=None):
         self.revision += 1
-        record = Client(client_id, status, now, now, self.revision)
-        if old is not None:
-            self._ids[old.status].remove(client_id)
-        self._ids[status].add(client_id)
+        status = Status.CONNECTED if sessions else Status.DISCONNECTED
+        if old is None or old.status != status:
+            changed_at = now
+            if old is not None:
+                self._ids[old.status].remove(client_id)
+            self._ids[status].add(client_id)
+        else:
+            changed_at = old.changed_at
+        self._live_sessions += len(sessions) - (len(old.sessions) if old else 0)
+        record = Client(client_id, status, changed_at, now if seen is None else seen,
+                        self.revision, reason, sessions)
         self._clients[client_id] = record
-        return record, True
+        return record, Change(self.revision, kind, record, session_id, reason)
+
+    # -- reads
 
     def get(self, client_id):
         """The client's record, or None when it is unknown."""
         return self._clients.get(client_id)
 
-    def statuses(self):
-        """Every client's status word, for the original all-clients answer."""
+    def snapshot(self):
+        """Every record and the revision they are at, for a watcher's first answer."""
         with self._lock:
-            records = list(self._clients.values())
-        return {record.client_id: STATUS_WORDS[record.status] for record in records}
+            return list(self._clients.values()), self.revision
 
     def page(self, limit, after="", status=None, prefix=""):
         """Up to limit records ordered by id, after `after`; also whether more follow."""
@@ -215,11 +453,46 @@ class Registry:
         return ids.islice(start)
 
     def counts(self):
-        """Clients per status, without listing them."""
+        """Clients per status and live sessions, without listing them."""
         with self._lock:
-            return Counts(
-                len(self._ids[Status.CONNECTED]), len(self._ids[Status.DISCONNECTED]), self.revision
-            )
+            return Counts(len(self._ids[Status.CONNECTED]), len(self._ids[Status.DISCONNECTED]),
+                          self._live_sessions, self.revision)
+
+
+def describe_change(change):
+    """One log line's worth of a change."""
+    record = change.record
+    session = f" session {change.session_id!r}" if change.session_id else ""
+    return (f"{record.client_id}{session}: {change.kind.name.lower()} ({change.reason}); "
+            f"{STATUS_WORDS[record.status]} with {len(record.sessions)} sessions, "
+            f"revision {change.revision}")
+
+
+class LeaseReaper:
+    """A thread that ends sessions whose lease ran out, waking when the next one is due."""
+
+    def __init__(self, registry):
+        self._registry = registry
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-reaper", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self):
+        while not self._stopping.wait(self._sleep()):
+            try:
+                self._registry.expire_due()
+            except StoreError as error:
+                logger.error("cannot expire leases: %s", error)
+
+    def _sleep(self):
+        return min(max(self._registry.seconds_to_next_expiry(), 0.01), REAPER_MAX_SLEEP)
 
 
 # --- stores -------------------------------------------------------------------
@@ -228,10 +501,14 @@ class Registry:
 class MemoryStore:
     """No persistence: for tests and throwaway runs."""
 
+    def attach(self, on_durable):
+        self._on_durable = on_durable
+
     def load(self):
         return []
 
-    def submit_many(self, records):
+    def submit_many(self, records, revision):
+        self._on_durable(revision)
         return 0
 
     def wait(self, ticket):
@@ -241,24 +518,42 @@ class MemoryStore:
         pass
 
 
+def encode_sessions(sessions):
+    """Sessions as the JSON text of the sessions column."""
+    if sessions is DEFAULT_SESSIONS:
+        return '[["", 0.0]]'
+    return json.dumps(sessions)
+
+
+def decode_sessions(text):
+    """The sessions column back into sessions, sharing the common default."""
+    sessions = tuple(Session(*session) for session in json.loads(text))
+    return DEFAULT_SESSIONS if sessions == DEFAULT_SESSIONS else sessions
+
+
 class SqliteStore:
     """Durable store: one writer thread commits queued changes together (group commit).
 
     `submit_many` queues records and returns a ticket; `wait` blocks until a commit
     covering that ticket has reached the disk. While one commit runs, the next
     batch gathers, so concurrent writers share commits instead of queueing.
+    After each commit the registry's change log is told how far is durable.
     """
 
+    SCHEMA_VERSION = 1
+    _COLUMNS = ("client_id", "status", "changed_at", "last_seen", "revision", "reason", "sessions")
     _SCHEMA = """
         CREATE TABLE IF NOT EXISTS clients (
             client_id TEXT PRIMARY KEY,
             status INTEGER NOT NULL,
             changed_at REAL NOT NULL,
             last_seen REAL NOT NULL,
-            revision INTEGER NOT NULL
+            revision INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            sessions TEXT NOT NULL
         ) WITHOUT ROWID
     """
-    _UPSERT = "INSERT OR REPLACE INTO clients VALUES (?, ?, ?, ?, ?)"
+    _UPSERT = "INSERT OR REPLACE INTO clients VALUES (?, ?, ?, ?, ?, ?, ?)"
 
     def __init__(self, path):
         self.path = path
@@ -267,30 +562,45 @@ class SqliteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(self._SCHEMA)
+            self._check_schema()
         except sqlite3.Error as error:
             raise StoreError(f"cannot open SQLite database {path}: {error}") from error
         self._mutex = threading.Lock()
         self._has_work = threading.Condition(self._mutex)
         self._committed_cond = threading.Condition(self._mutex)
         self._pending = []
+        self._pending_revision = 0
         self._submitted = 0
         self._committed = 0
         self.commits = 0
         self._error = None
         self._closing = False
+        self._on_durable = None
         self._writer = threading.Thread(target=self._write_loop, name="sqlite-writer", daemon=True)
+
+    def _check_schema(self):
+        columns = tuple(row[1] for row in self._db.execute("PRAGMA table_info(clients)"))
+        if columns != self._COLUMNS:
+            raise StoreError(f"{self.path} holds a clients table this server does not know "
+                             f"(columns {', '.join(columns)})")
+        self._db.execute(f"PRAGMA user_version={self.SCHEMA_VERSION}")
+
+    def attach(self, on_durable):
+        """Start committing; on_durable(revision) is called after each commit."""
+        self._on_durable = on_durable
         self._writer.start()
 
     def load(self):
         rows = self._db.execute("SELECT * FROM clients").fetchall()
         logger.info("loaded %d clients from %s", len(rows), self.path)
-        return [Client._make(row) for row in rows]
+        return [Client(*row[:6], decode_sessions(row[6])) for row in rows]
 
-    def submit_many(self, records):
+    def submit_many(self, records, revision):
         with self._mutex:
             if self._error is not None:
                 raise self._error
             self._pending.extend(records)
+            self._pending_revision = revision
             self._submitted += 1
             self._has_work.notify()
             return self._submitted
@@ -310,10 +620,11 @@ class SqliteStore:
                 if not self._pending:
                     return
                 batch, self._pending = self._pending, []
-                last = self._submitted
+                last, revision = self._submitted, self._pending_revision
             try:
                 self._db.execute("BEGIN")
-                self._db.executemany(self._UPSERT, batch)
+                self._db.executemany(self._UPSERT, (
+                    (*record[:6], encode_sessions(record.sessions)) for record in batch))
                 self._db.execute("COMMIT")
             except sqlite3.Error as error:
                 logger.error("SQLite commit failed, refusing further writes: %s", error)
@@ -321,6 +632,7 @@ class SqliteStore:
                     self._error = StoreError(f"the store could not save the change: {error}")
                     self._committed_cond.notify_all()
                 return
+            self._on_durable(revision)
             with self._mutex:
                 self._committed = last
                 self.commits += 1
@@ -331,7 +643,8 @@ class SqliteStore:
         with self._mutex:
             self._closing = True
             self._has_work.notify()
-        self._writer.join()
+        if self._writer.is_alive():
+            self._writer.join()
         self._db.close()
         logger.info("store %s flushed and closed", self.path)
 
@@ -355,11 +668,22 @@ def _set_timestamp(timestamp, seconds):
 
 
 def client_to_pb(record):
-    """The wire form of a client record."""
-    message = pb.Client(client_id=record.client_id, status=record.status, revision=record.revision)
+    """The wire form of a client record (built field by field: the cheapest way with upb)."""
+    message = pb.Client(client_id=record.client_id, status=record.status,
+                        revision=record.revision, reason=record.reason)
     _set_timestamp(message.changed_at, record.changed_at)
     _set_timestamp(message.last_seen, record.last_seen)
+    for session in record.sessions:
+        added = message.sessions.add(session_id=session.session_id)
+        if session.expires_at:
+            _set_timestamp(added.expires_at, session.expires_at)
     return message
+
+
+def change_to_pb(change):
+    """The wire form of a change."""
+    return pb.Event(revision=change.revision, kind=change.kind, client=client_to_pb(change.record),
+                    session_id=change.session_id, reason=change.reason)
 
 
 def _status_filter(value):
@@ -370,26 +694,94 @@ def _status_filter(value):
     return Status(value)
 
 
-def _parse_request(request, index=None):
-    """Validate one MessageRequest into (client_id, status); index names it within a batch."""
+def parse_request(request, max_lease, index=None):
+    """Validate one MessageRequest into a Message; index names it within a batch."""
     try:
         status = parse_message(request.message)
         validate_client_id(request.client_id)
+        if request.session_id:
+            validate_client_id(request.session_id, "session_id")
+        if request.lease_seconds > max_lease:
+            raise InvalidArgument(
+                f"lease_seconds must be at most {max_lease}, got {request.lease_seconds}")
+        if request.lease_seconds and status is not Status.CONNECTED:
+            raise InvalidArgument("lease_seconds is only for hello")
     except InvalidArgument as error:
         if index is None:
             raise
         raise InvalidArgument(f"requests[{index}]: {error}") from None
-    return request.client_id, status
+    return Message(request.client_id, status, request.session_id, request.lease_seconds)
+
+
+def reply_info(message, record):
+    """The info text: the original one, or what happened to a named session."""
+    if message.status is Status.DISCONNECTED and record.status is Status.CONNECTED:
+        return (f"Client {record.client_id} session {message.session_id} ended; still connected "
+                f"with {len(record.sessions)} sessions.")
+    return f"Client {record.client_id} marked as {STATUS_WORDS[record.status]}."
+
+
+def serialize_statuses(records):
+    """The all-clients answer, serialized chunk by chunk.
+
+    Serialized messages concatenate into their merge, so chunks give the same
+    bytes as one big message while letting other threads run between them: one
+    call at a million clients never stalls the rest of the server.
+    """
+    return b"".join(
+        pb.ClientStatusResponse(statuses={
+            record.client_id: STATUS_WORDS[record.status]
+            for record in records[start:start + STATUS_MAP_CHUNK]}).SerializeToString()
+        for start in range(0, len(records), STATUS_MAP_CHUNK))
+
+
+def serialize_response(response):
+    """Serialize a response, passing through one already serialized in parts."""
+    return response if type(response) is bytes else response.SerializeToString()
+
+
+def method_handlers(service):
+    """The service's handlers, as the generated code makes them but with serialize_response."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["ClientService"].methods:
+        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make(
+            getattr(service, method.name),
+            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            response_serializer=serialize_response,
+        )
+    return handlers
+
+
+def message_response(message, record, change):
+    """The answer to one Hello or Goodbye."""
+    response = pb.MessageResponse(success=True, info=reply_info(message, record),
+                                  changed=change is not None)
+    response.client.MergeFrom(client_to_pb(record))
+    return response
 
 
 class ClientService(pb_grpc.ClientServiceServicer):
     """Translates between protobuf messages and the registry."""
 
-    def __init__(self, registry):
+    def __init__(self, registry, max_lease=DEFAULT_MAX_LEASE, max_watchers=DEFAULT_MAX_WATCHERS,
+                 watch_buffer=DEFAULT_WATCH_BUFFER):
         self._registry = registry
+        self._max_lease = max_lease
+        self._watch_slots = threading.BoundedSemaphore(max_watchers)
+        self._max_watchers = max_watchers
+        self._watch_buffer = watch_buffer
 
     def SendMessage(self, request, context):
-        return self._send([request], context)[0]
+        try:
+            message = parse_request(request, self._max_lease)
+            record, change = self._registry.apply_one(message)
+        except InvalidArgument as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except StoreError as error:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+        return message_response(message, record, change)
 
     def SendMessages(self, request, context):
         if len(request.requests) > MAX_BATCH:
@@ -399,27 +791,20 @@ class ClientService(pb_grpc.ClientServiceServicer):
 
     def _send(self, requests, context, batch=False):
         try:
-            changes = [_parse_request(request, index if batch else None)
-                       for index, request in enumerate(requests)]
-            results = self._registry.apply_many(changes)
+            messages = [parse_request(request, self._max_lease, index if batch else None)
+                        for index, request in enumerate(requests)]
+            results = self._registry.apply_many(messages)
         except InvalidArgument as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except StoreError as error:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-        return [
-            pb.MessageResponse(
-                success=True,
-                info=f"Client {record.client_id} marked as {STATUS_WORDS[record.status]}.",
-                client=client_to_pb(record),
-                changed=changed,
-            )
-            for record, changed in results
-        ]
+        return [message_response(message, record, change)
+                for message, (record, change) in zip(messages, results)]
 
     def GetClientStatus(self, request, context):
         client_id = request.client_id
         if not client_id:
-            return pb.ClientStatusResponse(statuses=self._registry.statuses())
+            return serialize_statuses(self._registry.snapshot()[0])
         try:
             validate_client_id(client_id)
         except InvalidArgument as error:
@@ -454,8 +839,56 @@ class ClientService(pb_grpc.ClientServiceServicer):
             connected=counts.connected,
             disconnected=counts.disconnected,
             total=counts.connected + counts.disconnected,
+            live_sessions=counts.live_sessions,
             revision=counts.revision,
         )
+
+    def Watch(self, request, context):
+        if request.since_revision < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"since_revision must not be negative, got {request.since_revision}")
+        if not self._watch_slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"too many watchers (limit {self._max_watchers}); try again later")
+        if not context.add_callback(self._watch_slots.release):
+            self._watch_slots.release()
+            return
+        try:
+            yield from self._watch(request.since_revision, context)
+        except WatchLimit as error:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+
+    def _watch(self, since, context):
+        log = self._registry.log
+        resync = bool(since) and (since > self._registry.revision or log.read(since, 0) is None)
+        if resync or not since:
+            since = yield from self._snapshot(resync)
+        while context.is_active():
+            changes = log.read(since, WATCH_POLL_SECONDS)
+            if changes is None:
+                raise WatchLimit(f"watcher fell behind the changes this server keeps; "
+                                 f"watch again with since_revision={since}")
+            if not changes and log.closed:
+                return
+            for start in range(0, len(changes), EVENTS_PER_MESSAGE):
+                chunk = changes[start:start + EVENTS_PER_MESSAGE]
+                yield pb.WatchResponse(events=[change_to_pb(change) for change in chunk],
+                                       revision=chunk[-1].revision)
+                since = chunk[-1].revision
+            if log.durable - since > self._watch_buffer:
+                raise WatchLimit(f"watcher fell more than {self._watch_buffer} changes behind; "
+                                 f"watch again with since_revision={since}")
+
+    def _snapshot(self, resync):
+        """Send every client as of one revision, in chunks; return that revision."""
+        records, revision = self._registry.snapshot()
+        chunks = [records[start:start + SNAPSHOT_CHUNK]
+                  for start in range(0, len(records), SNAPSHOT_CHUNK)] or [[]]
+        for number, chunk in enumerate(chunks):
+            yield pb.WatchResponse(snapshot=[client_to_pb(record) for record in chunk],
+                                   snapshot_complete=number == len(chunks) - 1,
+                                   resync=resync and number == 0, revision=revision)
+        return revision
 
 
 # --- wiring -------------------------------------------------------------------
@@ -469,14 +902,18 @@ class PresenceServer:
     port: int
     registry: Registry
     health: health.HealthServicer
+    reaper: LeaseReaper
 
     def start(self):
+        self.reaper.start()
         self.grpc_server.start()
 
     def stop(self, grace=None):
-        """Refuse new calls, let in-flight ones finish within grace seconds."""
+        """Refuse new calls, end watches, let in-flight calls finish within grace seconds."""
         self.health.enter_graceful_shutdown()
+        self.registry.log.close()
         self.grpc_server.stop(grace).wait()
+        self.reaper.stop()
 
 
 def create_server(
@@ -486,25 +923,40 @@ def create_server(
     workers=DEFAULT_WORKERS,
     max_concurrent_rpcs=DEFAULT_MAX_CONCURRENT_RPCS,
     max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
+    max_lease=DEFAULT_MAX_LEASE,
+    max_watchers=DEFAULT_MAX_WATCHERS,
+    watch_buffer=DEFAULT_WATCH_BUFFER,
+    watch_history=DEFAULT_WATCH_HISTORY,
     clock=time.time,
 ):
-    """Build the server on address (port 0 picks a free one) over an opened store."""
-    registry = Registry(store, clock)
+    """Build the server on address (port 0 picks a free one) over an opened store.
+
+    Leases that ran out while the server was down expire here, before it serves.
+    Each watcher holds a thread for as long as it watches, so the thread pool and
+    the concurrency limit both make room for max_watchers beside the calls.
+    """
+    registry = Registry(store, clock, watch_history)
+    expired = registry.expire_due()
+    if expired:
+        logger.info("%d sessions' leases ran out while the server was down", len(expired))
     grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        futures.ThreadPoolExecutor(max_workers=workers + max_watchers, thread_name_prefix="rpc"),
+        maximum_concurrent_rpcs=max_concurrent_rpcs + max_watchers,
         options=[("grpc.max_receive_message_length", max_request_bytes), ("grpc.so_reuseport", 0)],
     )
-    pb_grpc.add_ClientServiceServicer_to_server(ClientService(registry), grpc_server)
+    handlers = method_handlers(ClientService(registry, max_lease, max_watchers, watch_buffer))
+    grpc_server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    grpc_server.add_registered_method_handlers(SERVICE_NAME, handlers)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    for service_name in ("", SERVICE_NAME):
+        health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
     )
     port = grpc_server.add_insecure_port(address)
-    return PresenceServer(grpc_server, port, registry, health_servicer)
+    return PresenceServer(grpc_server, port, registry, health_servicer, LeaseReaper(registry))
 
 
 def format_address(host, port):
@@ -522,6 +974,10 @@ def serve(args):
             workers=args.workers,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_request_bytes=args.max_request_bytes,
+            max_lease=args.max_lease,
+            max_watchers=args.max_watchers,
+            watch_buffer=args.watch_buffer,
+            watch_history=args.watch_history,
         )
     except Exception:
         store.close()
@@ -530,8 +986,9 @@ def serve(args):
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, frame: stopping.set())
     server.start()
-    logger.info("store %s, %d clients, revision %d", args.store, len(server.registry._clients),
-                server.registry.revision)
+    counts = server.registry.counts()
+    logger.info("store %s: %d clients (%d connected), revision %d", args.store,
+                counts.connected + counts.disconnected, counts.connected, counts.revision)
     logger.info("listening on %s", format_address(args.host, server.port))
     stopping.wait()
     logger.info("stopping: finishing in-flight calls (up to %.1f s)", args.grace)
@@ -589,6 +1046,21 @@ def build_parser():
                         default=_env("MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES),
                         help="largest request accepted; larger ones are refused with "
                         "RESOURCE_EXHAUSTED [PRESENCE_MAX_REQUEST_BYTES]")
+    parser.add_argument("--max-lease", type=_positive_int, default=_env("MAX_LEASE", DEFAULT_MAX_LEASE),
+                        help="longest lease a Hello may ask for, in seconds; longer ones are "
+                        "refused with INVALID_ARGUMENT [PRESENCE_MAX_LEASE]")
+    parser.add_argument("--max-watchers", type=_positive_int,
+                        default=_env("MAX_WATCHERS", DEFAULT_MAX_WATCHERS),
+                        help="watch streams open at once (each holds a thread); more are "
+                        "refused with RESOURCE_EXHAUSTED [PRESENCE_MAX_WATCHERS]")
+    parser.add_argument("--watch-buffer", type=_positive_int,
+                        default=_env("WATCH_BUFFER", DEFAULT_WATCH_BUFFER),
+                        help="changes a watcher may fall behind before it is cut off with "
+                        "RESOURCE_EXHAUSTED [PRESENCE_WATCH_BUFFER]")
+    parser.add_argument("--watch-history", type=_positive_int,
+                        default=_env("WATCH_HISTORY", DEFAULT_WATCH_HISTORY),
+                        help="recent changes kept in memory for watchers that resume from a "
+                        "revision [PRESENCE_WATCH_HISTORY]")
     parser.add_argument("--grace", type=float, default=_env("GRACE", DEFAULT_GRACE_SECONDS),
                         help="seconds in-flight calls get to finish on SIGINT/SIGTERM "
                         "[PRESENCE_GRACE]")

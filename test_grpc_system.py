@@ -1,21 +1,27 @@
 """System tests: the real server over real gRPC on loopback, in-process and as a subprocess."""
 
 import itertools
+import json
+import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent import futures
 
 import allure
 import grpc
+import pexpect
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import server as presence
-from conftest import DEADLINE, ROOT, connect
+from conftest import (ANSI, CLIENT, DEADLINE, PROMPT, ROOT, Lines, Watch, complete, connect,
+                      free_address, run_client)
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
 
@@ -31,19 +37,6 @@ message MessageResponse { bool success = 1; string info = 2; }
 message ClientStatusRequest { string client_id = 1; }
 message ClientStatusResponse { map<string, string> statuses = 1; }
 """
-
-
-class ManualClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now=1_800_000_000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
 
 
 def send(stub, client_id, message):
@@ -132,6 +125,18 @@ except grpc.RpcError as error:
 
 
 @allure.feature("Wire contract")
+@allure.story("All clients")
+def test_all_clients_map_spanning_many_serialization_chunks_is_complete(stub):
+    count = presence.STATUS_MAP_CHUNK * 2 + 345
+    for start in range(0, count, presence.MAX_BATCH):
+        stub.SendMessages(pb.SendMessagesRequest(requests=[
+            pb.MessageRequest(client_id=f"c{n}", message="hello" if n % 2 else "goodbye")
+            for n in range(start, min(start + presence.MAX_BATCH, count))]))
+    statuses = stub.GetClientStatus(pb.ClientStatusRequest()).statuses
+    assert statuses == {f"c{n}": "connected" if n % 2 else "disconnected" for n in range(count)}
+
+
+@allure.feature("Wire contract")
 @allure.story("Compatibility with the original proto")
 def test_program_built_on_the_original_proto_works_unchanged(tmp_path, address):
     with allure.step("generate Python code from the original service's proto"):
@@ -173,6 +178,12 @@ BAD_REQUESTS = [
     ("SendMessage", pb.MessageRequest(client_id="alice", message=""), "Invalid message type: "),
     ("SendMessage", pb.MessageRequest(client_id="alice", message="hello!"),
      "Invalid message type: hello!"),
+    ("SendMessage", pb.MessageRequest(client_id="a", message="hello", lease_seconds=3601),
+     "lease_seconds must be at most 3600, got 3601"),
+    ("SendMessage", pb.MessageRequest(client_id="a", message="goodbye", lease_seconds=5),
+     "lease_seconds is only for hello"),
+    ("SendMessage", pb.MessageRequest(client_id="a", message="hello", session_id="s" * 129),
+     "session_id must be at most 128 characters"),
     ("GetClientStatus", pb.ClientStatusRequest(client_id="y" * 200),
      "at most 128 characters, got 200"),
     ("GetClientStatus", pb.ClientStatusRequest(client_id="tab\there"), "U+0009"),
@@ -214,11 +225,6 @@ def test_any_printable_unicode_id_up_to_128_characters_is_accepted(stub, client_
 
 
 # --- revisions, timestamps, listing ------------------------------------------------------
-
-
-@pytest.fixture
-def clock():
-    return ManualClock()
 
 
 @pytest.fixture
@@ -334,7 +340,8 @@ def test_concurrent_writers_end_in_their_last_states_with_unique_revisions(stub)
 class AckedWriters:
     """Threads writing fresh ids until stopped, remembering every acknowledged change."""
 
-    def __init__(self, address, threads=6):
+    def __init__(self, address, prefix, threads=6):
+        self.prefix = prefix
         self.acked = {}
         self.enough = threading.Event()
         self._stop = threading.Event()
@@ -353,7 +360,7 @@ class AckedWriters:
         for n in itertools.count():
             if self._stop.is_set():
                 return
-            client_id = f"writer{worker}-{n}"
+            client_id = f"{self.prefix}-writer{worker}-{n}"
             try:
                 reply = send(self._stub, client_id, "hello")
             except grpc.RpcError:
@@ -377,7 +384,7 @@ def test_kill_9_under_concurrent_writes_loses_no_acknowledged_change(server_proc
     for attempt in range(3):
         with allure.step(f"round {attempt + 1}: write concurrently, kill -9 mid-stream"):
             server = server_processes("--store", sqlite_url)
-            writers = AckedWriters(server.address).start(enough=200)
+            writers = AckedWriters(server.address, prefix=f"round{attempt}").start(enough=200)
             assert writers.enough.wait(DEADLINE), "writers made no progress"
             server.kill()
             writers.join()
@@ -441,26 +448,29 @@ def test_request_over_the_size_limit_is_resource_exhausted(stub):
 @allure.feature("Operations")
 @allure.story("Limits")
 def test_calls_past_the_concurrency_limit_are_resource_exhausted():
-    release, entered = threading.Event(), threading.Event()
+    limit = 3  # max_concurrent_rpcs=2 plus the room kept for max_watchers=1
+    release, entered = threading.Event(), threading.Semaphore(0)
 
     def stalled_clock():
-        entered.set()
+        entered.release()
         release.wait(DEADLINE)
         return 1_800_000_000.0
 
     server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), clock=stalled_clock,
-                                    max_concurrent_rpcs=1)
+                                    max_concurrent_rpcs=2, max_watchers=1)
     server.start()
     try:
         with connect(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ClientServiceStub(channel)
-            stalled = stub.SendMessage.future(pb.MessageRequest(client_id="a", message="hello"))
-            assert entered.wait(DEADLINE)
+            stalled = [stub.SendMessage.future(pb.MessageRequest(client_id=f"c{n}", message="hello"))
+                       for n in range(limit)]
+            for _ in stalled:
+                assert entered.acquire(timeout=DEADLINE)
             error = rpc_error(stub.CountClients, pb.CountClientsRequest())
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             release.set()
-            assert stalled.result(timeout=DEADLINE).success
-            assert stub.CountClients(pb.CountClientsRequest()).connected == 1
+            assert all(call.result(timeout=DEADLINE).success for call in stalled)
+            assert stub.CountClients(pb.CountClientsRequest()).connected == limit
     finally:
         release.set()
         server.stop(0)
@@ -488,7 +498,7 @@ def test_environment_twins_configure_the_server(server_processes, tmp_path):
     server = server_processes(env={"PRESENCE_STORE": f"sqlite:///{db}", "PRESENCE_LOG_LEVEL": "DEBUG"})
     with connect(server.address) as channel:
         send(pb_grpc.ClientServiceStub(channel), "envy", "hello")
-    server.wait_for_log(r"envy is connected \(revision 1\)")
+    server.wait_for_log(r"envy: connected \(hello\).*revision 1")
     assert db.exists()
 
 
@@ -521,3 +531,614 @@ def test_port_in_use_fails_at_start_with_a_clear_error(tmp_path):
     assert result.returncode == 1
     assert "cannot start" in result.stderr and str(port) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- leases and sessions ----------------------------------------------------------------
+
+
+def hello(stub, client_id, session_id="", lease=0):
+    return stub.SendMessage(pb.MessageRequest(client_id=client_id, message="hello",
+                                              session_id=session_id, lease_seconds=lease))
+
+
+def goodbye(stub, client_id, session_id=""):
+    return stub.SendMessage(pb.MessageRequest(client_id=client_id, message="goodbye",
+                                              session_id=session_id))
+
+
+def status_of(stub, client_id):
+    return stub.GetClientStatus(pb.ClientStatusRequest(client_id=client_id)).clients[0]
+
+
+@pytest.fixture
+def clocked_server(clock):
+    """A started memory server whose time the test moves."""
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), clock=clock)
+    server.start()
+    yield server
+    server.stop(0)
+
+
+@allure.feature("Leases")
+@allure.story("Expiry on a moved clock")
+def test_lease_keeps_client_connected_while_renewed_and_expires_after(clocked_server, clock):
+    registry = clocked_server.registry
+    with connect(f"127.0.0.1:{clocked_server.port}") as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        first = hello(stub, "alice", lease=30).client
+        assert first.sessions[0].expires_at.seconds == int(clock.now) + 30
+        with allure.step("renewed before it runs out: still connected, no new revision"):
+            clock.advance(29)
+            assert registry.expire_due() == []
+            renewed = hello(stub, "alice", lease=30).client
+            assert (renewed.revision, renewed.status) == (first.revision, pb.STATUS_CONNECTED)
+            clock.advance(29)
+            assert registry.expire_due() == []
+        with allure.step("not renewed: disconnected with reason 'lease expired', a new revision"):
+            clock.advance(2)
+            expired = registry.expire_due()
+            assert [(c.record.client_id, c.reason, c.revision) for c in expired] == [
+                ("alice", "lease expired", first.revision + 1)]
+            record = status_of(stub, "alice")
+            assert (record.status, record.reason, len(record.sessions)) == (
+                pb.STATUS_DISCONNECTED, "lease expired", 0)
+            assert record.last_seen == renewed.last_seen
+
+
+@allure.feature("Leases")
+@allure.story("Expiry on a moved clock")
+def test_expiry_finds_due_leases_without_touching_the_rest(clock):
+    registry = presence.Registry(presence.MemoryStore(), clock=clock)
+    registry.apply_many([presence.Message(f"quiet{n}", presence.Status.CONNECTED)
+                         for n in range(10_000)])
+    registry.apply("short", presence.Status.CONNECTED, lease=5)
+    registry.apply("long", presence.Status.CONNECTED, lease=500)
+    assert registry.seconds_to_next_expiry() == 5
+    clock.advance(6)
+    assert [change.record.client_id for change in registry.expire_due()] == ["short"]
+    assert registry.counts().connected == 10_001
+
+
+@allure.feature("Sessions")
+@allure.story("Several terminals, one user")
+def test_user_stays_connected_while_any_session_is_live(stub):
+    with allure.step("two sessions arrive"):
+        assert hello(stub, "bob", "laptop").client.status == pb.STATUS_CONNECTED
+        both = hello(stub, "bob", "phone").client
+        assert [s.session_id for s in both.sessions] == ["laptop", "phone"]
+        assert stub.CountClients(pb.CountClientsRequest()).live_sessions == 2
+    with allure.step("one leaves: still connected"):
+        reply = goodbye(stub, "bob", "laptop")
+        assert reply.client.status == pb.STATUS_CONNECTED
+        assert reply.info == "Client bob session laptop ended; still connected with 1 sessions."
+        assert [s.session_id for s in reply.client.sessions] == ["phone"]
+    with allure.step("the last leaves: disconnected, with the original info text"):
+        reply = goodbye(stub, "bob", "phone")
+        assert (reply.client.status, reply.info) == (pb.STATUS_DISCONNECTED,
+                                                     "Client bob marked as disconnected.")
+
+
+@allure.feature("Sessions")
+@allure.story("Goodbye without a session")
+def test_goodbye_without_session_ends_every_session(stub):
+    for session in ("a", "b", "c"):
+        hello(stub, "carol", session)
+    reply = goodbye(stub, "carol")
+    assert (reply.client.status, len(reply.client.sessions)) == (pb.STATUS_DISCONNECTED, 0)
+    assert stub.CountClients(pb.CountClientsRequest()).live_sessions == 0
+
+
+@allure.feature("Sessions")
+@allure.story("Goodbye without a session")
+def test_goodbye_for_a_session_that_is_not_live_changes_nothing(stub):
+    revision = hello(stub, "dan", "one").client.revision
+    reply = goodbye(stub, "dan", "other")
+    assert (reply.changed, reply.client.revision, reply.client.status) == (
+        False, revision, pb.STATUS_CONNECTED)
+
+
+# --- the watch stream -------------------------------------------------------------------
+
+
+def describe(events):
+    return [(event.client.client_id, pb.EventKind.Name(event.kind), event.session_id,
+             event.reason) for event in events]
+
+
+@allure.feature("Watch")
+@allure.story("Snapshot, then live changes")
+def test_watch_sends_the_snapshot_then_every_change_in_revision_order(stub):
+    hello(stub, "alice")
+    goodbye(stub, "bob")
+    watch = Watch(stub)
+    with allure.step("the snapshot"):
+        clients, revision, resync = watch.snapshot()
+        assert {cid: c.status for cid, c in clients.items()} == {
+            "alice": pb.STATUS_CONNECTED, "bob": pb.STATUS_DISCONNECTED}
+        assert (revision, resync) == (2, False)
+    with allure.step("then each change as it happens"):
+        hello(stub, "bob", "s1")
+        hello(stub, "bob", "s2")
+        hello(stub, "bob", "s2")  # a renewal: no event
+        goodbye(stub, "bob", "s1")
+        goodbye(stub, "bob")
+        events = watch.events(4)
+        assert describe(events) == [
+            ("bob", "EVENT_CONNECTED", "s1", "hello"),
+            ("bob", "EVENT_SESSION_STARTED", "s2", "hello"),
+            ("bob", "EVENT_SESSION_ENDED", "s1", "goodbye"),
+            ("bob", "EVENT_DISCONNECTED", "", "goodbye"),
+        ]
+        assert [event.revision for event in events] == [3, 4, 5, 6]
+    watch.call.cancel()
+
+
+@allure.feature("Watch")
+@allure.story("Resume from a revision")
+def test_watch_resumed_from_a_revision_gets_exactly_the_changes_after_it(stub):
+    for n in range(10):
+        hello(stub, f"user{n}")
+    watch = Watch(stub, since_revision=6)
+    events = watch.events(4)
+    assert [event.revision for event in events] == [7, 8, 9, 10]
+    hello(stub, "late")
+    assert [event.client.client_id for event in watch.events(1)] == ["late"]
+    watch.call.cancel()
+
+
+@allure.feature("Watch")
+@allure.story("Resume from a revision no longer held")
+@pytest.mark.parametrize("since", [1, 999], ids=["too-old", "from-the-future"])
+def test_watch_resumed_from_an_unheld_revision_is_told_to_resync(since):
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), watch_history=8)
+    server.start()
+    try:
+        with connect(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ClientServiceStub(channel)
+            for n in range(40):
+                hello(stub, f"user{n}")
+            watch = Watch(stub, since_revision=since)
+            clients, revision, resync = watch.snapshot()
+            assert (resync, revision, len(clients)) == (True, 40, 40)
+            hello(stub, "next")
+            assert [event.revision for event in watch.events(1)] == [41]
+            watch.call.cancel()
+    finally:
+        server.stop(0)
+
+
+@allure.feature("Watch")
+@allure.story("A slow watcher is cut off")
+def test_slow_watcher_is_cut_off_while_others_get_everything():
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), watch_buffer=1000)
+    server.start()
+    try:
+        address = f"127.0.0.1:{server.port}"
+        small_window = grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)])
+        with connect(address) as channel, small_window:
+            stub = pb_grpc.ClientServiceStub(channel)
+            slow = Watch(pb_grpc.ClientServiceStub(small_window), read=False)
+            fast = Watch(stub)
+            assert fast.snapshot()[1] == 0
+            with allure.step("10,000 changes that the fast watcher keeps up with"):
+                for batch in range(10):
+                    stub.SendMessages(pb.SendMessagesRequest(requests=[
+                        pb.MessageRequest(client_id=f"c{batch}-{n}", message="hello")
+                        for n in range(1000)]))
+                    revisions = [event.revision for event in fast.events(1000)]
+                    assert revisions == list(range(batch * 1000 + 1, batch * 1000 + 1001))
+            with allure.step("the slow watcher, which read nothing, is cut off"):
+                slow.resume_reading()
+                received, message = 0, slow.next()
+                while isinstance(message, pb.WatchResponse):
+                    received += len(message.events)
+                    message = slow.next()
+                assert isinstance(message, grpc.RpcError)
+                assert message.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "fell more than 1000 changes behind" in message.details()
+                assert received < 10_000
+            assert hello(stub, "still-serving").success
+            hello(stub, "one-more")
+            assert [event.client.client_id for event in fast.events(2)] == [
+                "still-serving", "one-more"]
+            fast.call.cancel()
+    finally:
+        server.stop(0)
+
+
+@allure.feature("Watch")
+@allure.story("Limits")
+def test_watchers_past_the_limit_are_resource_exhausted():
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), max_watchers=2)
+    server.start()
+    try:
+        with connect(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ClientServiceStub(channel)
+            watches = [Watch(stub), Watch(stub)]
+            for watch in watches:
+                watch.snapshot()
+            refused = Watch(stub).next()
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "too many watchers (limit 2)" in refused.details()
+            watches[0].call.cancel()
+            assert watches[0].next().code() == grpc.StatusCode.CANCELLED
+            third = Watch(stub)
+            for attempt in range(50):  # the slot frees when the server sees the cancel
+                message = third.next()
+                if isinstance(message, pb.WatchResponse):
+                    break
+                third = Watch(stub)
+            assert isinstance(message, pb.WatchResponse)
+    finally:
+        server.stop(0)
+
+
+@allure.feature("Watch")
+@allure.story("Clean end on shutdown")
+def test_watchers_end_cleanly_when_the_server_stops(memory_server, stub):
+    watch = Watch(stub)
+    watch.snapshot()
+    memory_server.stop(grace=DEADLINE)
+    assert watch.next() is None
+
+
+@allure.feature("Leases")
+@allure.story("Restart")
+def test_leases_that_ran_out_while_down_expire_at_start_as_ordinary_changes(tmp_path, clock):
+    path = str(tmp_path / "leases.db")
+    with allure.step("before the restart: one leased session, one without a lease"):
+        store = presence.SqliteStore(path)
+        server = presence.create_server("127.0.0.1:0", store, clock=clock)
+        server.registry.apply("leased", presence.Status.CONNECTED, "tty1", lease=60)
+        server.registry.apply("leased", presence.Status.CONNECTED, "tty2", lease=600)
+        server.registry.apply("forever", presence.Status.CONNECTED)
+        server.stop(0)
+        store.close()
+    with allure.step("down for 61 s, then restarted on the same file"):
+        clock.advance(61)
+        store = presence.SqliteStore(path)
+        server = presence.create_server("127.0.0.1:0", store, clock=clock)
+        server.start()
+    try:
+        with connect(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ClientServiceStub(channel)
+            leased = status_of(stub, "leased")
+            assert [s.session_id for s in leased.sessions] == ["tty2"]
+            assert (leased.status, leased.revision) == (pb.STATUS_CONNECTED, 4)
+            watch = Watch(stub, since_revision=3)
+            assert describe(watch.events(1)) == [
+                ("leased", "EVENT_SESSION_ENDED", "tty1", "lease expired")]
+            clock.advance(600)
+            server.registry.expire_due()
+            assert status_of(stub, "leased").status == pb.STATUS_DISCONNECTED
+            assert status_of(stub, "forever").status == pb.STATUS_CONNECTED
+            watch.call.cancel()
+    finally:
+        server.stop(0)
+        store.close()
+
+
+# --- the client: the REPL in a pseudo-terminal ------------------------------------------
+
+
+@allure.feature("Client")
+@allure.story("REPL")
+def test_repl_shows_menu_keeps_history_and_ctrl_d_exits_zero(repl, address, tmp_path):
+    child = repl(address)
+    with allure.step("the menu is shown at start"):
+        child.expect_exact("send ID MESSAGE")
+        child.expect_exact("status [ID]")
+        child.expect_exact(PROMPT)
+    with allure.step("help shows it again"):
+        child.send("help\r")
+        child.expect_exact("show this menu")
+        child.expect_exact(PROMPT)
+    with allure.step("Ctrl-D exits cleanly"):
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+    assert "help" in (tmp_path / ".presence_history").read_text()
+
+
+@allure.feature("Client")
+@allure.story("Completion")
+def test_tab_completes_the_command_word(repl, address, stub):
+    hello(stub, "alice")
+    child = repl(address)
+    child.expect_exact(PROMPT)
+    complete(child, "sta", "status")
+    child.send("\r")
+    assert child.expect_exact(["1 total", "unknown command"]) == 0
+
+
+@allure.feature("Client")
+@allure.story("Completion")
+def test_tab_completes_a_client_id_from_the_server_and_shows_its_table(repl, address, stub):
+    hello(stub, "alice-wonderland")
+    child = repl(address)
+    child.expect_exact(PROMPT)
+    complete(child, "status alice-w", "status alice-wonderland")
+    child.send("\r")
+    index = child.expect([rf"│ alice-wonderland\s+│ {ANSI}connected", "not found"])
+    assert index == 0, "the completed id was sent and its status rendered"
+
+
+@allure.feature("Client")
+@allure.story("Completion")
+def test_sub_prompts_complete_ids_and_messages(repl, address, stub):
+    hello(stub, "bob-the-builder")
+    child = repl(address)
+    child.expect_exact(PROMPT)
+    child.send("1\r")
+    child.expect_exact("client id:")
+    complete(child, "bob-t", "bob-the-builder")
+    child.send("\r")
+    child.expect_exact("message (hello/goodbye):")
+    complete(child, "go", "goodbye")
+    child.send("\r")
+    child.expect_exact("Client bob-the-builder marked as disconnected.")
+
+
+@allure.feature("Client")
+@allure.story("REPL")
+def test_ctrl_c_clears_the_line_and_the_repl_continues(repl, address, stub):
+    child = repl(address)
+    child.expect_exact(PROMPT)
+    child.send("send junk")
+    child.expect_exact("junk")
+    child.sendcontrol("c")
+    child.expect_exact(PROMPT)
+    child.send("send alice hello\r")
+    child.expect_exact("Client alice marked as connected.")
+    assert "message (hello/goodbye)" not in child.logfile_read.getvalue(), "the line was dropped"
+    assert stub.GetClientStatus(pb.ClientStatusRequest()).statuses == {"alice": "connected"}
+
+
+@allure.feature("Client")
+@allure.story("REPL")
+def test_toolbar_shows_address_reachability_and_online_count(repl, address, stub):
+    hello(stub, "alice")
+    child = repl(address, answer_cpr=True)
+    child.expect_exact("\x1b[6n")  # the toolbar is drawn once the terminal says where the cursor is
+    child.send("\x1b[12;1R")
+    child.expect(rf"{re.escape(address)}\s+{ANSI}● reachable{ANSI}\s+1 online of 1")
+
+
+@allure.feature("Client")
+@allure.story("Unreachable server")
+def test_server_going_down_is_one_line_and_the_repl_recovers(repl, server_processes):
+    server = server_processes("--store", "memory://")
+    child = repl(server.address)
+    with allure.step("a command works while the server is up"):
+        child.expect_exact(PROMPT)
+        child.send("send alice hello\r")
+        child.expect_exact("Client alice marked as connected.")
+    with allure.step("the server dies: one line, no traceback, the REPL still answers"):
+        server.kill()
+        child.send("status\r")
+        child.expect_exact(f"error: server {server.address} is unreachable: ")
+        child.expect_exact("retrying on the next command")
+        child.send("help\r")
+        child.expect_exact("show this menu")
+    with allure.step("a server comes back on the same port: the next command gets through"):
+        port = server.address.rsplit(":", 1)[1]
+        server_processes("--port", port, "--store", "memory://")
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline:
+            child.send("send bob hello\r")
+            if child.expect_exact(["Client bob marked as connected.", "unreachable"]) == 0:
+                break
+        else:
+            pytest.fail("the REPL never reached the restarted server")
+    assert "Traceback" not in child.logfile_read.getvalue()
+
+
+# --- pipes ------------------------------------------------------------------------------------
+
+
+@allure.feature("Client")
+@allure.story("Pipes")
+def test_piped_session_prints_both_answers_and_exits_zero(address):
+    command = (f"printf '1\\nalice\\nHello\\n2\\nalice\\n3\\n' | "
+               f"{shlex.quote(sys.executable)} client.py --server {address}")
+    result = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True,
+                            timeout=DEADLINE)
+    assert result.returncode == 0, result.stderr
+    assert "Client alice marked as connected." in result.stdout
+    assert len(re.findall(r"│ alice\s+│ connected", result.stdout)) == 2, result.stdout
+    assert result.stderr == ""
+
+
+@allure.feature("Client")
+@allure.story("Pipes")
+def test_piped_errors_are_one_line_each_and_the_script_goes_on(address):
+    result = run_client("--server", address, stdin="status zed\nsend bob hello\nstatus\n")
+    assert result.returncode == 0, "the end of input ends the session cleanly"
+    assert result.stderr == "error: Client zed not found (NOT_FOUND)\n"
+    assert "Client bob marked as connected." in result.stdout
+    assert "1 connected · 0 disconnected · 1 total" in result.stdout
+
+
+@allure.feature("Client")
+@allure.story("Pipes")
+def test_several_clients_at_once_end_in_the_right_states(address, stub):
+    with allure.step("4 client processes flip their own ids at the same time"):
+        processes = []
+        for index in range(4):
+            final = "hello" if index % 2 == 0 else "goodbye"
+            flips = f"send c{index} hello\nsend c{index} goodbye\n" * 10
+            script = flips + f"send c{index} {final}\n"
+            process = subprocess.Popen([sys.executable, CLIENT, "--server", address], cwd=ROOT,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+            processes.append((process, script))
+        for process, script in processes:
+            _, errors = process.communicate(script, timeout=DEADLINE)
+            assert process.returncode == 0 and errors == ""
+    with allure.step("the server holds each client's last word"):
+        statuses = stub.GetClientStatus(pb.ClientStatusRequest()).statuses
+        assert statuses == {"c0": "connected", "c1": "disconnected",
+                            "c2": "connected", "c3": "disconnected"}
+        changes = 2 * 21 + 2 * 20  # a final goodbye after a goodbye changes nothing
+        assert stub.CountClients(pb.CountClientsRequest()).revision == changes
+
+
+# --- one-shot commands ---------------------------------------------------------------------------
+
+
+@allure.feature("Client")
+@allure.story("One-shot commands")
+def test_one_shot_send_and_status_print_tables(address):
+    sent = run_client("--server", address, "send", "alice", "hello")
+    assert sent.returncode == 0 and "Client alice marked as connected." in sent.stdout
+    one = run_client("--server", address, "status", "alice")
+    assert one.returncode == 0 and re.search(r"│ alice\s+│ connected", one.stdout)
+    every = run_client("--server", address, "status")
+    assert every.returncode == 0 and "1 connected · 0 disconnected · 1 total" in every.stdout
+
+
+@allure.feature("Client")
+@allure.story("One-shot commands")
+def test_one_shot_json_answers_are_single_objects(address):
+    with allure.step("send"):
+        sent = run_client("--server", address, "--json", "send", "alice", "hello")
+        sent = json.loads(sent.stdout)
+        assert sent["info"] == "Client alice marked as connected."
+        assert sent["changed"] is True
+        assert sent["client"]["status"] == "connected" and sent["client"]["revision"] == 1
+    with allure.step("status of one client"):
+        one = json.loads(run_client("--server", address, "--json", "status", "alice").stdout)
+        assert one["client"]["client_id"] == "alice"
+        assert one["client"]["last_seen"].endswith("Z")
+    with allure.step("status of every client, with the counts"):
+        run_client("--server", address, "send", "bob", "goodbye")
+        every = json.loads(run_client("--server", address, "--json", "status").stdout)
+        assert [client["client_id"] for client in every["clients"]] == ["alice", "bob"]
+        assert (every["connected"], every["disconnected"], every["total"]) == (1, 1, 2)
+
+
+@allure.feature("Client")
+@allure.story("One-shot commands")
+@pytest.mark.parametrize("args, code, stderr", [
+    (["status", "zed"], 1, r"error: Client zed not found \(NOT_FOUND\)\n"),
+    (["send", "alice", "hi"], 1, r"error: Invalid message type: hi \(INVALID_ARGUMENT\)\n"),
+    (["send", "x" * 129, "hello"], 1,
+     r"error: client_id must be at most 128 .*\(INVALID_ARGUMENT\)\n"),
+    (["send", "alice"], 2,
+     r"usage: client\.py send .*\n.*error: the following arguments are required: MESSAGE\n"),
+    (["watch-everything"], 2,
+     r"usage: client\.py (.|\n)*error: argument COMMAND: invalid choice: 'watch-everything'.*\n"),
+])
+def test_exit_code_says_what_went_wrong(address, args, code, stderr):
+    result = run_client("--server", address, *args)
+    assert result.returncode == code
+    assert re.fullmatch(stderr, result.stderr), result.stderr
+    assert result.stdout == ""
+
+
+@allure.feature("Client")
+@allure.story("Unreachable server")
+def test_unreachable_server_exits_three_with_one_line():
+    address = free_address()
+    result = run_client("--server", address, "--timeout", "3", "send", "alice", "hello")
+    assert result.returncode == 3
+    assert result.stderr == f"error: server {address} is unreachable: connection refused\n"
+
+
+# --- the client: presence and the live watch -----------------------------------------------
+
+
+def next_event(watch):
+    (event,) = watch.events(1)
+    return event
+
+
+@allure.feature("Client")
+@allure.story("--as keeps a user connected")
+def test_client_as_user_goes_offline_when_its_lease_runs_out_after_kill_9(address, stub):
+    watch = Watch(stub)
+    watch.snapshot()
+    with allure.step("client.py --as erin --lease 1 runs: erin is connected with its session"):
+        client = subprocess.Popen([sys.executable, CLIENT, "--server", address, "--as", "erin",
+                                   "--lease", "1"], cwd=ROOT, stdin=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        event = next_event(watch)
+        assert (event.client.client_id, event.kind) == ("erin", pb.EVENT_CONNECTED)
+        assert event.session_id.endswith(f":{client.pid}")
+    with allure.step("kill -9: no goodbye, but the lease runs out"):
+        client.kill()
+        client.wait(DEADLINE)
+        event = next_event(watch)
+        assert (event.client.client_id, event.kind, event.reason) == (
+            "erin", pb.EVENT_DISCONNECTED, "lease expired")
+    watch.call.cancel()
+
+
+@allure.feature("Client")
+@allure.story("--as keeps a user connected")
+def test_client_as_user_says_goodbye_for_its_session_on_exit(repl, address, stub):
+    hello(stub, "frank", "desk")
+    watch = Watch(stub)
+    watch.snapshot()
+    child = repl(address, "--as", "frank")
+    started = next_event(watch)
+    assert (started.kind, started.client.status) == (pb.EVENT_SESSION_STARTED,
+                                                     pb.STATUS_CONNECTED)
+    assert started.session_id != "desk"
+    child.expect_exact(PROMPT)
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    event = next_event(watch)
+    assert (event.kind, event.reason, event.session_id) == (
+        pb.EVENT_SESSION_ENDED, "goodbye", started.session_id)
+    assert [s.session_id for s in event.client.sessions] == ["desk"], "only its own session ended"
+    watch.call.cancel()
+
+
+@allure.feature("Client")
+@allure.story("Watch")
+def test_watch_menu_entry_shows_a_live_table_and_ctrl_c_returns_to_the_prompt(repl, address, stub):
+    hello(stub, "gina")
+    child = repl(address)
+    child.expect_exact(PROMPT)
+    with allure.step("4 opens the live table"):
+        child.send("4\r")
+        child.expect(rf"│ gina\s+│ {ANSI}connected")
+        child.expect_exact("live, Ctrl-C to stop")
+    with allure.step("a change made elsewhere appears in place"):
+        goodbye(stub, "gina")
+        child.expect(rf"│ gina\s+│ {ANSI}disconnected")
+    with allure.step("Ctrl-C stops watching; the prompt comes back and works"):
+        child.sendcontrol("c")
+        child.expect_exact("watch stopped")
+        child.expect_exact(PROMPT)
+        child.send("status gina\r")
+        child.expect(rf"│ gina\s+│ {ANSI}disconnected")
+    assert "Traceback" not in child.logfile_read.getvalue()
+
+
+@allure.feature("Client")
+@allure.story("Watch")
+def test_json_watch_prints_each_change_as_one_flushed_line_until_interrupted(address, stub):
+    hello(stub, "henry")
+    watcher = subprocess.Popen([sys.executable, CLIENT, "--server", address, "--json", "watch"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = Lines(watcher.stdout)
+    with allure.step("the snapshot first, a line per client"):
+        first = json.loads(lines.next())
+        assert (first["kind"], first["client"]["client_id"], first["revision"]) == (
+            "snapshot", "henry", 1)
+    with allure.step("then each change, as it happens"):
+        hello(stub, "henry", "phone", lease=60)
+        goodbye(stub, "henry")
+        started, ended = json.loads(lines.next()), json.loads(lines.next())
+        assert (started["kind"], started["session_id"], started["revision"]) == (
+            "session_started", "phone", 2)
+        assert started["client"]["sessions"][1]["expires_at"].endswith("Z")
+        assert (ended["kind"], ended["reason"], ended["client"]["status"]) == (
+            "disconnected", "goodbye", "disconnected")
+    with allure.step("Ctrl-C ends it quietly with exit 0"):
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(DEADLINE) == 0
+        assert "Traceback" not in watcher.stderr.read()

@@ -59,6 +59,11 @@ class ClientServiceStub:
                 request_serializer=generated_dot_connection__pb2.CountClientsRequest.SerializeToString,
                 response_deserializer=generated_dot_connection__pb2.CountClientsResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/client_service.ClientService/Watch',
+                request_serializer=generated_dot_connection__pb2.WatchRequest.SerializeToString,
+                response_deserializer=generated_dot_connection__pb2.WatchResponse.FromString,
+                _registered_method=True)
 
 
 class ClientServiceServicer:
@@ -103,6 +108,14 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """A snapshot of every client, then every change as it happens, in revision
+        order; or, given the last revision seen, exactly the changes after it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +143,11 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.CountClients,
                     request_deserializer=generated_dot_connection__pb2.CountClientsRequest.FromString,
                     response_serializer=generated_dot_connection__pb2.CountClientsResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=generated_dot_connection__pb2.WatchRequest.FromString,
+                    response_serializer=generated_dot_connection__pb2.WatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +285,33 @@ class ClientService:
             '/client_service.ClientService/CountClients',
             generated_dot_connection__pb2.CountClientsRequest.SerializeToString,
             generated_dot_connection__pb2.CountClientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/client_service.ClientService/Watch',
+            generated_dot_connection__pb2.WatchRequest.SerializeToString,
+            generated_dot_connection__pb2.WatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,6 +1,7 @@
 """Focused tests of client.py: renderers, completion, the dispatcher and main() on a real server."""
 
 import io
+import re
 import json
 import socket
 
@@ -224,12 +225,13 @@ def test_toolbar_shows_address_reachability_and_online_count(reachable, answer, 
 @allure.story("Rendering")
 def test_json_client_has_stable_fields_and_null_for_unset_times():
     full = client.client_json(record("alice", revision=3))
-    assert set(full) == {"client_id", "status", "changed_at", "last_seen", "revision"}
+    assert set(full) == {"client_id", "status", "changed_at", "last_seen", "revision",
+                         "sessions", "reason"}
     assert full["status"] == "connected" and full["revision"] == 3
     assert full["changed_at"].endswith("Z")
     bare = client.client_json(pb.Client(client_id="old", status=pb.STATUS_DISCONNECTED))
     assert bare == {"client_id": "old", "status": "disconnected", "changed_at": None,
-                    "last_seen": None, "revision": 0}
+                    "last_seen": None, "revision": 0, "sessions": [], "reason": ""}
 
 
 # --- completion --------------------------------------------------------------------------
@@ -247,7 +249,7 @@ def completions(completer, text):
 @allure.feature("Client")
 @allure.story("Completion")
 @pytest.mark.parametrize("text, expected", [
-    ("", ["send", "status", "exit", "quit", "help"]),
+    ("", ["send", "status", "exit", "quit", "watch", "help"]),
     ("s", ["send", "status"]),
     ("sta", ["status"]),
     ("STA", []),
@@ -571,3 +573,54 @@ def test_main_reads_the_menu_from_piped_stdin(address, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "Client alice marked as connected." in out
     assert "1 connected · 0 disconnected · 1 total" in out
+
+
+# --- watch and sessions ------------------------------------------------------------------
+
+
+@allure.feature("Client")
+@allure.story("Rendering")
+def test_watch_table_puts_the_latest_changes_first_and_says_when_it_is_cut():
+    clients = {f"c{n}": record(f"c{n}", revision=n,
+                               status=pb.STATUS_CONNECTED if n % 2 else pb.STATUS_DISCONNECTED)
+               for n in range(1, 6)}
+    text = rendered(client.render_watch(clients, 5, NOW, max_rows=3))
+    rows = [line.split("│")[1].strip() for line in text.splitlines()
+            if re.match(r"│ c\d", line)]
+    assert rows == ["c5", "c4", "c3"]
+    assert "showing the 3 most recently changed of 5" in text
+    assert "3 connected · 2 disconnected · revision 5" in text
+
+
+@allure.feature("Client")
+@allure.story("Rendering")
+@pytest.mark.parametrize(("sessions", "shown"), [
+    ([], "—"), ([""], "default"), (["laptop", "phone"], "laptop, phone")])
+def test_sessions_column_names_each_live_session(sessions, shown):
+    message = pb.Client(sessions=[pb.Session(session_id=name) for name in sessions])
+    assert client.sessions_text(message.sessions) == shown
+
+
+@allure.feature("Client")
+@allure.story("One-shot commands")
+def test_watch_json_gives_a_line_per_snapshot_entry_then_per_event():
+    snapshot = pb.WatchResponse(snapshot=[record("a"), record("b")], snapshot_complete=True,
+                                revision=9, resync=True)
+    events = pb.WatchResponse(revision=11, events=[
+        pb.Event(revision=10, kind=pb.EVENT_SESSION_STARTED, client=record("a"),
+                 session_id="tty2", reason="hello"),
+        pb.Event(revision=11, kind=pb.EVENT_DISCONNECTED, client=record("b"),
+                 reason="lease expired")])
+    lines = list(client.watch_json(snapshot)) + list(client.watch_json(events))
+    assert [(line["kind"], line["revision"], line["client"]["client_id"]) for line in lines] == [
+        ("snapshot", 9, "a"), ("snapshot", 9, "b"), ("session_started", 10, "a"),
+        ("disconnected", 11, "b")]
+    assert lines[0]["resync"] is True
+    assert (lines[2]["session_id"], lines[3]["reason"]) == ("tty2", "lease expired")
+
+
+@allure.feature("Client")
+@allure.story("One-shot commands")
+def test_as_does_not_go_with_a_one_shot_command(capsys):
+    assert client.main(["--as", "alice", "status"]) == client.EXIT_USAGE
+    assert "--as keeps NAME connected while the menu runs" in capsys.readouterr().err

@@ -7,9 +7,13 @@ import allure
 import pytest
 
 import server as presence
-from server import Registry, Status
+from server import Message, Registry, Status
 
 CONNECTED, DISCONNECTED = Status.CONNECTED, Status.DISCONNECTED
+
+
+def statuses(registry):
+    return {record.client_id: record.status for record in registry.snapshot()[0]}
 
 
 @pytest.fixture
@@ -48,7 +52,7 @@ def test_page_token_round_trips_any_id(client_id):
 @allure.feature("Listing")
 @allure.story("Pages")
 def test_page_merges_statuses_in_id_order_and_says_when_more_follow(registry):
-    registry.apply_many([(f"c{i}", CONNECTED if i % 2 else DISCONNECTED) for i in range(10)])
+    registry.apply_many([Message(f"c{i}", CONNECTED if i % 2 else DISCONNECTED) for i in range(10)])
     page, more, revision = registry.page(4)
     assert ([r.client_id for r in page], more, revision) == (["c0", "c1", "c2", "c3"], True, 10)
     page, more, _ = registry.page(4, after="c7")
@@ -60,7 +64,7 @@ def test_page_merges_statuses_in_id_order_and_says_when_more_follow(registry):
 @allure.feature("Listing")
 @allure.story("Filters")
 def test_prefix_stops_at_the_first_id_outside_it(registry):
-    registry.apply_many([(cid, CONNECTED) for cid in ["a", "ab", "abc", "abd", "b", "aa"]])
+    registry.apply_many([Message(cid, CONNECTED) for cid in ["a", "ab", "abc", "abd", "b", "aa"]])
     page, more, _ = registry.page(10, prefix="ab")
     assert ([r.client_id for r in page], more) == (["ab", "abc", "abd"], False)
     page, more, _ = registry.page(1, prefix="ab", after="ab")
@@ -73,8 +77,8 @@ def test_counts_move_between_statuses(registry):
     registry.apply("a", CONNECTED)
     registry.apply("b", CONNECTED)
     registry.apply("a", DISCONNECTED)
-    assert registry.counts() == presence.Counts(connected=1, disconnected=1, revision=3)
-    assert registry.statuses() == {"a": "disconnected", "b": "connected"}
+    assert registry.counts() == presence.Counts(connected=1, disconnected=1, live_sessions=1, revision=3)
+    assert statuses(registry) == {"a": DISCONNECTED, "b": CONNECTED}
 
 
 @allure.feature("Durability")
@@ -89,7 +93,7 @@ def test_sqlite_store_reloads_every_record_and_the_revision(tmp_path):
     reopened = presence.SqliteStore(str(tmp_path / "db.sqlite"))
     again = Registry(reopened)
     assert again.get("a") == registry.get("a")
-    assert (again.counts(), again.statuses()) == (registry.counts(), registry.statuses())
+    assert (again.counts(), statuses(again)) == (registry.counts(), statuses(registry))
     reopened.close()
 
 

@@ -71,6 +71,7 @@ COUNT_CALLS = 200
 PROBE_IN_FLIGHT = 4
 PROBE_BASELINE_SECONDS = 1.0
 CHANNELS_PER_PROCESS = 1000
+NOISE_WARNING = 0.2
 PRESETS = {
     "quick": {"rounds": 3, "window": 5.0, "scale": [10_000], "connections": 500,
               "connections_seconds": 5.0},
@@ -778,13 +779,17 @@ def measure_load(run, server, *, processes, in_flight, warmup, window, tag, labe
     for outcome in outcomes:
         errors.update(outcome["errors"])
     calls = len(latencies) + sum(errors.values())
-    return {
+    figures = {
         "calls": len(latencies),
         "calls_per_s": len(latencies) / window,
         **latency_figures(latencies),
         "errors": dict(errors),
         **cpu_figures(before, after, calls, window),
     }
+    if figures["noise_cores"] > NOISE_WARNING:
+        logger.warning("%s: other processes used %.2f cores meanwhile; these figures are noisy",
+                       label, figures["noise_cores"])
+    return figures
 
 
 # --- mode: throughput ---------------------------------------------------------

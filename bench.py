@@ -630,27 +630,32 @@ class CeilingService(pb_grpc.ClientServiceServicer):
     def __init__(self):
         self._response = pb.MessageResponse(
             success=True, info="Client bench marked as connected.", changed=True,
-            client=presence.client_to_pb(presence.Client(
-                "bench", pb.STATUS_CONNECTED, time.time(), time.time(), 1)),
+            client=pb.Client(client_id="bench", status=pb.STATUS_CONNECTED, revision=1,
+                             reason="hello"),
         )
+        self._response.client.changed_at.GetCurrentTime()
+        self._response.client.last_seen.GetCurrentTime()
 
     def SendMessage(self, request, context):
         return self._response
 
 
-def server_options():
-    """The options server.create_server gives grpc.server, read off a throwaway server."""
+def server_model():
+    """What server.create_server gives grpc.server (pool size, concurrency limit, options).
+
+    Read off a throwaway server, so the ceiling follows any change to ours.
+    """
     seen = {}
     real_server = grpc.server
 
-    def spy(*args, **kwargs):
-        seen.update(kwargs)
-        return real_server(*args, **kwargs)
+    def spy(executor, **kwargs):
+        seen.update(kwargs, max_workers=executor._max_workers)
+        return real_server(executor, **kwargs)
 
     with mock.patch.object(grpc, "server", spy):
         built = presence.create_server("127.0.0.1:0", presence.open_store("memory://"))
     built.grpc_server.stop(None)
-    return seen["options"]
+    return seen
 
 
 def serve_ceiling(argv):
@@ -662,14 +667,17 @@ def serve_ceiling(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # Taken by sigwait below, never by a handler that could interrupt a lock holder.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    model = server_model()
     grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=presence.DEFAULT_WORKERS, thread_name_prefix="rpc"),
-        maximum_concurrent_rpcs=presence.DEFAULT_MAX_CONCURRENT_RPCS,
-        options=server_options(),
+        futures.ThreadPoolExecutor(max_workers=model["max_workers"], thread_name_prefix="rpc"),
+        maximum_concurrent_rpcs=model.get("maximum_concurrent_rpcs"),
+        options=model.get("options"),
     )
     pb_grpc.add_ClientServiceServicer_to_server(CeilingService(), grpc_server)
     port = grpc_server.add_insecure_port(presence.format_address(args.host, args.port))
     grpc_server.start()
+    logger.info("ceiling: %d workers, at most %s concurrent calls, options %s",
+                model["max_workers"], model.get("maximum_concurrent_rpcs"), model.get("options"))
     logger.info("listening on %s", presence.format_address(args.host, port))
     signal.sigwait(STOP_SIGNALS)
     grpc_server.stop(1).wait()

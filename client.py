@@ -31,6 +31,7 @@ EXIT_OK = 0
 EXIT_SERVER_ERROR = 1  # the server answered with an error status
 EXIT_USAGE = 2  # argparse's own code for a bad command line
 EXIT_UNREACHABLE = 3  # UNAVAILABLE or no answer before the deadline
+EXIT_UNAUTHENTICATED = 4  # the server wants an access token this client did not give
 EXIT_INTERRUPTED = 130  # Ctrl-C during a one-shot command, as shells report SIGINT
 
 DEFAULT_SERVER = "localhost:50051"
@@ -304,6 +305,9 @@ def listing_json(listing):
 def describe_error(error, address, timeout):
     """One line for a failed call and the exit code it deserves."""
     code, details = error.code(), error.details() or ""
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return ("the server refused the call: it needs the right access token "
+                "(--token, --token-file or PRESENCE_TOKEN)", EXIT_UNAUTHENTICATED)
     if code not in UNREACHABLE:
         return f"{details} ({code.name})", EXIT_SERVER_ERROR
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -318,13 +322,34 @@ def describe_error(error, address, timeout):
 # --- the gRPC side --------------------------------------------------------------------
 
 
-class PresenceClient:
-    """The service's calls with our deadline, over one channel that retries UNAVAILABLE itself."""
+@dataclass(frozen=True)
+class Tls:
+    """TLS toward the server: the CA to trust (none: the system's), a client certificate."""
 
-    def __init__(self, address, timeout=DEFAULT_TIMEOUT):
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+    def credentials(self):
+        def read(path):
+            return Path(path).read_bytes() if path else None
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("a client certificate needs both --tls-cert and --tls-key")
+        return grpc.ssl_channel_credentials(root_certificates=read(self.ca),
+                                            private_key=read(self.key),
+                                            certificate_chain=read(self.cert))
+
+
+class PresenceClient:
+    """The service's calls with our deadline and token, over one channel that retries
+    UNAVAILABLE itself; TLS when asked for."""
+
+    def __init__(self, address, timeout=DEFAULT_TIMEOUT, credentials=None, token=""):
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = (grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+                        if credentials else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._stub = pb_grpc.ClientServiceStub(self.channel)
 
     def __enter__(self):
@@ -336,16 +361,18 @@ class PresenceClient:
     def send(self, client_id, message, session_id="", lease=0, timeout=None):
         request = pb.MessageRequest(client_id=client_id, message=message, session_id=session_id,
                                     lease_seconds=lease)
-        return self._stub.SendMessage(request, timeout=timeout or self.timeout)
+        return self._stub.SendMessage(request, timeout=timeout or self.timeout,
+                                      metadata=self._metadata)
 
     def watch(self, since_revision=0):
         """The Watch stream: no deadline, it runs until cancelled."""
-        return self._stub.Watch(pb.WatchRequest(since_revision=since_revision))
+        return self._stub.Watch(pb.WatchRequest(since_revision=since_revision),
+                                metadata=self._metadata)
 
     def status(self, client_id):
         """One client's records; built from the old string map if the server sends no records."""
         response = self._stub.GetClientStatus(pb.ClientStatusRequest(client_id=client_id),
-                                              timeout=self.timeout)
+                                              timeout=self.timeout, metadata=self._metadata)
         return list(response.clients) or [
             pb.Client(client_id=name, status=WORD_STATUSES.get(word, pb.STATUS_UNSPECIFIED))
             for name, word in response.statuses.items()]
@@ -355,14 +382,16 @@ class PresenceClient:
         found, token = [], ""
         while True:
             request = pb.ListClientsRequest(page_size=PAGE_SIZE, page_token=token, id_prefix=prefix)
-            page = self._stub.ListClients(request, timeout=timeout or self.timeout)
+            page = self._stub.ListClients(request, timeout=timeout or self.timeout,
+                                          metadata=self._metadata)
             found.extend(page.clients)
             token = page.next_page_token
             if not token or (limit is not None and len(found) >= limit):
                 return found[:limit], not token and (limit is None or len(found) <= limit)
 
     def count(self, timeout=None):
-        return self._stub.CountClients(pb.CountClientsRequest(), timeout=timeout or self.timeout)
+        return self._stub.CountClients(pb.CountClientsRequest(), timeout=timeout or self.timeout,
+                                       metadata=self._metadata)
 
     def listing(self, limit=None):
         """The first `limit` clients (all when None) and the counts of every client."""
@@ -782,7 +811,8 @@ A word takes its arguments inline: send alice hello, status alice, status (every
                     "client": CLIENT}
 
 exit codes: 0 ok; 1 the server answered with an error (NOT_FOUND, INVALID_ARGUMENT, ...);
-2 usage error; 3 server unreachable (UNAVAILABLE, or no answer within --timeout).
+2 usage error; 3 server unreachable (UNAVAILABLE, or no answer within --timeout);
+4 the server wants an access token (UNAUTHENTICATED).
 Errors are one line on stderr, e.g. "error: Client zed not found (NOT_FOUND)".
 
 environment: PRESENCE_SERVER, PRESENCE_TIMEOUT, PRESENCE_HISTORY, PRESENCE_AS and
@@ -826,6 +856,25 @@ def build_parser():
     parser.add_argument("--history", metavar="FILE",
                         default=os.environ.get("PRESENCE_HISTORY", DEFAULT_HISTORY),
                         help="the REPL's history file (default: %(default)s) [PRESENCE_HISTORY]")
+    parser.add_argument("--tls", action="store_true",
+                        default=os.environ.get("PRESENCE_TLS", "") not in ("", "0", "false"),
+                        help="talk TLS, trusting the system's certificate authorities "
+                             "[PRESENCE_TLS=1]")
+    parser.add_argument("--tls-ca", metavar="FILE", default=os.environ.get("PRESENCE_TLS_CA", ""),
+                        help="talk TLS, trusting this CA (PEM) for the server's certificate "
+                             "[PRESENCE_TLS_CA]")
+    parser.add_argument("--tls-cert", metavar="FILE",
+                        default=os.environ.get("PRESENCE_CLIENT_CERT", ""),
+                        help="this client's certificate (PEM), for servers that require one "
+                             "[PRESENCE_CLIENT_CERT]")
+    parser.add_argument("--tls-key", metavar="FILE",
+                        default=os.environ.get("PRESENCE_CLIENT_KEY", ""),
+                        help="the private key of --tls-cert [PRESENCE_CLIENT_KEY]")
+    parser.add_argument("--token", default=os.environ.get("PRESENCE_TOKEN", ""),
+                        help="the access token the server wants [PRESENCE_TOKEN]")
+    parser.add_argument("--token-file", metavar="FILE",
+                        default=os.environ.get("PRESENCE_TOKEN_FILE", ""),
+                        help="read the access token from this file [PRESENCE_TOKEN_FILE]")
     parser.add_argument("--as", dest="user", metavar="NAME",
                         default=os.environ.get("PRESENCE_AS") or None,
                         help="keep NAME connected while the menu runs: its own session with a "
@@ -878,6 +927,20 @@ def run_menu(client, out, err, args):
             keeper.close()
 
 
+def connection_security(args, parser):
+    """TLS credentials (or None) and the token the flags ask for; a bad one is a usage error."""
+    if args.token and args.token_file:
+        parser.error("give the token by --token or by --token-file, not both")
+    try:
+        token = Path(args.token_file).read_text().strip() if args.token_file else args.token
+        credentials = None
+        if args.tls or args.tls_ca or args.tls_cert:
+            credentials = Tls(args.tls_ca, args.tls_cert, args.tls_key).credentials()
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    return credentials, token
+
+
 def main(argv=None):
     """Run a one-shot command, the menu over piped input, or the REPL; return the exit code."""
     parser = build_parser()
@@ -886,12 +949,13 @@ def main(argv=None):
         if args.user and args.command:
             parser.error("--as keeps NAME connected while the menu runs; "
                          "it does not go with a one-shot command")
+        credentials, token = connection_security(args, parser)
     except SystemExit as exit:  # argparse has printed the usage and why
         return exit.code
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out, err = Console(highlight=False), Console(stderr=True, highlight=False)
-    with PresenceClient(args.server, args.timeout) as client:
+    with PresenceClient(args.server, args.timeout, credentials, token) as client:
         try:
             if args.command:
                 command = find_command(args.command)

@@ -10,6 +10,7 @@ order. `ClientService` only translates between protobuf and the registry.
 import argparse
 import base64
 import binascii
+import hmac
 import heapq
 import itertools
 import json
@@ -28,6 +29,7 @@ from typing import NamedTuple
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 from sortedcontainers import SortedList
 
@@ -58,6 +60,9 @@ EVENTS_PER_MESSAGE = 500
 WATCH_POLL_SECONDS = 1.0
 REAPER_MAX_SLEEP = 1.0
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
+WRITE_METHODS = frozenset({"SendMessage", "SendMessages"})
+# Load balancers and generic tools must reach these without a token.
+OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME)
 
 
 class Status(IntEnum):
@@ -576,6 +581,7 @@ class SqliteStore:
         self._error = None
         self._closing = False
         self._on_durable = None
+        self.commit_timer = None
         self._writer = threading.Thread(target=self._write_loop, name="sqlite-writer", daemon=True)
 
     def _check_schema(self):
@@ -621,6 +627,7 @@ class SqliteStore:
                     return
                 batch, self._pending = self._pending, []
                 last, revision = self._submitted, self._pending_revision
+            started = time.perf_counter()
             try:
                 self._db.execute("BEGIN")
                 self._db.executemany(self._UPSERT, (
@@ -632,6 +639,8 @@ class SqliteStore:
                     self._error = StoreError(f"the store could not save the change: {error}")
                     self._committed_cond.notify_all()
                 return
+            if self.commit_timer:
+                self.commit_timer.observe(time.perf_counter() - started)
             self._on_durable(revision)
             with self._mutex:
                 self._committed = last
@@ -740,6 +749,33 @@ def serialize_response(response):
     return response if type(response) is bytes else response.SerializeToString()
 
 
+class Malformed(NamedTuple):
+    """A request whose bytes did not parse; its handler refuses it with INVALID_ARGUMENT."""
+
+    type_name: str
+    error: str
+
+
+def parse_request_bytes(message_class):
+    """A deserializer that hands a Malformed on instead of failing the call as INTERNAL."""
+    def parse(data):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as error:
+            return Malformed(message_class.__name__, str(error))
+    return parse
+
+
+def refuse_malformed(behavior):
+    """The behavior, preceded by a refusal of requests that did not parse."""
+    def guarded(request, context):
+        if type(request) is Malformed:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"the request is not a valid {request.type_name}: {request.error}")
+        return behavior(request, context)
+    return guarded
+
+
 def method_handlers(service):
     """The service's handlers, as the generated code makes them but with serialize_response."""
     handlers = {}
@@ -747,8 +783,8 @@ def method_handlers(service):
         make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
                 else grpc.unary_unary_rpc_method_handler)
         handlers[method.name] = make(
-            getattr(service, method.name),
-            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            refuse_malformed(getattr(service, method.name)),
+            request_deserializer=parse_request_bytes(getattr(pb, method.input_type.name)),
             response_serializer=serialize_response,
         )
     return handlers
@@ -771,6 +807,8 @@ class ClientService(pb_grpc.ClientServiceServicer):
         self._max_lease = max_lease
         self._watch_slots = threading.BoundedSemaphore(max_watchers)
         self._max_watchers = max_watchers
+        self._watchers_lock = threading.Lock()
+        self.watchers = 0
         self._watch_buffer = watch_buffer
 
     def SendMessage(self, request, context):
@@ -850,13 +888,20 @@ class ClientService(pb_grpc.ClientServiceServicer):
         if not self._watch_slots.acquire(blocking=False):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"too many watchers (limit {self._max_watchers}); try again later")
-        if not context.add_callback(self._watch_slots.release):
-            self._watch_slots.release()
+        with self._watchers_lock:
+            self.watchers += 1
+        if not context.add_callback(self._watch_ended):
+            self._watch_ended()
             return
         try:
             yield from self._watch(request.since_revision, context)
         except WatchLimit as error:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+
+    def _watch_ended(self):
+        with self._watchers_lock:
+            self.watchers -= 1
+        self._watch_slots.release()
 
     def _watch(self, since, context):
         log = self._registry.log
@@ -891,6 +936,177 @@ class ClientService(pb_grpc.ClientServiceServicer):
         return revision
 
 
+# --- security and metrics -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Security:
+    """TLS files and the access token; the defaults serve plaintext to anyone."""
+
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    token: str = ""
+    public_reads: bool = False
+
+    def credentials(self):
+        """Server credentials for TLS (mutual when a client CA is given), or None for plaintext."""
+        if not self.tls_cert and not self.tls_key:
+            if self.tls_client_ca:
+                raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if not (self.tls_cert and self.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        try:
+            key, cert = read_bytes(self.tls_key), read_bytes(self.tls_cert)
+            client_ca = read_bytes(self.tls_client_ca) if self.tls_client_ca else None
+        except OSError as error:
+            raise ValueError(f"cannot read a TLS file: {error}") from error
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                           require_client_auth=client_ca is not None)
+
+
+def read_bytes(path):
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def _method_kind(handler):
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler, handler.unary_stream
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler, handler.stream_unary
+    return grpc.stream_stream_rpc_method_handler, handler.stream_stream
+
+
+def replace_behavior(handler, wrap):
+    """The same handler with its behavior function wrapped."""
+    make, behavior = _method_kind(handler)
+    return make(wrap(behavior), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+class TokenCheck(grpc.ServerInterceptor):
+    """Refuses calls without `authorization: Bearer <token>`: writes always, reads unless public.
+
+    The comparison is constant-time, and the token is never logged.
+    """
+
+    def __init__(self, token, public_reads=False):
+        self._expected = f"Bearer {token}".encode()
+        self._public_reads = public_reads
+
+    def intercept_service(self, continuation, details):
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        needs_token = service == SERVICE_NAME and (method in WRITE_METHODS
+                                                   or not self._public_reads)
+        handler = continuation(details)
+        if handler is None or not needs_token or self._authorized(details.invocation_metadata):
+            return handler
+        return replace_behavior(handler, lambda behavior: self._refuse)
+
+    def _authorized(self, metadata):
+        for key, value in metadata or ():
+            if key == "authorization":
+                return hmac.compare_digest(value.encode(), self._expected)
+        return False
+
+    @staticmethod
+    def _refuse(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                      "missing or wrong access token: send the metadata "
+                      "'authorization: Bearer <token>'")
+
+
+class Metrics(grpc.ServerInterceptor):
+    """Prometheus metrics on their own HTTP port: RPCs by method and code, latency, the
+    registry's counts, watchers and store commit time. The counts are read when scraped,
+    so they cost the calls nothing."""
+
+    def __init__(self, host, port):
+        import prometheus_client  # only a server asked for metrics needs it
+        from prometheus_client.core import GaugeMetricFamily
+
+        self._gauge = GaugeMetricFamily
+        self.registry = prometheus_client.CollectorRegistry()
+        self.rpcs = prometheus_client.Counter(
+            "presence_rpcs", "Calls answered, by method and status code", ["method", "code"],
+            registry=self.registry)
+        self.latency = prometheus_client.Histogram(
+            "presence_rpc_seconds", "Time to answer a call (a Watch: its whole life)", ["method"],
+            buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1, 10), registry=self.registry)
+        self.commit = prometheus_client.Histogram(
+            "presence_store_commit_seconds", "Time to commit one batch of changes",
+            buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1), registry=self.registry)
+        self._sources = None
+        self.registry.register(self)
+        self._http, _ = prometheus_client.start_http_server(port, addr=host, registry=self.registry)
+        self.port = self._http.server_port
+
+    def watch(self, registry, service):
+        """Read the registry's counts and the service's watchers at every scrape."""
+        self._sources = (registry, service)
+
+    def collect(self):
+        if self._sources is None:
+            return
+        registry, service = self._sources
+        counts = registry.counts()
+        for name, help_text, value in (
+                ("presence_connected_users", "Clients with at least one live session",
+                 counts.connected),
+                ("presence_disconnected_users", "Known clients with no live session",
+                 counts.disconnected),
+                ("presence_live_sessions", "Live sessions of every client", counts.live_sessions),
+                ("presence_watchers", "Watch streams open", service.watchers),
+                ("presence_revision", "The server-wide revision", counts.revision)):
+            yield self._gauge(name, help_text, value=value)
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or handler.stream_stream or handler.stream_unary:
+            return handler
+        method = details.method.rpartition("/")[2]
+        if handler.unary_stream:
+            return replace_behavior(handler, lambda behavior: self._observe_stream(method, behavior))
+        return replace_behavior(handler, lambda behavior: self._observe(method, behavior))
+
+    def _observe(self, method, behavior):
+        def observed(request, context):
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                return behavior(request, context)
+            except Exception:
+                code = (context.code() or grpc.StatusCode.UNKNOWN).name
+                raise
+            finally:
+                self._count(method, code, start)
+        return observed
+
+    def _observe_stream(self, method, behavior):
+        def observed(request, context):
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                yield from behavior(request, context)
+            except Exception:
+                code = (context.code() or grpc.StatusCode.UNKNOWN).name
+                raise
+            finally:
+                self._count(method, code, start)
+        return observed
+
+    def _count(self, method, code, start):
+        self.rpcs.labels(method, code).inc()
+        self.latency.labels(method).observe(time.perf_counter() - start)
+
+    def close(self):
+        self._http.shutdown()
+
+
 # --- wiring -------------------------------------------------------------------
 
 
@@ -903,6 +1119,7 @@ class PresenceServer:
     registry: Registry
     health: health.HealthServicer
     reaper: LeaseReaper
+    metrics: Metrics | None = None
 
     def start(self):
         self.reaper.start()
@@ -914,6 +1131,8 @@ class PresenceServer:
         self.registry.log.close()
         self.grpc_server.stop(grace).wait()
         self.reaper.stop()
+        if self.metrics:
+            self.metrics.close()
 
 
 def create_server(
@@ -927,6 +1146,8 @@ def create_server(
     max_watchers=DEFAULT_MAX_WATCHERS,
     watch_buffer=DEFAULT_WATCH_BUFFER,
     watch_history=DEFAULT_WATCH_HISTORY,
+    security=Security(),
+    metrics_port=None,
     clock=time.time,
 ):
     """Build the server on address (port 0 picks a free one) over an opened store.
@@ -934,7 +1155,15 @@ def create_server(
     Leases that ran out while the server was down expire here, before it serves.
     Each watcher holds a thread for as long as it watches, so the thread pool and
     the concurrency limit both make room for max_watchers beside the calls.
+    Metrics (on metrics_port of the same host) and the token check are interceptors,
+    installed only when asked for, so calls without them pay nothing.
     """
+    credentials = security.credentials()
+    host = address.rpartition(":")[0].strip("[]")
+    metrics = Metrics(host, metrics_port) if metrics_port is not None else None
+    interceptors = [metrics] if metrics else []
+    if security.token:
+        interceptors.append(TokenCheck(security.token, security.public_reads))
     registry = Registry(store, clock, watch_history)
     expired = registry.expire_due()
     if expired:
@@ -943,8 +1172,13 @@ def create_server(
         futures.ThreadPoolExecutor(max_workers=workers + max_watchers, thread_name_prefix="rpc"),
         maximum_concurrent_rpcs=max_concurrent_rpcs + max_watchers,
         options=[("grpc.max_receive_message_length", max_request_bytes), ("grpc.so_reuseport", 0)],
+        interceptors=interceptors,
     )
-    handlers = method_handlers(ClientService(registry, max_lease, max_watchers, watch_buffer))
+    service = ClientService(registry, max_lease, max_watchers, watch_buffer)
+    if metrics:
+        metrics.watch(registry, service)
+        store.commit_timer = metrics.commit
+    handlers = method_handlers(service)
     grpc_server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     grpc_server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -955,8 +1189,12 @@ def create_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
     )
-    port = grpc_server.add_insecure_port(address)
-    return PresenceServer(grpc_server, port, registry, health_servicer, LeaseReaper(registry))
+    if credentials:
+        port = grpc_server.add_secure_port(address, credentials)
+    else:
+        port = grpc_server.add_insecure_port(address)
+    return PresenceServer(grpc_server, port, registry, health_servicer, LeaseReaper(registry),
+                          metrics)
 
 
 def format_address(host, port):
@@ -964,8 +1202,35 @@ def format_address(host, port):
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def security_from(args):
+    """The Security the flags ask for; the token from --token or --token-file, never logged."""
+    if args.token and args.token_file:
+        raise ValueError("give the token by --token or by --token-file, not both")
+    token = args.token
+    if args.token_file:
+        try:
+            token = read_bytes(args.token_file).decode().strip()
+        except (OSError, UnicodeError) as error:
+            raise ValueError(f"cannot read the token file: {error}") from error
+        if not token:
+            raise ValueError(f"the token file {args.token_file} is empty")
+    return Security(args.tls_cert, args.tls_key, args.tls_client_ca, token, args.public_reads)
+
+
+def describe_security(security, metrics):
+    """One log line on how the server is protected (never the token itself)."""
+    tls = ("TLS with client certificates" if security.tls_client_ca else
+           "TLS" if security.tls_cert else "plaintext (no TLS)")
+    token = ("no access token" if not security.token else
+             "token required for writes" if security.public_reads else
+             "token required for every call")
+    where = f", metrics on http://{metrics}/metrics" if metrics else ""
+    return f"{tls}, {token}{where}"
+
+
 def serve(args):
     """Run the server until SIGINT or SIGTERM, then stop gracefully."""
+    security = security_from(args)
     store = open_store(args.store)
     try:
         server = create_server(
@@ -978,6 +1243,8 @@ def serve(args):
             max_watchers=args.max_watchers,
             watch_buffer=args.watch_buffer,
             watch_history=args.watch_history,
+            security=security,
+            metrics_port=args.metrics_port,
         )
     except Exception:
         store.close()
@@ -989,6 +1256,8 @@ def serve(args):
     counts = server.registry.counts()
     logger.info("store %s: %d clients (%d connected), revision %d", args.store,
                 counts.connected + counts.disconnected, counts.connected, counts.revision)
+    metrics = server.metrics and format_address(args.host, server.metrics.port)
+    logger.info("%s", describe_security(security, metrics))
     logger.info("listening on %s", format_address(args.host, server.port))
     stopping.wait()
     logger.info("stopping: finishing in-flight calls (up to %.1f s)", args.grace)
@@ -1061,6 +1330,27 @@ def build_parser():
                         default=_env("WATCH_HISTORY", DEFAULT_WATCH_HISTORY),
                         help="recent changes kept in memory for watchers that resume from a "
                         "revision [PRESENCE_WATCH_HISTORY]")
+    parser.add_argument("--tls-cert", metavar="FILE", default=_env("TLS_CERT", ""),
+                        help="serve TLS with this certificate chain (PEM); needs --tls-key "
+                        "[PRESENCE_TLS_CERT]")
+    parser.add_argument("--tls-key", metavar="FILE", default=_env("TLS_KEY", ""),
+                        help="the private key of --tls-cert (PEM) [PRESENCE_TLS_KEY]")
+    parser.add_argument("--tls-client-ca", metavar="FILE", default=_env("TLS_CLIENT_CA", ""),
+                        help="mutual TLS: require client certificates signed by this CA (PEM) "
+                        "[PRESENCE_TLS_CLIENT_CA]")
+    parser.add_argument("--token", default=_env("TOKEN", ""),
+                        help="access token: calls must send 'authorization: Bearer TOKEN' or get "
+                        "UNAUTHENTICATED; health and reflection stay open [PRESENCE_TOKEN]")
+    parser.add_argument("--token-file", metavar="FILE", default=_env("TOKEN_FILE", ""),
+                        help="read the access token from this file instead (keeps it out of "
+                        "the process list) [PRESENCE_TOKEN_FILE]")
+    parser.add_argument("--public-reads", action="store_true",
+                        default=_env("PUBLIC_READS", "") not in ("", "0", "false"),
+                        help="with a token, let status, listing, counts and watch through "
+                        "without it; writes still need it [PRESENCE_PUBLIC_READS=1]")
+    parser.add_argument("--metrics-port", type=_port, default=_env("METRICS_PORT", None),
+                        help="serve Prometheus metrics on this port of --host (0 takes a free "
+                        "one, logged); off when not given [PRESENCE_METRICS_PORT]")
     parser.add_argument("--grace", type=float, default=_env("GRACE", DEFAULT_GRACE_SECONDS),
                         help="seconds in-flight calls get to finish on SIGINT/SIGTERM "
                         "[PRESENCE_GRACE]")
@@ -1077,7 +1367,7 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
     try:
         serve(args)
-    except (StoreError, RuntimeError, OSError) as error:
+    except (StoreError, RuntimeError, OSError, ValueError) as error:
         logger.error("cannot start: %s", error)
         return 1
     return 0

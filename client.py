@@ -12,7 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
+# gRPC's C core prints its own log lines (a failed TLS handshake, say) to stderr, read
+# when grpc is imported; the client says what went wrong in one line of its own instead.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+import grpc  # noqa: E402 (after the verbosity above)
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import Completer, Completion
 from prompt_toolkit.history import FileHistory, InMemoryHistory

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent import futures
 
 import allure
@@ -1142,3 +1143,164 @@ def test_json_watch_prints_each_change_as_one_flushed_line_until_interrupted(add
         watcher.send_signal(signal.SIGINT)
         assert watcher.wait(DEADLINE) == 0
         assert "Traceback" not in watcher.stderr.read()
+
+
+# --- security: TLS and tokens -------------------------------------------------------------
+
+
+def tls_flags(folder, *names):
+    """Command-line flags naming files of the certificates fixture."""
+    return [part for flag, name in names for part in (flag, str(folder / name))]
+
+
+@allure.feature("Security")
+@allure.story("TLS")
+def test_tls_server_answers_only_clients_that_trust_its_certificate(server_processes,
+                                                                    certificates):
+    server = server_processes("--store", "memory://", *tls_flags(
+        certificates, ("--tls-cert", "server.pem"), ("--tls-key", "server.key")))
+    server.wait_for_log("TLS, no access token")
+    with allure.step("a client trusting the CA talks"):
+        trusted = run_client("--server", server.address,
+                             *tls_flags(certificates, ("--tls-ca", "ca.pem")),
+                             "send", "alice", "hello")
+        assert trusted.returncode == 0, trusted.stderr
+    with allure.step("plaintext, or TLS trusting only the system's CAs, does not"):
+        for flags in ([], ["--tls"]):
+            refused = run_client("--server", server.address, "--timeout", "2", *flags,
+                                 "status", "alice")
+            assert refused.returncode == 3
+            assert refused.stderr.startswith(f"error: server {server.address} is unreachable")
+            assert refused.stderr.count("\n") == 1
+
+
+@allure.feature("Security")
+@allure.story("Mutual TLS")
+def test_mutual_tls_requires_a_client_certificate_signed_by_the_client_ca(server_processes,
+                                                                           certificates):
+    server = server_processes("--store", "memory://", *tls_flags(
+        certificates, ("--tls-cert", "server.pem"), ("--tls-key", "server.key"),
+        ("--tls-client-ca", "ca.pem")))
+    server.wait_for_log("TLS with client certificates")
+    without = run_client("--server", server.address, "--timeout", "2",
+                         *tls_flags(certificates, ("--tls-ca", "ca.pem")), "status")
+    assert without.returncode == 3
+    with_cert = run_client("--server", server.address, *tls_flags(
+        certificates, ("--tls-ca", "ca.pem"), ("--tls-cert", "client.pem"),
+        ("--tls-key", "client.key")), "send", "bob", "hello")
+    assert with_cert.returncode == 0, with_cert.stderr
+
+
+@allure.feature("Security")
+@allure.story("Access token")
+def test_tls_server_with_a_token_shows_each_client_exactly_what_it_may_do(server_processes,
+                                                                         certificates, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-Tok3n\n")
+    server = server_processes("--store", "memory://", "--token-file", str(token_file),
+                              "--log-level", "DEBUG", *tls_flags(
+                                  certificates, ("--tls-cert", "server.pem"),
+                                  ("--tls-key", "server.key")))
+    server.wait_for_log("TLS, token required for every call")
+    tls = tls_flags(certificates, ("--tls-ca", "ca.pem"))
+    with allure.step("with the right token: writes and reads"):
+        for args in (["send", "alice", "hello"], ["status", "alice"], ["status"]):
+            result = run_client("--server", server.address, *tls, "--token", "s3cret-Tok3n",
+                                *args)
+            assert result.returncode == 0, result.stderr
+        from_file = run_client("--server", server.address, *tls, "--token-file",
+                               str(token_file), "send", "bob", "hello")
+        assert from_file.returncode == 0, from_file.stderr
+    with allure.step("without it, or with a wrong one: refused in one clear line, exit 4"):
+        for token in ([], ["--token", "guess"]):
+            for args in (["send", "mallory", "hello"], ["status", "alice"]):
+                result = run_client("--server", server.address, *tls, *token, *args)
+                assert result.returncode == 4
+                assert result.stderr == ("error: the server refused the call: it needs the right "
+                                         "access token (--token, --token-file or "
+                                         "PRESENCE_TOKEN)\n")
+    with allure.step("health checks need no token; the token never reaches the log"):
+        credentials = grpc.ssl_channel_credentials((certificates / "ca.pem").read_bytes())
+        with grpc.secure_channel(server.address, credentials) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                              timeout=DEADLINE)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert server.terminate() == 0
+        assert "mallory" not in "\n".join(server.log), "the refused write changed nothing"
+        assert "s3cret" not in "\n".join(server.log)
+
+
+@allure.feature("Security")
+@allure.story("Access token")
+def test_public_reads_let_reads_through_without_the_token_but_not_writes():
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), security=presence.Security(
+        token="t0ken", public_reads=True))
+    server.start()
+    try:
+        with connect(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ClientServiceStub(channel)
+            write = rpc_error(send, stub, "eve", "hello")
+            assert write.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "authorization: Bearer <token>" in write.details()
+            token = (("authorization", "Bearer t0ken"),)
+            stub.SendMessage(pb.MessageRequest(client_id="eve", message="hello"), metadata=token)
+            assert stub.CountClients(pb.CountClientsRequest()).connected == 1
+            assert stub.GetClientStatus(pb.ClientStatusRequest()).statuses == {"eve": "connected"}
+            watch = Watch(stub)
+            assert list(watch.snapshot()[0]) == ["eve"]
+            watch.call.cancel()
+    finally:
+        server.stop(0)
+
+
+@allure.feature("Operations")
+@allure.story("Limits")
+def test_leases_longer_than_max_lease_are_refused(tmp_path):
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), max_lease=60)
+    server.start()
+    try:
+        with connect(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ClientServiceStub(channel)
+            error = rpc_error(hello, stub, "a", "s", 61)
+            assert (error.code(), error.details()) == (
+                grpc.StatusCode.INVALID_ARGUMENT, "lease_seconds must be at most 60, got 61")
+            assert hello(stub, "a", "s", 60).client.sessions[0].HasField("expires_at")
+    finally:
+        server.stop(0)
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def scrape(url):
+    """The samples of a Prometheus endpoint, by (name, labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(url, timeout=DEADLINE) as response:
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+@allure.feature("Operations")
+@allure.story("Metrics")
+def test_metrics_port_exposes_users_sessions_watchers_rpcs_latency_and_commit_time(
+        server_processes, sqlite_url):
+    server = server_processes("--store", sqlite_url, "--metrics-port", "0")
+    url = server.wait_for_log(r"metrics on (http://\S+/metrics)").group(1)
+    with connect(server.address) as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        hello(stub, "alice", "tty1")
+        hello(stub, "alice", "tty2")
+        rpc_error(send, stub, "alice", "howdy")
+        watch = Watch(stub)
+        watch.snapshot()
+        samples = scrape(url)
+        watch.call.cancel()
+    assert samples[("presence_connected_users", ())] == 1
+    assert samples[("presence_live_sessions", ())] == 2
+    assert samples[("presence_watchers", ())] == 1
+    assert samples[("presence_rpcs_total", (("code", "OK"), ("method", "SendMessage")))] == 2
+    assert samples[("presence_rpcs_total",
+                    (("code", "INVALID_ARGUMENT"), ("method", "SendMessage")))] == 1
+    assert samples[("presence_rpc_seconds_count", (("method", "SendMessage"),))] == 3
+    assert samples[("presence_store_commit_seconds_count", ())] >= 1

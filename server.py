@@ -99,15 +99,22 @@ DEFAULT_SESSIONS = (DEFAULT_SESSION,)
 
 
 class Client(NamedTuple):
-    """One client's record; immutable, so readers share it without copying."""
+    """One client's record; immutable, so readers share it without copying.
+
+    Kept small, since a registry may hold millions: the status is not stored but
+    follows from the sessions (connected while any is live).
+    """
 
     client_id: str
-    status: int
     changed_at: float
     last_seen: float
     revision: int
     reason: str
     sessions: tuple
+
+    @property
+    def status(self):
+        return Status.CONNECTED if self.sessions else Status.DISCONNECTED
 
 
 class Change(NamedTuple):
@@ -410,8 +417,7 @@ class Registry:
                                    seen)
 
     def _unchanged_locked(self, old, sessions, seen):
-        record = Client(old.client_id, old.status, old.changed_at, seen, old.revision, old.reason,
-                        sessions)
+        record = Client(old.client_id, old.changed_at, seen, old.revision, old.reason, sessions)
         self._clients[old.client_id] = record
         return record
 
@@ -426,8 +432,8 @@ class Registry:
         else:
             changed_at = old.changed_at
         self._live_sessions += len(sessions) - (len(old.sessions) if old else 0)
-        record = Client(client_id, status, changed_at, now if seen is None else seen,
-                        self.revision, reason, sessions)
+        record = Client(client_id, changed_at, now if seen is None else seen, self.revision, reason,
+                        sessions)
         self._clients[client_id] = record
         return record, Change(self.revision, kind, record, session_id, reason)
 
@@ -599,7 +605,7 @@ class SqliteStore:
     def load(self):
         rows = self._db.execute("SELECT * FROM clients").fetchall()
         logger.info("loaded %d clients from %s", len(rows), self.path)
-        return [Client(*row[:6], decode_sessions(row[6])) for row in rows]
+        return [Client(row[0], *row[2:6], decode_sessions(row[6])) for row in rows]
 
     def submit_many(self, records, revision):
         with self._mutex:
@@ -631,7 +637,8 @@ class SqliteStore:
             try:
                 self._db.execute("BEGIN")
                 self._db.executemany(self._UPSERT, (
-                    (*record[:6], encode_sessions(record.sessions)) for record in batch))
+                    (record.client_id, record.status, *record[1:5], encode_sessions(record.sessions))
+                    for record in batch))
                 self._db.execute("COMMIT")
             except sqlite3.Error as error:
                 logger.error("SQLite commit failed, refusing further writes: %s", error)

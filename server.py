@@ -542,13 +542,26 @@ def decode_sessions(text):
     return DEFAULT_SESSIONS if sessions == DEFAULT_SESSIONS else sessions
 
 
+class _Batch:
+    """Changes to commit together, and the event their callers wait on."""
+
+    __slots__ = ("records", "revision", "done", "error")
+
+    def __init__(self):
+        self.records = []
+        self.revision = 0
+        self.done = threading.Event()
+        self.error = None
+
+
 class SqliteStore:
     """Durable store: one writer thread commits queued changes together (group commit).
 
-    `submit_many` queues records and returns a ticket; `wait` blocks until a commit
-    covering that ticket has reached the disk. While one commit runs, the next
-    batch gathers, so concurrent writers share commits instead of queueing.
-    After each commit the registry's change log is told how far is durable.
+    `submit_many` adds records to the batch now gathering and returns it; `wait`
+    blocks until that batch has reached the disk. While one commit runs, the next
+    batch gathers, so concurrent writers share commits instead of queueing, and
+    each commit wakes only its own callers. After each commit the registry's
+    change log is told how far is durable.
     """
 
     SCHEMA_VERSION = 1
@@ -578,11 +591,7 @@ class SqliteStore:
             raise StoreError(f"cannot open SQLite database {path}: {error}") from error
         self._mutex = threading.Lock()
         self._has_work = threading.Condition(self._mutex)
-        self._committed_cond = threading.Condition(self._mutex)
-        self._pending = []
-        self._pending_revision = 0
-        self._submitted = 0
-        self._committed = 0
+        self._pending = None
         self.commits = 0
         self._error = None
         self._closing = False
@@ -611,48 +620,53 @@ class SqliteStore:
         with self._mutex:
             if self._error is not None:
                 raise self._error
-            self._pending.extend(records)
-            self._pending_revision = revision
-            self._submitted += 1
-            self._has_work.notify()
-            return self._submitted
+            batch = self._pending
+            if batch is None:
+                batch = self._pending = _Batch()
+                self._has_work.notify()
+            batch.records.extend(records)
+            batch.revision = revision
+            return batch
 
-    def wait(self, ticket):
-        with self._mutex:
-            while self._committed < ticket:
-                if self._error is not None:
-                    raise self._error
-                self._committed_cond.wait()
+    def wait(self, batch):
+        batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
 
     def _write_loop(self):
         while True:
             with self._mutex:
-                while not self._pending and not self._closing:
+                while self._pending is None and not self._closing:
                     self._has_work.wait()
-                if not self._pending:
-                    return
-                batch, self._pending = self._pending, []
-                last, revision = self._submitted, self._pending_revision
+                batch, self._pending = self._pending, None
+            if batch is None:
+                return
             started = time.perf_counter()
             try:
                 self._db.execute("BEGIN")
                 self._db.executemany(self._UPSERT, (
                     (record.client_id, record.status, *record[1:5], encode_sessions(record.sessions))
-                    for record in batch))
+                    for record in batch.records))
                 self._db.execute("COMMIT")
             except sqlite3.Error as error:
-                logger.error("SQLite commit failed, refusing further writes: %s", error)
-                with self._mutex:
-                    self._error = StoreError(f"the store could not save the change: {error}")
-                    self._committed_cond.notify_all()
+                self._fail(batch, error)
                 return
             if self.commit_timer:
                 self.commit_timer.observe(time.perf_counter() - started)
-            self._on_durable(revision)
-            with self._mutex:
-                self._committed = last
-                self.commits += 1
-                self._committed_cond.notify_all()
+            self._on_durable(batch.revision)
+            self.commits += 1
+            batch.done.set()
+
+    def _fail(self, batch, error):
+        """Refuse this batch, the one gathering and every later write: memory is ahead of disk."""
+        logger.error("SQLite commit failed, refusing further writes: %s", error)
+        with self._mutex:
+            self._error = StoreError(f"the store could not save the change: {error}")
+            failed = [batch] + ([self._pending] if self._pending else [])
+            self._pending = None
+        for each in failed:
+            each.error = self._error
+            each.done.set()
 
     def close(self):
         """Commit what is queued, then close the database."""
@@ -1235,8 +1249,16 @@ def describe_security(security, metrics):
     return f"{tls}, {token}{where}"
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def serve(args):
-    """Run the server until SIGINT or SIGTERM, then stop gracefully."""
+    """Run the server until SIGINT or SIGTERM, then stop gracefully.
+
+    The stop signals are blocked before any thread starts and taken with sigwait,
+    so no handler ever runs inside a lock the main thread holds.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     security = security_from(args)
     store = open_store(args.store)
     try:
@@ -1256,9 +1278,6 @@ def serve(args):
     except Exception:
         store.close()
         raise
-    stopping = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, frame: stopping.set())
     server.start()
     counts = server.registry.counts()
     logger.info("store %s: %d clients (%d connected), revision %d", args.store,
@@ -1266,8 +1285,9 @@ def serve(args):
     metrics = server.metrics and format_address(args.host, server.metrics.port)
     logger.info("%s", describe_security(security, metrics))
     logger.info("listening on %s", format_address(args.host, server.port))
-    stopping.wait()
-    logger.info("stopping: finishing in-flight calls (up to %.1f s)", args.grace)
+    received = signal.sigwait(STOP_SIGNALS)
+    logger.info("%s: stopping, in-flight calls get up to %.1f s", signal.Signals(received).name,
+                args.grace)
     server.stop(args.grace)
     store.close()
     logger.info("stopped")

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
-.PHONY: server client test bench proto clean
+.PHONY: server client test bench proto tools clean
 
 server: $(STAMP)  ## run the server on localhost:50051 with the default SQLite store
 	$(BIN)/python server.py
@@ -12,7 +12,7 @@ server: $(STAMP)  ## run the server on localhost:50051 with the default SQLite s
 client: $(STAMP)  ## open the interactive client
 	$(BIN)/python client.py
 
-test: $(STAMP)  ## run every test, results for Allure in allure-results/
+test: $(STAMP) tools  ## run every test, results for Allure in allure-results/
 	$(BIN)/python -m pytest test_grpc_system.py tests --alluredir=allure-results
 
 bench: $(STAMP)  ## benchmark beside the ceiling (DESIGN section 7); more: make bench ARGS=--full
@@ -20,6 +20,13 @@ bench: $(STAMP)  ## benchmark beside the ceiling (DESIGN section 7); more: make 
 
 proto: $(STAMP)  ## regenerate generated/ from connection.proto
 	$(BIN)/python -m grpc_tools.protoc --proto_path=generated=. --python_out=. --grpc_python_out=. connection.proto
+
+tools:  ## the commands the tests use (openssl makes TLS certificates), from apt when missing
+	@missing=$$(for tool in openssl setsid prlimit; do command -v $$tool >/dev/null || echo $$tool; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing what provides: $$missing"; \
+		apt-get update -qq && apt-get install -y -qq openssl util-linux; \
+	fi
 
 clean:
 	rm -rf $(VENV) allure-results allure-report .pytest_cache

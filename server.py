@@ -10,8 +10,9 @@ order. `ClientService` only translates between protobuf and the registry.
 import argparse
 import base64
 import binascii
-import hmac
+import contextlib
 import heapq
+import hmac
 import itertools
 import json
 import logging
@@ -38,7 +39,8 @@ from generated import connection_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ClientService"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["ClientService"]
+SERVICE_NAME = SERVICE.full_name
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
 DEFAULT_STORE = "sqlite:///connections.db"
@@ -800,7 +802,7 @@ def refuse_malformed(behavior):
 def method_handlers(service):
     """The service's handlers, as the generated code makes them but with serialize_response."""
     handlers = {}
-    for method in pb.DESCRIPTOR.services_by_name["ClientService"].methods:
+    for method in SERVICE.methods:
         make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
                 else grpc.unary_unary_rpc_method_handler)
         handlers[method.name] = make(
@@ -1096,33 +1098,29 @@ class Metrics(grpc.ServerInterceptor):
 
     def _observe(self, method, behavior):
         def observed(request, context):
-            start = time.perf_counter()
-            code = "OK"
-            try:
+            with self._counting(method, context):
                 return behavior(request, context)
-            except Exception:
-                code = (context.code() or grpc.StatusCode.UNKNOWN).name
-                raise
-            finally:
-                self._count(method, code, start)
         return observed
 
     def _observe_stream(self, method, behavior):
         def observed(request, context):
-            start = time.perf_counter()
-            code = "OK"
-            try:
+            with self._counting(method, context):
                 yield from behavior(request, context)
-            except Exception:
-                code = (context.code() or grpc.StatusCode.UNKNOWN).name
-                raise
-            finally:
-                self._count(method, code, start)
         return observed
 
-    def _count(self, method, code, start):
-        self.rpcs.labels(method, code).inc()
-        self.latency.labels(method).observe(time.perf_counter() - start)
+    @contextlib.contextmanager
+    def _counting(self, method, context):
+        """Count one call by its status code and time it, however it ends."""
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            yield
+        except Exception:
+            code = (context.code() or grpc.StatusCode.UNKNOWN).name
+            raise
+        finally:
+            self.rpcs.labels(method, code).inc()
+            self.latency.labels(method).observe(time.perf_counter() - start)
 
     def close(self):
         self._http.shutdown()

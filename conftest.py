@@ -282,7 +282,8 @@ def repl(tmp_path):
         env = {**os.environ, "TERM": "xterm-256color", "HOME": str(tmp_path)}
         if not answer_cpr:
             env["PROMPT_TOOLKIT_NO_CPR"] = "1"
-        child = TerminalSpawn(sys.executable, [CLIENT, "--server", address, *flags], cwd=ROOT, env=env,
+        child = TerminalSpawn(sys.executable, [CLIENT, "--server", address, *flags], cwd=ROOT,
+                              env=env,
                               dimensions=(40, 160), encoding="utf-8", timeout=DEADLINE)
         child.logfile_read = io.StringIO()  # the whole transcript, for "no traceback" checks
         children.append(child)

@@ -647,7 +647,8 @@ class SqliteStore:
             try:
                 self._db.execute("BEGIN")
                 self._db.executemany(self._UPSERT, (
-                    (record.client_id, record.status, *record[1:5], encode_sessions(record.sessions))
+                    (record.client_id, record.status, *record[1:5],
+                     encode_sessions(record.sessions))
                     for record in batch.records))
                 self._db.execute("COMMIT")
             except sqlite3.Error as error:
@@ -1059,7 +1060,8 @@ class Metrics(grpc.ServerInterceptor):
             registry=self.registry)
         self.latency = prometheus_client.Histogram(
             "presence_rpc_seconds", "Time to answer a call (a Watch: its whole life)", ["method"],
-            buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1, 10), registry=self.registry)
+            buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1, 10),
+            registry=self.registry)
         self.commit = prometheus_client.Histogram(
             "presence_store_commit_seconds", "Time to commit one batch of changes",
             buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1), registry=self.registry)
@@ -1093,7 +1095,8 @@ class Metrics(grpc.ServerInterceptor):
             return handler
         method = details.method.rpartition("/")[2]
         if handler.unary_stream:
-            return replace_behavior(handler, lambda behavior: self._observe_stream(method, behavior))
+            return replace_behavior(handler,
+                                    lambda behavior: self._observe_stream(method, behavior))
         return replace_behavior(handler, lambda behavior: self._observe(method, behavior))
 
     def _observe(self, method, behavior):
@@ -1340,7 +1343,8 @@ def build_parser():
                         default=_env("MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES),
                         help="largest request accepted; larger ones are refused with "
                         "RESOURCE_EXHAUSTED [PRESENCE_MAX_REQUEST_BYTES]")
-    parser.add_argument("--max-lease", type=_positive_int, default=_env("MAX_LEASE", DEFAULT_MAX_LEASE),
+    parser.add_argument("--max-lease", type=_positive_int,
+                        default=_env("MAX_LEASE", DEFAULT_MAX_LEASE),
                         help="longest lease a Hello may ask for, in seconds; longer ones are "
                         "refused with INVALID_ARGUMENT [PRESENCE_MAX_LEASE]")
     parser.add_argument("--max-watchers", type=_positive_int,

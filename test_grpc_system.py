@@ -162,14 +162,16 @@ def test_generated_code_matches_a_fresh_protoc_run(tmp_path):
     fresh = sorted(path.name for path in (tmp_path / "generated").glob("*.py"))
     assert fresh == ["connection_pb2.py", "connection_pb2_grpc.py"]
     for name in fresh:
-        assert (tmp_path / "generated" / name).read_text() == (ROOT / "generated" / name).read_text(), (
+        fresh_text = (tmp_path / "generated" / name).read_text()
+        assert fresh_text == (ROOT / "generated" / name).read_text(), (
             f"generated/{name} differs from connection.proto: run `make proto`")
 
 
 # --- validation -----------------------------------------------------------------------
 
 BAD_REQUESTS = [
-    ("SendMessage", pb.MessageRequest(client_id="", message="hello"), "client_id must not be empty"),
+    ("SendMessage", pb.MessageRequest(client_id="", message="hello"),
+     "client_id must not be empty"),
     ("SendMessage", pb.MessageRequest(client_id="x" * 129, message="hello"),
      "at most 128 characters, got 129"),
     ("SendMessage", pb.MessageRequest(client_id="a\x00b", message="hello"), "U+0000 at position 1"),
@@ -463,7 +465,8 @@ def test_calls_past_the_concurrency_limit_are_resource_exhausted():
     try:
         with connect(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ClientServiceStub(channel)
-            stalled = [stub.SendMessage.future(pb.MessageRequest(client_id=f"c{n}", message="hello"))
+            stalled = [stub.SendMessage.future(pb.MessageRequest(client_id=f"c{n}",
+                                                                 message="hello"))
                        for n in range(limit)]
             for _ in stalled:
                 assert entered.acquire(timeout=DEADLINE)
@@ -496,7 +499,8 @@ def test_help_explains_every_flag_and_its_environment_twin():
 @allure.story("Command line")
 def test_environment_twins_configure_the_server(server_processes, tmp_path):
     db = tmp_path / "from-env.db"
-    server = server_processes(env={"PRESENCE_STORE": f"sqlite:///{db}", "PRESENCE_LOG_LEVEL": "DEBUG"})
+    server = server_processes(env={"PRESENCE_STORE": f"sqlite:///{db}",
+                                   "PRESENCE_LOG_LEVEL": "DEBUG"})
     with connect(server.address) as channel:
         send(pb_grpc.ClientServiceStub(channel), "envy", "hello")
     server.wait_for_log(r"envy: connected \(hello\).*revision 1")
@@ -1233,8 +1237,8 @@ def test_tls_server_with_a_token_shows_each_client_exactly_what_it_may_do(server
 @allure.feature("Security")
 @allure.story("Access token")
 def test_public_reads_let_reads_through_without_the_token_but_not_writes():
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), security=presence.Security(
-        token="t0ken", public_reads=True))
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(),
+                                    security=presence.Security(token="t0ken", public_reads=True))
     server.start()
     try:
         with connect(f"127.0.0.1:{server.port}") as channel:

@@ -77,7 +77,8 @@ def test_counts_move_between_statuses(registry):
     registry.apply("a", CONNECTED)
     registry.apply("b", CONNECTED)
     registry.apply("a", DISCONNECTED)
-    assert registry.counts() == presence.Counts(connected=1, disconnected=1, live_sessions=1, revision=3)
+    assert registry.counts() == presence.Counts(connected=1, disconnected=1, live_sessions=1,
+                                                revision=3)
     assert statuses(registry) == {"a": DISCONNECTED, "b": CONNECTED}
 
 

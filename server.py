@@ -10,6 +10,7 @@ order. `ClientService` only translates between protobuf and the registry.
 import argparse
 import base64
 import binascii
+import collections
 import contextlib
 import heapq
 import hmac
@@ -56,6 +57,8 @@ MAX_ID_LENGTH = 128
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_BATCH = 1000
+# Error details travel in gRPC metadata (16 KB at most); longer echoes are cut.
+MAX_ECHO = 200
 SNAPSHOT_CHUNK = 1000
 STATUS_MAP_CHUNK = 10_000
 EVENTS_PER_MESSAGE = 500
@@ -184,8 +187,13 @@ def parse_message(message):
     """Map a message to the status it asks for, as the original service did."""
     status = MESSAGES.get(message.strip().lower())
     if status is None:
-        raise InvalidArgument(f"Invalid message type: {message}")
+        raise InvalidArgument(f"Invalid message type: {echo(message)}")
     return status
+
+
+def echo(text):
+    """Text to quote back in an error, cut short enough for gRPC's metadata limit."""
+    return text if len(text) <= MAX_ECHO else f"{text[:MAX_ECHO]}… ({len(text)} characters)"
 
 
 def encode_page_token(client_id):
@@ -278,6 +286,11 @@ class ChangeLog:
                 return None
             return self._changes[after + 1 - self._first:self.durable + 1 - self._first]
 
+    def discard_after(self, revision):
+        """Forget held changes after revision: the store never saved them."""
+        with self._changed:
+            del self._changes[max(revision + 1 - self._first, 0):]
+
     def close(self):
         """Wake every watcher so it can end its stream."""
         with self._changed:
@@ -307,7 +320,10 @@ class Registry:
         self.revision = 0
         self._load(store.load())
         self.log = ChangeLog(self.revision, history)
-        store.attach(self.log.advance)
+        # (revision, client id, record before) of each change the store has yet to confirm,
+        # to undo them if it fails; a store that cannot fail needs none.
+        self._journal = collections.deque() if store.can_fail else None
+        store.attach(self._durable)
 
     def _load(self, records):
         by_status = {status: [] for status in self._ids}
@@ -334,10 +350,8 @@ class Registry:
         now = self._clock()
         with self._lock:
             record, change = self._apply_locked(message, now)
-            if change:
-                self.log.append((change,))
-            ticket = self._store.submit_many((record,), self.revision)
-        self._store.wait(ticket)
+            ticket = self._submit_locked((record,), (change,) if change else ())
+        self._wait_durable(ticket)
         if change and logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s", describe_change(change))
         return record, change
@@ -347,8 +361,8 @@ class Registry:
         now = self._clock()
         with self._lock:
             results = [self._apply_locked(message, now) for message in messages]
-            ticket = self._submit_locked(results)
-        self._store.wait(ticket)
+            ticket = self._submit_results_locked(results)
+        self._wait_durable(ticket)
         if logger.isEnabledFor(logging.DEBUG):
             for _, change in results:
                 if change:
@@ -368,8 +382,8 @@ class Registry:
                     results.append(self._end_locked(record, session_id, False, now, LEASE_EXPIRED))
             if not results:
                 return []
-            ticket = self._submit_locked(results)
-        self._store.wait(ticket)
+            ticket = self._submit_results_locked(results)
+        self._wait_durable(ticket)
         changes = [change for _, change in results if change]
         for change in changes[:10]:
             logger.info("%s", describe_change(change))
@@ -382,11 +396,56 @@ class Registry:
         with self._lock:
             return self._leases[0][0] - self._clock() if self._leases else float("inf")
 
-    def _submit_locked(self, results):
-        changes = [change for _, change in results if change]
+    def _submit_results_locked(self, results):
+        return self._submit_locked([record for record, _ in results],
+                                   [change for _, change in results if change])
+
+    def _submit_locked(self, records, changes):
+        """Hand records to the store and changes to the log, in revision order."""
         if changes:
             self.log.append(changes)
-        return self._store.submit_many([record for record, _ in results], self.revision)
+        try:
+            return self._store.submit_many(records, self.revision)
+        except StoreError:
+            self._roll_back_locked()
+            raise
+
+    def _wait_durable(self, ticket):
+        try:
+            self._store.wait(ticket)
+        except StoreError:
+            with self._lock:
+                self._roll_back_locked()
+            raise
+
+    def _durable(self, revision):
+        """The store has every change up to revision: show them to watchers, forget their undo."""
+        self.log.advance(revision)
+        if self._journal is not None:
+            with self._lock:
+                while self._journal and self._journal[0][0] <= revision:
+                    self._journal.popleft()
+
+    def _roll_back_locked(self):
+        """The store failed: undo what it never confirmed, so readers see only durable state."""
+        if not self._journal:
+            return
+        for _, client_id, old in reversed(self._journal):
+            current = self._clients[client_id]
+            self._live_sessions -= len(current.sessions) - (len(old.sessions) if old else 0)
+            if old is None or old.status != current.status:
+                self._ids[current.status].remove(client_id)
+                if old is not None:
+                    self._ids[old.status].add(client_id)
+            if old is None:
+                del self._clients[client_id]
+            else:
+                self._clients[client_id] = old
+        logger.error("undid %d changes the store did not save; back at revision %d",
+                     len(self._journal), self.log.durable)
+        self._journal.clear()
+        self.revision = self.log.durable
+        self.log.discard_after(self.revision)
 
     def _apply_locked(self, message, now):
         old = self._clients.get(message.client_id)
@@ -420,7 +479,7 @@ class Registry:
 
     def _unchanged_locked(self, old, sessions, seen):
         record = Client(old.client_id, old.changed_at, seen, old.revision, old.reason, sessions)
-        self._clients[old.client_id] = record
+        self._install_locked(old, record)
         return record
 
     def _record_locked(self, old, client_id, sessions, kind, session_id, reason, now, seen=None):
@@ -436,8 +495,13 @@ class Registry:
         self._live_sessions += len(sessions) - (len(old.sessions) if old else 0)
         record = Client(client_id, changed_at, now if seen is None else seen, self.revision, reason,
                         sessions)
-        self._clients[client_id] = record
+        self._install_locked(old, record)
         return record, Change(self.revision, kind, record, session_id, reason)
+
+    def _install_locked(self, old, record):
+        self._clients[record.client_id] = record
+        if self._journal is not None:
+            self._journal.append((self.revision, record.client_id, old))
 
     # -- reads
 
@@ -514,6 +578,8 @@ class LeaseReaper:
 class MemoryStore:
     """No persistence: for tests and throwaway runs."""
 
+    can_fail = False
+
     def attach(self, on_durable):
         self._on_durable = on_durable
 
@@ -566,6 +632,7 @@ class SqliteStore:
     change log is told how far is durable.
     """
 
+    can_fail = True
     SCHEMA_VERSION = 1
     _COLUMNS = ("client_id", "status", "changed_at", "last_seen", "revision", "reason", "sessions")
     _SCHEMA = """
@@ -614,9 +681,13 @@ class SqliteStore:
         self._writer.start()
 
     def load(self):
-        rows = self._db.execute("SELECT * FROM clients").fetchall()
-        logger.info("loaded %d clients from %s", len(rows), self.path)
-        return [Client(row[0], *row[2:6], decode_sessions(row[6])) for row in rows]
+        try:
+            rows = self._db.execute("SELECT * FROM clients").fetchall()
+            records = [Client(row[0], *row[2:6], decode_sessions(row[6])) for row in rows]
+        except (sqlite3.Error, ValueError, TypeError) as error:
+            raise StoreError(f"cannot read {self.path}: {error}") from error
+        logger.info("loaded %d clients from %s", len(records), self.path)
+        return records
 
     def submit_many(self, records, revision):
         with self._mutex:
@@ -676,10 +747,12 @@ class SqliteStore:
         with self._mutex:
             self._closing = True
             self._has_work.notify()
-        if self._writer.is_alive():
+        started = self._writer.is_alive()
+        if started:
             self._writer.join()
         self._db.close()
-        logger.info("store %s flushed and closed", self.path)
+        if started:
+            logger.info("store %s flushed and closed", self.path)
 
 
 def open_store(url):

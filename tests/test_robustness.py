@@ -169,11 +169,6 @@ def id_rule_broken(text):
     return not text or len(text) > presence.MAX_ID_LENGTH or bool(CONTROL.search(text))
 
 
-def echo_size(text):
-    """How long text gets as a grpc-message trailer (percent-encoded outside printable ASCII)."""
-    return sum(1 if 0x20 <= byte <= 0x7E and byte != 0x25 else 3 for byte in text.encode())
-
-
 def broken_rules(request):
     """The fields of one MessageRequest that break a rule, as words its refusal must name."""
     broken = []
@@ -187,19 +182,6 @@ def broken_rules(request):
     if request.lease_seconds > MAX_LEASE or (request.lease_seconds and word == "goodbye"):
         broken.append("lease_seconds")
     return broken
-
-
-def long_echo(answer, messages):
-    """The server's refusal echoed a message too long for a trailer; the client saw
-    RESOURCE_EXHAUSTED instead (test_a_refusal_of_a_long_message_text_stays_invalid_argument)."""
-    known = (isinstance(answer, grpc.RpcError)
-             and answer.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-             and "metadata size exceeds" in (answer.details() or "")
-             and any(echo_size(f"requests[999]: Invalid message type: {message}") > 7000
-                     for message in messages))
-    if known:
-        record("RESOURCE_EXHAUSTED for a long echoed message (known bug)")
-    return known
 
 
 def assert_refused(answer, request, code, words):
@@ -225,8 +207,7 @@ def check_send_message(request, answer):
         return
     broken = broken_rules(request)
     if broken:
-        if not long_echo(answer, [request.message]):
-            assert_refused(answer, request, grpc.StatusCode.INVALID_ARGUMENT, broken)
+        assert_refused(answer, request, grpc.StatusCode.INVALID_ARGUMENT, broken)
         return
     assert_ok(answer, request)
     check_reply(request, answer)
@@ -256,9 +237,8 @@ def check_send_messages(request, answer):
         return
     bad = [index for index, one in enumerate(request.requests) if broken_rules(one)]
     if bad:
-        if not long_echo(answer, [one.message for one in request.requests]):
-            assert_refused(answer, request, grpc.StatusCode.INVALID_ARGUMENT,
-                           [f"requests[{index}]" for index in bad])
+        assert_refused(answer, request, grpc.StatusCode.INVALID_ARGUMENT,
+                       [f"requests[{index}]" for index in bad])
         return
     assert_ok(answer, request)
     assert len(answer.responses) == len(request.requests)
@@ -476,11 +456,6 @@ def test_count_clients_stays_consistent_with_the_all_clients_map_between_any_cal
 
 @allure.feature("Robustness")
 @allure.story("Fuzzed requests to every RPC")
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: the refusal echoes the whole message text into the status details "
-    "(parse_message: 'Invalid message type: <message>'); percent-encoded, a few KB of it pass "
-    "the client's 8 KB metadata limit and the caller gets RESOURCE_EXHAUSTED 'Stream removed "
-    "(received metadata size exceeds ...)' instead of INVALID_ARGUMENT"))
 def test_a_refusal_of_a_long_message_text_stays_invalid_argument(target):
     """DESIGN 2: any other message is INVALID_ARGUMENT `Invalid message type: <message>`."""
     request = pb.MessageRequest(client_id="alice", message="é" * 5000)
@@ -1153,12 +1128,7 @@ def damage(path, written, how):
 @allure.story("Full disk and unusable database")
 @pytest.mark.parametrize("how", [
     "a directory", "random bytes", "a line of text", "a SQLite header, then garbage",
-    pytest.param("an intact schema page, then garbage", marks=pytest.mark.xfail(
-        strict=True, reason=(
-            "server bug: SqliteStore.load() runs 'SELECT * FROM clients' outside the try that "
-            "turns sqlite3.Error into StoreError, and main() does not catch sqlite3.Error: the "
-            "server exits 1 with a traceback ending in 'sqlite3.DatabaseError: database disk "
-            "image is malformed' instead of one 'cannot start' line"))),
+    "an intact schema page, then garbage",
 ])
 def test_unusable_database_file_is_one_clear_line_and_exit_1(tmp_path, written_database, how):
     path = tmp_path / "connections.db"
@@ -1210,12 +1180,6 @@ def test_disk_full_mid_run_refuses_writes_clearly_keeps_reads_and_loses_nothing_
 
 @allure.feature("Faults")
 @allure.story("Full disk and unusable database")
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: Registry.apply_one/apply_many change the in-memory registry (the record, the "
-    "revision, the counts) before the store commits, and keep the change when the commit fails "
-    "(SqliteStore.wait/submit_many raise StoreError): a write answered UNAVAILABLE is read back "
-    "by GetClientStatus, CountClients and Watch snapshots, every later refused write moves the "
-    "revision on, and all of it is gone after a restart, so the revision readers saw goes back"))
 def test_a_write_the_store_refused_is_not_visible_to_readers(limited_servers, sqlite_url):
     server = limited_servers(FULL_DISK_LIMIT, sqlite_url)
     address = "{}:{}".format(*server.wait_for_log(LISTENING).groups())

@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import itertools
 import json
 import logging
 import math
@@ -56,7 +57,10 @@ LISTENING = re.compile(r"listening on (\S+):(\d+)")
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-TARGETS = ("ceiling", "memory", "sqlite")
+SERVERS = ("ceiling", "memory", "sqlite")
+# Throughput targets: the servers, and memory+lease (a memory:// server whose every call names a
+# session with a lease).
+TARGETS = ("ceiling", "memory", "memory+lease", "sqlite")
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 SECOND_NS = 1_000_000_000
@@ -72,11 +76,34 @@ PROBE_IN_FLIGHT = 4
 PROBE_BASELINE_SECONDS = 1.0
 CHANNELS_PER_PROCESS = 1000
 NOISE_WARNING = 0.2
+LEASE_SECONDS = 60
+# memory+lease: each id goes through LEASE_PASSES calls, a hello starting its session, hellos
+# renewing it, then a goodbye ending it; so 2 calls in LEASE_PASSES change something.
+LEASE_PASSES = 8
+LEASE_SESSION = "terminal-1"
+WATCH_PROCESSES = 4
+WATCH_IDS = 100
+WATCH_IDLE_SECONDS = 2.0
+WATCH_DRAIN_SECONDS = 15.0
+SOAK_PROCESSES = 4
+SOAK_WATCHERS = 100
+SOAK_SLICE_SECONDS = 10
+SOAK_LEASE_SECONDS = 10
+SOAK_SESSIONS = 2
+SOAK_PAGE_SIZE = 100
+RSS_SAMPLE_SECONDS = 1.0
+# What each soak client does each second, by weight: its default session toggled (hello or
+# goodbye, always a change), a named session started or renewed with a lease of
+# SOAK_LEASE_SECONDS (1 in 4 a goodbye of that session; one left unrenewed expires), or a read.
+SOAK_MIX = (("toggle", 25), ("session", 15), ("status", 25), ("list", 15), ("count", 20))
+SOAK_OPS = tuple(name for name, _ in SOAK_MIX)
 PRESETS = {
     "quick": {"rounds": 3, "window": 5.0, "scale": [10_000], "connections": 500,
-              "connections_seconds": 5.0},
+              "connections_seconds": 5.0, "watchers": 200, "soak_seconds": 60.0,
+              "modes": ["throughput", "scale", "connections", "watch"]},
     "full": {"rounds": 7, "window": 10.0, "scale": [100_000, 1_000_000], "connections": 4_000,
-             "connections_seconds": 20.0},
+             "connections_seconds": 20.0, "watchers": 1_000, "soak_seconds": 60.0,
+             "modes": ["throughput", "scale", "connections", "watch", "soak"]},
 }
 
 
@@ -93,7 +120,9 @@ class ClosedLoop:
 
     It uses the ids `tag-first` .. `tag-(first+ids-1)`, or the preloaded ids of that range when
     width is set (scale_id), each flipped by every pass: even numbers goodbye first, odd hello,
-    the opposite of how preload left them, so every call is a change.
+    the opposite of how preload left them, so every call is a change. With a lease, every call
+    names the session LEASE_SESSION instead: per id a hello with that lease starting it, hellos
+    renewing it, a goodbye ending it (LEASE_PASSES calls in all).
     """
 
     address: str
@@ -103,6 +132,7 @@ class ClosedLoop:
     timeout: float
     first: int = 0
     width: int = 0
+    lease: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,6 +143,39 @@ class Connections:
     tag: str
     clients: int
     timeout: float
+
+
+@dataclass(frozen=True)
+class Watchers:
+    """One load process holding `watchers` Watch streams, each on a channel of its own.
+
+    With keep set it sends back every event's revision and receive time; without, only counts.
+    """
+
+    address: str
+    watchers: int
+    keep: bool
+
+
+@dataclass(frozen=True)
+class SteadyChanges:
+    """One load process making `rate` changes a second: hello and goodbye alternate over `ids`."""
+
+    address: str
+    rate: float
+    ids: int
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Mix:
+    """One load process holding `clients` channels, each making one call of SOAK_MIX a second."""
+
+    address: str
+    tag: str
+    clients: int
+    timeout: float
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -186,6 +249,19 @@ SCALE_GOALS = (
 CONNECTIONS_GOALS = (
     Goal("error_count", "errors", 0),
     Goal("p99_ms", "p99", 50, unit=" ms"),
+)
+WATCH_GOALS = (
+    Goal("missing", "events missing", 0),
+    Goal("duplicates", "events repeated", 0),
+    Goal("cut_off", "watchers cut off", 0),
+    Goal("p99_ms", "delivery p99", 250, unit=" ms"),
+)
+SOAK_GOALS = (
+    Goal("error_count", "errors", 0),
+    Goal("p99_ms", "p99", 50, unit=" ms"),
+    Goal("watch_missing", "watch events missing", 0),
+    Goal("watch_duplicates", "watch events repeated", 0),
+    Goal("watch_cut_off", "watchers cut off", 0),
 )
 
 
@@ -271,9 +347,42 @@ def rss_bytes(pid):
     raise BenchError(f"no VmRSS for process {pid}")
 
 
+def thread_count(pid):
+    """Threads of a process (Threads of /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    raise BenchError(f"no Threads for process {pid}")
+
+
+def slope(points):
+    """Least-squares slope of (x, y) points; None for fewer than two distinct x."""
+    if len(points) < 2:
+        return None
+    mean_x = statistics.fmean(x for x, _ in points)
+    mean_y = statistics.fmean(y for _, y in points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    if not spread:
+        return None
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+
+
 def fd_count(pid):
     """Open file descriptors of a process: its sockets, mostly."""
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def source_version():
+    """The commit of the code measured, and whether the work tree differs from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "modified": None}
+    return {"commit": commit, "modified": sorted(line[3:] for line in dirty.splitlines())}
 
 
 def machine_info():
@@ -451,8 +560,16 @@ class LoadGroup:
 
     def go(self, start_ns, end_ns):
         """Start the load now; count what completes between start_ns and end_ns (None: stop())."""
+        self.tell((start_ns, end_ns))
+
+    def tell(self, message):
+        """Send every process the same message."""
         for connection in self.connections:
-            connection.send((start_ns, end_ns))
+            connection.send(message)
+
+    def gather(self, kind, timeout, on_progress=None):
+        """Every process's payload of its next message of `kind`."""
+        return self._gather(kind, timeout, on_progress)
 
     def stop(self):
         for connection in self.connections:
@@ -517,8 +634,15 @@ async def closed_loop(connection, spec):
     numbers = range(spec.first, spec.first + spec.ids)
     names = [scale_id(number, spec.width) if spec.width else f"{spec.tag}-{number}"
              for number in numbers]
-    requests = [[pb.MessageRequest(client_id=name, message=MESSAGES[(number + flip) % 2])
-                 for name, number in zip(names, numbers)] for flip in (1, 0)]
+    if spec.lease:
+        requests = [[pb.MessageRequest(client_id=name, message="hello", session_id=LEASE_SESSION,
+                                       lease_seconds=spec.lease) for name in names]
+                    ] * (LEASE_PASSES - 1) + [
+                    [pb.MessageRequest(client_id=name, message="goodbye", session_id=LEASE_SESSION)
+                     for name in names]]
+    else:
+        requests = [[pb.MessageRequest(client_id=name, message=MESSAGES[(number + flip) % 2])
+                     for name, number in zip(names, numbers)] for flip in (1, 0)]
     async with grpc.aio.insecure_channel(spec.address) as channel:
         await asyncio.wait_for(channel.channel_ready(), START_TIMEOUT)
         send = pb_grpc.ClientServiceStub(channel).SendMessage
@@ -531,7 +655,7 @@ async def closed_loop(connection, spec):
         async def caller():
             while not stop.is_set():
                 number = next(counter)
-                request = requests[(number // spec.ids) % 2][number % spec.ids]
+                request = requests[(number // spec.ids) % len(requests)][number % spec.ids]
                 began = time.monotonic_ns()
                 if began >= end_ns:
                     return
@@ -594,6 +718,233 @@ async def connected_clients(connection, spec):
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
     return {"latencies": latencies, "errors": dict(errors), "made": made[0]}
+
+
+async def watchers(connection, spec):
+    """Watch streams on channels of their own: ready once each has its snapshot (or failed).
+
+    Then told (final_revision, deadline_ns): once every stream has seen final_revision, or
+    ended, or the deadline passed, send "reached" with the counts (and with spec.keep each
+    stream's revisions and receive times), and close the streams when told to stop; so the
+    process is still there to be measured until then.
+    """
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(spec.address, options=options)
+                for _ in range(spec.watchers)]
+    count = len(channels)
+    revisions = [array("q") for _ in range(count)]
+    times = [array("q") for _ in range(count)]
+    last = [0] * count
+    received, duplicates, gaps = [0] * count, [0] * count, [0] * count
+    reasons = Counter()
+    ended, counted = [None] * count, [False] * count
+    settled, reached = asyncio.Event(), asyncio.Event()
+    state = {"settled": 0, "final": None, "reached": 0, "closing": False}
+
+    def check_reached(index):
+        if counted[index] or state["final"] is None:
+            return
+        if ended[index] or last[index] >= state["final"]:
+            counted[index] = True
+            state["reached"] += 1
+            if state["reached"] == count:
+                reached.set()
+
+    async def watch(index, channel):
+        settled_here = False
+        try:
+            call = pb_grpc.ClientServiceStub(channel).Watch(pb.WatchRequest())
+            async for response in call:
+                now = time.monotonic_ns()
+                if not index:
+                    reasons.update(event.reason for event in response.events)
+                for event in response.events:
+                    revision = event.revision
+                    received[index] += 1
+                    if revision <= last[index]:
+                        duplicates[index] += 1
+                        continue
+                    gaps[index] += revision - last[index] - 1
+                    last[index] = revision
+                    if spec.keep:
+                        revisions[index].append(revision)
+                        times[index].append(now)
+                if response.snapshot_complete and not settled_here:
+                    last[index] = response.revision
+                    settled_here = True
+                    state["settled"] += 1
+                    if state["settled"] == count:
+                        settled.set()
+                check_reached(index)
+        except grpc.aio.AioRpcError as error:
+            if not state["closing"]:
+                ended[index] = error.code().name
+        except asyncio.CancelledError:
+            pass
+        if not state["closing"] and ended[index] is None:
+            ended[index] = "ENDED"
+        if not settled_here:
+            state["settled"] += 1
+            if state["settled"] == count:
+                settled.set()
+        check_reached(index)
+
+    tasks = [asyncio.create_task(watch(index, channel)) for index, channel in enumerate(channels)]
+    try:
+        await asyncio.wait_for(settled.wait(), START_TIMEOUT)
+        final, deadline_ns = await _ready_then_go(connection)
+        state["final"] = final
+        for index in range(count):
+            check_reached(index)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(reached.wait(), max(0, deadline_ns - time.monotonic_ns()) / 1e9)
+        stop = _stop_event(connection)
+        state["closing"] = True
+        connection.send(("reached", {
+            "received": received, "duplicates": duplicates, "gaps": gaps, "last": last,
+            "ended": ended, "reasons": dict(reasons),
+            "revisions": revisions if spec.keep else None, "times": times if spec.keep else None,
+        }))
+        await stop.wait()
+    finally:
+        state["closing"] = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(channel.close() for channel in channels))
+    return {}
+
+
+async def steady_changes(connection, spec):
+    """SendMessages at a steady rate from start_ns to end_ns, each one a change.
+
+    Each change goes out on its tick whether or not earlier ones were answered. Sends "made":
+    per change acknowledged, its revision, when it was sent and when it was acknowledged; then
+    waits to be stopped, so the process is still there to be measured until then.
+    """
+    requests = [[pb.MessageRequest(client_id=f"watch-{number}", message=message)
+                 for number in range(spec.ids)] for message in MESSAGES]
+    async with grpc.aio.insecure_channel(spec.address) as channel:
+        await asyncio.wait_for(channel.channel_ready(), START_TIMEOUT)
+        send = pb_grpc.ClientServiceStub(channel).SendMessage
+        start_ns, end_ns = await _ready_then_go(connection)
+        revisions, sent, acknowledged = array("q"), array("q"), array("q")
+        errors, unchanged = Counter(), [0]
+
+        async def change(request):
+            began = time.monotonic_ns()
+            try:
+                reply = await send(request, timeout=spec.timeout)
+            except grpc.aio.AioRpcError as error:
+                errors[error.code().name] += 1
+                return
+            ended = time.monotonic_ns()
+            if not reply.changed:
+                unchanged[0] += 1
+                return
+            revisions.append(reply.client.revision)
+            sent.append(began)
+            acknowledged.append(ended)
+
+        tasks = []
+        for number in itertools.count():
+            tick = start_ns + number * SECOND_NS / spec.rate
+            if tick >= end_ns:
+                break
+            await asyncio.sleep(max(0, tick - time.monotonic_ns()) / 1e9)
+            request = requests[(number // spec.ids) % 2][number % spec.ids]
+            tasks.append(asyncio.create_task(change(request)))
+        await asyncio.gather(*tasks)
+        stop = _stop_event(connection)
+        connection.send(("made", {"revisions": revisions, "sent": sent,
+                                  "acknowledged": acknowledged, "errors": dict(errors),
+                                  "unchanged": unchanged[0], "made": len(tasks)}))
+        await stop.wait()
+    return {}
+
+
+async def mixed_clients(connection, spec):
+    """`clients` channels of their own, each making one SOAK_MIX call a second.
+
+    Each client first registers its id (a goodbye), so the reads find every id. Calls begun
+    between start_ns and end_ns are counted: their start, latency and kind, and errors by code.
+    """
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(spec.address, options=options)
+                for _ in range(spec.clients)]
+    names = [f"{spec.tag}-{number}" for number in range(spec.clients)]
+    weights = [weight for _, weight in SOAK_MIX]
+    try:
+        async def register(name, channel):
+            await channel.channel_ready()
+            await pb_grpc.ClientServiceStub(channel).SendMessage(
+                pb.MessageRequest(client_id=name, message="goodbye"), timeout=START_TIMEOUT)
+            connection.send(("progress", 1))
+
+        await asyncio.wait_for(asyncio.gather(*(register(name, channel)
+                                                for name, channel in zip(names, channels))),
+                               START_TIMEOUT)
+        start_ns, end_ns = await _ready_then_go(connection)
+        go_ns = time.monotonic_ns()
+        starts, latencies, kinds = array("q"), array("q"), array("b")
+        errors, error_starts = Counter(), array("q")
+
+        async def client(number, channel):
+            rng = random.Random(spec.seed * 1_000_003 + number)
+            stub = pb_grpc.ClientServiceStub(channel)
+            name, connected = names[number], False
+            tick = go_ns + SECOND_NS * number // spec.clients
+            while tick < end_ns:
+                await asyncio.sleep(max(0, tick - time.monotonic_ns()) / 1e9)
+                began = time.monotonic_ns()
+                kind = rng.choices(range(len(SOAK_OPS)), weights)[0]
+                op = SOAK_OPS[kind]
+                if op == "toggle":
+                    connected = not connected
+                    call = stub.SendMessage(pb.MessageRequest(
+                        client_id=name, message=MESSAGES[not connected]), timeout=spec.timeout)
+                elif op == "session":
+                    session = f"s{rng.randrange(SOAK_SESSIONS)}"
+                    if rng.randrange(4):
+                        request = pb.MessageRequest(client_id=name, message="hello",
+                                                    session_id=session,
+                                                    lease_seconds=SOAK_LEASE_SECONDS)
+                    else:
+                        request = pb.MessageRequest(client_id=name, message="goodbye",
+                                                    session_id=session)
+                    call = stub.SendMessage(request, timeout=spec.timeout)
+                elif op == "status":
+                    call = stub.GetClientStatus(pb.ClientStatusRequest(
+                        client_id=rng.choice(names)), timeout=spec.timeout)
+                elif op == "list":
+                    call = stub.ListClients(pb.ListClientsRequest(
+                        page_size=SOAK_PAGE_SIZE,
+                        page_token=presence.encode_page_token(rng.choice(names))),
+                        timeout=spec.timeout)
+                else:
+                    call = stub.CountClients(pb.CountClientsRequest(), timeout=spec.timeout)
+                code = None
+                try:
+                    await call
+                except grpc.aio.AioRpcError as error:
+                    code = error.code().name
+                ended = time.monotonic_ns()
+                if start_ns <= began < end_ns:
+                    if code:
+                        errors[f"{op} {code}"] += 1
+                        error_starts.append(began)
+                    else:
+                        starts.append(began)
+                        latencies.append(ended - began)
+                        kinds.append(kind)
+                tick = max(tick + SECOND_NS, ended)
+
+        await asyncio.gather(*(client(number, channel)
+                               for number, channel in enumerate(channels)))
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels))
+    return {"starts": starts, "latencies": latencies, "kinds": kinds, "errors": dict(errors),
+            "error_starts": error_starts}
 
 
 async def preload(connection, spec):
@@ -699,16 +1050,17 @@ class Run:
         self.phase = progress.add_task("starting", total=None)
         self._servers = 0
 
-    def start_server(self, target):
-        """A fresh server for target: the ceiling, memory:// or SQLite on a new file."""
+    def start_server(self, target, flags=()):
+        """A fresh server for target: the ceiling, memory:// (also memory+lease) or SQLite on a
+        new file; flags are added to server.py's command line."""
         self._servers += 1
         if target == "ceiling":
             argv = [sys.executable, str(ROOT / "bench.py"), "_ceiling", "--port", "0"]
         else:
-            store = ("memory://" if target == "memory"
+            store = ("memory://" if target.startswith("memory")
                      else f"sqlite:///{self.tmpdir / f'bench-{self._servers}.db'}")
             argv = [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0",
-                    "--store", store, "--log-level", "INFO"]
+                    "--store", store, "--log-level", "INFO", *flags]
         self.show(f"starting the {target} server")
         server = ServerProcess(target, argv)
         self.stack.callback(server.stop)
@@ -727,11 +1079,11 @@ class Run:
             time.sleep(min(remaining / 1e9, 0.1))
             self.progress.update(self.phase, completed=left - max(remaining, 0) / 1e9)
 
-    def cpu(self, server, group):
-        """A CpuSample now."""
+    def cpu(self, server, *groups):
+        """A CpuSample now; the load is every process of the groups."""
         return CpuSample(
             server=process_ticks(server.pid),
-            load=sum(process_ticks(pid) for pid in group.pids),
+            load=sum(process_ticks(pid) for group in groups for pid in group.pids),
             own=process_ticks(os.getpid()),
             machine=machine_ticks(),
         )
@@ -753,10 +1105,12 @@ def cpu_figures(before, after, calls, seconds):
     }
 
 
-def measure_load(run, server, *, processes, in_flight, warmup, window, tag, label, preloaded=0):
+def measure_load(run, server, *, processes, in_flight, warmup, window, tag, label, preloaded=0,
+                 lease=0):
     """The normal load against server: warm-up, then one window; its figures.
 
-    With preloaded=N the load flips the first of the N preloaded clients instead of new ones.
+    With preloaded=N the load flips the first of the N preloaded clients instead of new ones;
+    with a lease every call names a session with that lease (ClosedLoop).
     """
     args = run.args
     if preloaded:
@@ -766,7 +1120,7 @@ def measure_load(run, server, *, processes, in_flight, warmup, window, tag, labe
                             first=index * ids, width=width) for index in range(processes)]
     else:
         specs = [ClosedLoop(server.address, f"{tag}-p{index}", in_flight, args.ids,
-                            args.call_timeout) for index in range(processes)]
+                            args.call_timeout, lease=lease) for index in range(processes)]
     run.show(f"{label}: starting {processes} load process(es)")
     with LoadGroup(closed_loop, specs) as group:
         group.wait_ready()
@@ -805,10 +1159,15 @@ def measure_load(run, server, *, processes, in_flight, warmup, window, tag, labe
 
 RATIOS = {"throughput_ratio": "calls_per_s", "p99_ratio": "p99_ms", "cpu_ratio": "cpu_us_per_call",
           "p50_ratio": "p50_ms"}
+# memory+lease beside plain memory: what leases and sessions cost on the write path.
+LEASE_RATIOS = {"throughput_vs_memory": "calls_per_s", "p99_vs_memory": "p99_ms",
+                "cpu_vs_memory": "cpu_us_per_call"}
 
 
 def run_throughput(run):
-    """SendMessage against the ceiling, memory:// and SQLite, rounds in rotating order."""
+    """SendMessage against the ceiling, memory://, memory+lease and SQLite, rounds in rotating
+    order. memory+lease keeps its ids from round to round, so its sessions are renewed rather
+    than left to expire between rounds."""
     args = run.args
     names = ["ceiling"] + [name for name in args.targets if name != "ceiling"]
     servers = {name: run.start_server(name) for name in names}
@@ -817,14 +1176,19 @@ def run_throughput(run):
         order = rotate(names, number)
         figures = {}
         for name in order:
+            lease = LEASE_SECONDS if name == "memory+lease" else 0
             figures[name] = measure_load(
                 run, servers[name], processes=args.processes, in_flight=args.in_flight,
-                warmup=args.warmup, window=args.window, tag=f"r{number}",
-                label=f"throughput round {number + 1}/{args.rounds}: {name}")
+                warmup=args.warmup, window=args.window, tag="lease" if lease else f"r{number}",
+                label=f"throughput round {number + 1}/{args.rounds}: {name}", lease=lease)
             time.sleep(0.2)
         for name in names:
             for key, figure in RATIOS.items():
                 figures[name][key] = ratio(figures[name][figure], figures["ceiling"][figure])
+        if "memory+lease" in figures and "memory" in figures:
+            for key, figure in LEASE_RATIOS.items():
+                figures["memory+lease"][key] = ratio(figures["memory+lease"][figure],
+                                                     figures["memory"][figure])
         rounds.append({"round": number + 1, "order": order,
                        "targets": {name: figures[name] for name in names}})
     for server in servers.values():
@@ -840,7 +1204,8 @@ def run_throughput(run):
         medians[name]["errors"] = dict(errors)
     return {
         "load": {"processes": args.processes, "in_flight": args.in_flight, "warmup_s": args.warmup,
-                 "window_s": args.window, "rounds": args.rounds, "ids_per_process": args.ids},
+                 "window_s": args.window, "rounds": args.rounds, "ids_per_process": args.ids,
+                 "lease_seconds": LEASE_SECONDS, "lease_passes": LEASE_PASSES},
         "rounds": rounds,
         "median": medians,
         "verdicts": {name: verdicts(goals, medians[name])
@@ -853,12 +1218,20 @@ def render_throughput(figures):
     load, medians = figures["load"], figures["median"]
     noise = [entry["targets"][name]["noise_cores"] for entry in figures["rounds"]
              for name in entry["targets"]]
+    caption = (f"other processes on the machine used {statistics.mean(noise):.2f} cores on "
+               f"average during the windows (max {max(noise):.2f})")
+    if "memory+lease" in medians:
+        caption += (f"\nmemory+lease: every call names a session with a "
+                    f"{load.get('lease_seconds', LEASE_SECONDS)} s lease; per id "
+                    f"{load.get('lease_passes', LEASE_PASSES)} calls: a hello starting it, "
+                    f"{load.get('lease_passes', LEASE_PASSES) - 2} renewing it, a goodbye "
+                    f"(2 in {load.get('lease_passes', LEASE_PASSES)} calls are changes; "
+                    f"plain memory: every call)")
     table = Table(
         title=f"SendMessage throughput: {load['processes']} load process(es) × "
               f"{load['in_flight']} in flight, median of {load['rounds']} rounds of "
               f"{load['window_s']:g} s (×: ratio to the ceiling of the same round)",
-        caption=f"other processes on the machine used {statistics.mean(noise):.2f} cores on average "
-                f"during the windows (max {max(noise):.2f})",
+        caption=caption,
     )
     for header in ("target", "calls/s", "×", "p50 ms", "p99 ms", "×", "max ms",
                    "server CPU µs/call", "×", "errors", "DESIGN §7"):
@@ -867,6 +1240,10 @@ def render_throughput(figures):
         goals = THROUGHPUT_GOALS.get(name, ())
         design = "\n".join(f"{goal.label} {goal.describe()} {_mark(goal, row.get(goal.key))}"
                            for goal in goals) or "baseline"
+        if name == "memory+lease":
+            design = (f"no target; vs memory: CPU {_fmt_ratio(row.get('cpu_vs_memory'))}, "
+                      f"calls/s {_fmt_ratio(row.get('throughput_vs_memory'))}, "
+                      f"p99 {_fmt_ratio(row.get('p99_vs_memory'))}")
         table.add_row(
             name, _fmt(row["calls_per_s"], thousands=True), _fmt_ratio(row["throughput_ratio"]),
             _fmt(row["p50_ms"], 2), _fmt(row["p99_ms"], 2), _fmt_ratio(row["p99_ratio"]),
@@ -1133,13 +1510,359 @@ def render_connections(figures):
     return [table]
 
 
+# --- mode: watch ---------------------------------------------------------------
+
+
+def run_watch(run):
+    """N watchers in a few load processes, changes at a steady rate; when each event arrived.
+
+    Every watcher has a channel (a connection) of its own, as separate clients would. The
+    delivery latency of an event is its receive time minus the time its change was sent: all
+    processes read CLOCK_MONOTONIC, which Linux keeps system-wide.
+    """
+    args = run.args
+    count = args.watchers
+    flags = (["--max-watchers", str(count)] if count > presence.DEFAULT_MAX_WATCHERS else [])
+    server = run.start_server(args.watch_target, flags)
+    processes = min(args.watch_processes, count)
+    label = f"watch: {count:,} watchers"
+    run.show(f"{label}: opening the streams")
+    began = time.monotonic()
+    watcher_specs = [Watchers(server.address, share, keep=True)
+                     for share in split(count, processes)]
+    writer_spec = SteadyChanges(server.address, args.watch_rate, WATCH_IDS, args.call_timeout)
+    with LoadGroup(watchers, watcher_specs) as group, \
+            LoadGroup(steady_changes, [writer_spec]) as writer:
+        group.wait_ready(START_TIMEOUT + 30)
+        snapshots_s = time.monotonic() - began
+        writer.wait_ready()
+        threads = thread_count(server.pid)
+        idle_before = run.cpu(server, group, writer)
+        run.wait_until(time.monotonic_ns() + int(WATCH_IDLE_SECONDS * SECOND_NS),
+                       f"{label}: idle")
+        idle = cpu_figures(idle_before, run.cpu(server, group, writer), 0, WATCH_IDLE_SECONDS)
+        before = run.cpu(server, group, writer)
+        start_ns = time.monotonic_ns()
+        end_ns = start_ns + int(args.watch_seconds * SECOND_NS)
+        writer.go(start_ns, end_ns)
+        run.wait_until(end_ns, f"{label}: {args.watch_rate:g} changes/s")
+        run.show(f"{label}: the writer's last acknowledgements")
+        made = writer.gather("made", args.call_timeout + 60)[0]
+        final = max(made["revisions"], default=0)
+        group.tell((final, time.monotonic_ns() + int(WATCH_DRAIN_SECONDS * SECOND_NS)))
+        run.show(f"{label}: waiting for every watcher to reach revision {final:,}")
+        outcomes = group.gather("reached", WATCH_DRAIN_SECONDS + 60)
+        after = run.cpu(server, group, writer)
+        seconds = (time.monotonic_ns() - start_ns) / 1e9
+        group.stop()
+        writer.stop()
+        group.results(60)
+        writer.results(60)
+    server.check()
+    server.stop()
+    return watch_figures(args, count, processes, made, outcomes, snapshots_s, threads, idle,
+                         cpu_figures(before, after, len(made["revisions"]), seconds), seconds)
+
+
+def watch_figures(args, count, processes, made, outcomes, snapshots_s, threads, idle, cpu,
+                  seconds):
+    """Compare what every watcher received with the changes made."""
+    sent = dict(zip(made["revisions"], made["sent"]))
+    changes = len(sent)
+    latencies, received, missing, duplicates, gaps = [], 0, 0, 0, 0
+    ended = Counter()
+    for outcome in outcomes:
+        duplicates += sum(outcome["duplicates"])
+        gaps += sum(outcome["gaps"])
+        ended.update(code for code in outcome["ended"] if code)
+        for revisions, times in zip(outcome["revisions"], outcome["times"]):
+            seen = set()
+            for revision, arrived in zip(revisions, times):
+                began = sent.get(revision)
+                if began is not None and revision not in seen:
+                    seen.add(revision)
+                    latencies.append(arrived - began)
+            received += len(seen)
+            missing += changes - len(seen)
+    writes = [acknowledged - began
+              for began, acknowledged in zip(made["sent"], made["acknowledged"])]
+    figures = {
+        "watchers": count, "processes": processes, "target": args.watch_target,
+        "rate": args.watch_rate, "seconds": args.watch_seconds, "ids": WATCH_IDS,
+        "snapshots_s": snapshots_s, "server_threads": threads,
+        "idle_server_cores": idle["server_cores"],
+        "changes": changes, "calls": made["made"], "unchanged": made["unchanged"],
+        "write_errors": made["errors"], "write_p99_ms": _ms(percentile(writes, 0.99)),
+        "events_expected": changes * count, "events_received": received,
+        "missing": missing, "duplicates": duplicates, "gaps": gaps,
+        "ended": dict(ended), "cut_off": ended.get("RESOURCE_EXHAUSTED", 0),
+        **latency_figures(latencies),
+        "delivered_s": seconds,
+        **cpu,
+        "cpu_us_per_event": (cpu["server_cpu_s"] * 1e6 / received) if received else None,
+    }
+    figures["verdicts"] = verdicts(WATCH_GOALS, figures)
+    return figures
+
+
+def render_watch(figures):
+    """The fan-out figures beside DESIGN's target."""
+    goals = {goal.key: goal for goal in WATCH_GOALS}
+
+    def checked(key, text):
+        return f"{text} {_mark(goals[key], figures[key])}"
+
+    table = Table(title=f"Watch: {figures['watchers']:,} watchers ({figures['processes']} load "
+                        f"processes, a channel each) on {figures['target']}, "
+                        f"{figures['rate']:g} changes/s for {figures['seconds']:g} s "
+                        f"(hello/goodbye over {figures['ids']} ids, one writer process)")
+    for header in ("figure", "value", "DESIGN §7"):
+        table.add_column(header, justify="right" if header == "value" else "left")
+    table.add_row("every watcher had its snapshot after", f"{figures['snapshots_s']:.1f} s", "")
+    table.add_row("server threads", f"{figures['server_threads']:,}", "")
+    table.add_row("server cores, watchers idle", _fmt(figures["idle_server_cores"], 2), "")
+    unchanged = f", {figures['unchanged']:,} unchanged" if figures["unchanged"] else ""
+    table.add_row("changes made (calls)", f"{figures['changes']:,} ({figures['calls']:,} calls"
+                  f"{unchanged})", "")
+    table.add_row("write errors", _fmt_errors(figures["write_errors"]), "")
+    table.add_row("write p99 ms (until acknowledged)", _fmt(figures["write_p99_ms"], 2), "")
+    table.add_row("events expected (changes × watchers)", f"{figures['events_expected']:,}", "")
+    table.add_row("events received", f"{figures['events_received']:,}", "")
+    table.add_row("missing", checked("missing", f"{figures['missing']:,}"),
+                  "every change reaches all")
+    table.add_row("repeated", checked("duplicates", f"{figures['duplicates']:,}"), "none")
+    table.add_row("streams cut off (RESOURCE_EXHAUSTED)",
+                  checked("cut_off", f"{figures['cut_off']:,}"), "none")
+    others = {code: n for code, n in figures["ended"].items() if code != "RESOURCE_EXHAUSTED"}
+    if others:
+        table.add_row("streams ended otherwise", _fmt_errors(others), "")
+    table.add_row("delivery p50 ms (receive − send)", _fmt(figures["p50_ms"], 1), "")
+    table.add_row("delivery p99 ms", checked("p99_ms", _fmt(figures["p99_ms"], 1)),
+                  goals["p99_ms"].describe())
+    table.add_row("delivery max ms", _fmt(figures["max_ms"], 1), "")
+    table.add_row("all delivered after", f"{figures['delivered_s']:.1f} s", "")
+    table.add_row("server CPU µs per change (per event)",
+                  f"{_fmt(figures['cpu_us_per_call'], 0)} ({_fmt(figures['cpu_us_per_event'], 1)})",
+                  "")
+    table.add_row("server cores busy", _fmt(figures["server_cores"], 2), "")
+    table.add_row("load processes' cores busy", _fmt(figures["load_cores"], 2), "")
+    table.add_row("other processes' cores (noise)", _fmt(figures["noise_cores"], 2), "")
+    return [table]
+
+
+# --- mode: soak ----------------------------------------------------------------
+
+
+def run_soak(run):
+    """Thousands of clients on channels of their own, one SOAK_MIX call a second each, and
+    SOAK_WATCHERS watchers, for minutes: errors, memory and whether latency drifts."""
+    args = run.args
+    clients, seconds = args.soak_clients, args.soak_seconds
+    processes = min(SOAK_PROCESSES, clients)
+    server = run.start_server(args.soak_target)
+    label = f"soak: {clients:,} clients"
+    run.show(f"{label}: {args.soak_watchers} watchers")
+    watch_specs = ([Watchers(server.address, args.soak_watchers, keep=False)]
+                   if args.soak_watchers > 0 else [])
+    with grpc.insecure_channel(server.address) as channel, \
+            LoadGroup(watchers, watch_specs) as watch:
+        stub = pb_grpc.ClientServiceStub(channel)
+        watch.wait_ready()
+        specs = [Mix(server.address, f"soak-p{index}", share, args.call_timeout, index)
+                 for index, share in enumerate(split(clients, processes))]
+        run.show(f"{label}: connecting and registering", total=clients)
+        began = time.monotonic()
+        with LoadGroup(mixed_clients, specs) as group:
+            group.wait_ready(START_TIMEOUT + 30,
+                             on_progress=lambda count: run.progress.advance(run.phase, count))
+            connect_s = time.monotonic() - began
+            start_ns = time.monotonic_ns() + int(args.warmup * SECOND_NS)
+            end_ns = start_ns + int(seconds * SECOND_NS)
+            group.go(start_ns, end_ns)
+            run.wait_until(start_ns, f"{label}: warm-up")
+            revision_start = stub.CountClients(pb.CountClientsRequest(),
+                                               timeout=args.call_timeout).revision
+            before = run.cpu(server, group, watch)
+            threads_start, fds_start = thread_count(server.pid), fd_count(server.pid)
+            rss = sample_rss(run, server, start_ns, end_ns, f"{label}: soaking")
+            after = run.cpu(server, group, watch)
+            threads_end, fds_end = thread_count(server.pid), fd_count(server.pid)
+            revision_end = stub.CountClients(pb.CountClientsRequest(),
+                                             timeout=args.call_timeout).revision
+            run.show(f"{label}: collecting")
+            outcomes = group.results(args.call_timeout + 60)
+        final = stub.CountClients(pb.CountClientsRequest(), timeout=args.call_timeout).revision
+        watch.tell((final, time.monotonic_ns() + int(WATCH_DRAIN_SECONDS * SECOND_NS)))
+        run.show(f"{label}: waiting for the watchers to reach revision {final:,}")
+        seen = watch.gather("reached", WATCH_DRAIN_SECONDS + 60)
+        watch.stop()
+        watch.results(60)
+    server.check()
+    server.stop()
+    calls = sum(len(outcome["latencies"]) for outcome in outcomes)
+    errors = Counter()
+    for outcome in outcomes:
+        errors.update(outcome["errors"])
+    figures = {
+        "clients": clients, "processes": processes, "seconds": seconds,
+        "target": args.soak_target, "watchers": args.soak_watchers, "connect_s": connect_s,
+        "mix": dict(SOAK_MIX), "lease_seconds": SOAK_LEASE_SECONDS,
+        "calls": calls + sum(errors.values()), "calls_due": int(clients * seconds),
+        "errors": dict(errors), "error_count": sum(errors.values()),
+        **latency_figures([value for outcome in outcomes for value in outcome["latencies"]]),
+        **soak_slices(outcomes, start_ns, seconds, rss),
+        **cpu_figures(before, after, calls + sum(errors.values()), seconds),
+        "changes": revision_end - revision_start,
+        "server_threads": [threads_start, threads_end], "server_fds": [fds_start, fds_end],
+        **soak_watchers(seen, final),
+    }
+    figures["verdicts"] = verdicts(SOAK_GOALS, figures)
+    return figures
+
+
+def sample_rss(run, server, start_ns, end_ns, description):
+    """The server's RSS every RSS_SAMPLE_SECONDS until end_ns: (seconds since start_ns, bytes)."""
+    samples = []
+    run.show(description, total=(end_ns - start_ns) / 1e9)
+    next_ns = start_ns
+    while True:
+        now = time.monotonic_ns()
+        if now >= next_ns:
+            samples.append(((now - start_ns) / 1e9, rss_bytes(server.pid)))
+            next_ns += int(RSS_SAMPLE_SECONDS * SECOND_NS)
+            server.check()
+        if now >= end_ns:
+            return samples
+        run.progress.update(run.phase, completed=(now - start_ns) / 1e9)
+        time.sleep(max(0, min(next_ns, end_ns) - now) / 1e9)
+
+
+def soak_slices(outcomes, start_ns, seconds, rss):
+    """Latency by call and by SOAK_SLICE_SECONDS slice; the server's memory over the soak."""
+    slices = max(1, math.ceil(seconds / SOAK_SLICE_SECONDS))
+    by_slice = [[] for _ in range(slices)]
+    errors_by_slice = [0] * slices
+    by_kind = [[] for _ in SOAK_OPS]
+    width = SOAK_SLICE_SECONDS * SECOND_NS
+    for outcome in outcomes:
+        for began, latency, kind in zip(outcome["starts"], outcome["latencies"],
+                                        outcome["kinds"]):
+            by_slice[min(slices - 1, (began - start_ns) // width)].append(latency)
+            by_kind[kind].append(latency)
+        for began in outcome["error_starts"]:
+            errors_by_slice[min(slices - 1, (began - start_ns) // width)] += 1
+    p99s = [_ms(percentile(values, 0.99)) for values in by_slice]
+    growth = slope(rss)
+    return {
+        "slices": [{"from_s": index * SOAK_SLICE_SECONDS, "calls": len(values),
+                    "errors": errors_by_slice[index], "p99_ms": p99s[index],
+                    "max_ms": _ms(max(values, default=None)),
+                    "rss_mib": next((size / 2**20 for at, size in reversed(rss)
+                                     if at <= (index + 1) * SOAK_SLICE_SECONDS), None)}
+                   for index, values in enumerate(by_slice)],
+        "p99_ms_by_call": {op: _ms(percentile(values, 0.99))
+                           for op, values in zip(SOAK_OPS, by_kind)},
+        "calls_by_kind": {op: len(values) for op, values in zip(SOAK_OPS, by_kind)},
+        "drift": ratio(p99s[-1], p99s[0]),
+        "rss_start_mib": rss[0][1] / 2**20, "rss_end_mib": rss[-1][1] / 2**20,
+        "rss_peak_mib": max(size for _, size in rss) / 2**20,
+        "rss_mib_per_minute": None if growth is None else growth * 60 / 2**20,
+        "rss_samples": [(round(at, 1), size) for at, size in rss],
+    }
+
+
+def soak_watchers(outcomes, final):
+    """What the soak's watchers received against the last revision: missing, repeated, cut off.
+
+    A stream carries every revision in order, so a revision skipped is an event missing."""
+    if not outcomes:
+        return {"watch_final_revision": final, "watch_events": None, "watch_missing": None,
+                "watch_duplicates": None, "watch_ended": {}, "watch_cut_off": None,
+                "watch_reasons": {}}
+    seen = outcomes[0]
+    behind = sum(max(0, final - last) for last in seen["last"])
+    ended = Counter(code for code in seen["ended"] if code)
+    return {
+        "watch_final_revision": final, "watch_events": sum(seen["received"]),
+        "watch_missing": sum(seen["gaps"]) + behind,
+        "watch_duplicates": sum(seen["duplicates"]), "watch_ended": dict(ended),
+        "watch_cut_off": ended.get("RESOURCE_EXHAUSTED", 0), "watch_reasons": seen["reasons"],
+    }
+
+
+def render_soak(figures):
+    """The soak's figures beside DESIGN's connected-clients and watch targets."""
+    goals = {goal.key: goal for goal in SOAK_GOALS}
+
+    def checked(key, text):
+        return f"{text} {_mark(goals[key], figures[key])}"
+
+    mix = ", ".join(f"{op} {weight}%" for op, weight in figures["mix"].items())
+    table = Table(title=f"Soak: {figures['clients']:,} clients (own channel each, "
+                        f"{figures['processes']} load processes), one call a second each "
+                        f"({mix}), and {figures['watchers']} watchers, {figures['seconds']:g} s "
+                        f"on {figures['target']}")
+    for header in ("figure", "value", "DESIGN §7"):
+        table.add_column(header, justify="right" if header == "value" else "left")
+    table.add_row("connected and registered in", f"{figures['connect_s']:.1f} s", "")
+    table.add_row("calls made / due", f"{figures['calls']:,} / {figures['calls_due']:,}", "")
+    table.add_row("changes (revisions) in the window", f"{figures['changes']:,}", "")
+    table.add_row("errors", checked("error_count", _fmt_errors(figures["errors"])),
+                  "zero errors (at 4,000)")
+    table.add_row("p50 ms", _fmt(figures["p50_ms"], 2), "")
+    table.add_row("p99 ms", checked("p99_ms", _fmt(figures["p99_ms"], 2)),
+                  f"{goals['p99_ms'].describe()} (at 4,000)")
+    table.add_row("max ms", _fmt(figures["max_ms"], 1), "")
+    table.add_row("p99 ms by call", ", ".join(
+        f"{op} {_fmt(value, 1)}" for op, value in figures["p99_ms_by_call"].items()), "")
+    table.add_row(f"p99 ms per {SOAK_SLICE_SECONDS} s slice",
+                  " | ".join(_fmt(entry["p99_ms"], 1) for entry in figures["slices"]), "")
+    table.add_row("drift: last slice p99 / first", _fmt_ratio(figures["drift"]), "no target")
+    table.add_row("server RSS start → end (peak) MiB",
+                  f"{figures['rss_start_mib']:.0f} → {figures['rss_end_mib']:.0f} "
+                  f"({figures['rss_peak_mib']:.0f})", "")
+    table.add_row("server RSS growth MiB/minute", _fmt(figures["rss_mib_per_minute"], 1),
+                  "no target")
+    table.add_row("server threads start → end",
+                  " → ".join(f"{n:,}" for n in figures["server_threads"]), "")
+    table.add_row("server fds start → end", " → ".join(f"{n:,}" for n in figures["server_fds"]),
+                  "")
+    table.add_row("server CPU µs/call", _fmt(figures["cpu_us_per_call"], 1), "")
+    table.add_row("server cores busy", _fmt(figures["server_cores"], 2), "")
+    table.add_row("load processes' cores busy", _fmt(figures["load_cores"], 2), "")
+    table.add_row("other processes' cores (noise)", _fmt(figures["noise_cores"], 2), "")
+    if figures["watch_events"] is None:
+        return [table]
+    table.add_row("watch: events received (changes seen by one: reasons)",
+                  f"{figures['watch_events']:,} ("
+                  + ", ".join(f"{reason} {n:,}"
+                              for reason, n in sorted(figures["watch_reasons"].items())) + ")",
+                  "")
+    table.add_row("watch: events missing",
+                  checked("watch_missing", f"{figures['watch_missing']:,}"),
+                  "every change reaches all")
+    table.add_row("watch: events repeated",
+                  checked("watch_duplicates", f"{figures['watch_duplicates']:,}"), "none")
+    table.add_row("watch: streams cut off",
+                  checked("watch_cut_off", f"{figures['watch_cut_off']:,}"), "none")
+    others = {code: n for code, n in figures["watch_ended"].items()
+              if code != "RESOURCE_EXHAUSTED"}
+    if others:
+        table.add_row("watch: streams ended otherwise", _fmt_errors(others), "")
+    return [table]
+
+
 MODES = {mode.name: mode for mode in (
-    Mode("throughput", "SendMessage against the ceiling, memory:// and SQLite",
+    Mode("throughput", "SendMessage against the ceiling, memory://, memory+lease and SQLite",
          run_throughput, render_throughput),
     Mode("scale", "registries of N clients: page, count, all-clients map, memory, writes",
          run_scale, render_scale),
     Mode("connections", "N connected clients calling once a second",
          run_connections, render_connections),
+    Mode("watch", "N watchers, changes at a steady rate: every event, its delivery latency",
+         run_watch, render_watch),
+    Mode("soak", "thousands of clients making mixed calls, and watchers, for minutes "
+         "(--full only)", run_soak, render_soak),
 )}
 
 
@@ -1171,15 +1894,21 @@ def build_parser():
         epilog="Modes: " + "; ".join(f"{name}: {mode.help}" for name, mode in MODES.items())
         + ". Examples: `python bench.py` (quick, under 3 minutes), `python bench.py --full` "
         "(under 15 minutes), `python bench.py --only scale --scale 1000000`, "
+        "`python bench.py --only watch --watchers 1000`, "
+        "`python bench.py --only soak --soak-seconds 600`, "
         "`make bench ARGS=--full`. Results go to the terminal and, with every per-round figure, "
         "to the --output JSON file.",
     )
     parser.add_argument("--full", action="store_true",
                         help=f"the full run: {full['rounds']} rounds of {full['window']:g} s, scale "
                         f"at {', '.join(f'{n:,}' for n in full['scale'])}, "
-                        f"{full['connections']:,} connections for {full['connections_seconds']:g} s")
+                        f"{full['connections']:,} connections for "
+                        f"{full['connections_seconds']:g} s, {full['watchers']:,} watchers, "
+                        f"a {full['soak_seconds']:g} s soak")
     parser.add_argument("--only", nargs="+", choices=list(MODES), metavar="MODE",
-                        help=f"run only these modes ({', '.join(MODES)}); default: all")
+                        help=f"run only these modes ({', '.join(MODES)}); default: "
+                        f"{', '.join(quick['modes'])}, and with --full also "
+                        f"{', '.join(set(full['modes']) - set(quick['modes']))}")
     parser.add_argument("--output", type=Path, default=Path("bench-results.json"),
                         help="JSON file for every figure (default: %(default)s)")
     load = parser.add_argument_group("the SendMessage load")
@@ -1202,7 +1931,9 @@ def build_parser():
                             f"(quick: {quick['rounds']}, --full: {full['rounds']})")
     throughput.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS),
                             metavar="TARGET", help="servers to compare (ceiling, memory, "
-                            "sqlite); the ceiling always runs (default: all)")
+                            "memory+lease: every call with a session and a "
+                            f"{LEASE_SECONDS} s lease, sqlite); the ceiling always runs "
+                            "(default: all)")
     scale = parser.add_argument_group("scale mode")
     scale.add_argument("--scale", type=_positive_int, nargs="+", metavar="N",
                        help="registry sizes to preload and measure (quick: "
@@ -1215,12 +1946,38 @@ def build_parser():
                              help="seconds measured (quick: "
                              f"{quick['connections_seconds']:g}, --full: "
                              f"{full['connections_seconds']:g})")
-    connections.add_argument("--connections-target", choices=TARGETS, default="memory",
+    connections.add_argument("--connections-target", choices=SERVERS, default="memory",
                              help="server they call (default: %(default)s; the ceiling shows "
                              "what gRPC itself manages on this machine)")
     connections.add_argument("--connection-processes", type=_positive_int, metavar="P",
                              help=f"load processes holding them (default: one per "
                              f"{CHANNELS_PER_PROCESS:,} clients)")
+    watch = parser.add_argument_group("watch mode")
+    watch.add_argument("--watchers", type=_positive_int, metavar="N",
+                       help=f"Watch streams, each on a channel of its own (quick: "
+                       f"{quick['watchers']:,}, --full: {full['watchers']:,}); past the server's "
+                       f"default --max-watchers ({presence.DEFAULT_MAX_WATCHERS:,}) it is raised")
+    watch.add_argument("--watch-rate", type=_positive_float, default=50.0, metavar="R",
+                       help="changes a second (default: %(default)s)")
+    watch.add_argument("--watch-seconds", type=_positive_float, default=10.0, metavar="S",
+                       help="seconds of changes (default: %(default)s)")
+    watch.add_argument("--watch-target", choices=SERVERS[1:], default="memory",
+                       help="server watched (default: %(default)s)")
+    watch.add_argument("--watch-processes", type=_positive_int, default=WATCH_PROCESSES,
+                       metavar="P", help="load processes holding the watchers "
+                       "(default: %(default)s)")
+    soak = parser.add_argument_group("soak mode")
+    soak.add_argument("--soak-seconds", type=_positive_float, metavar="S",
+                      help=f"seconds measured (default: {full['soak_seconds']:g})")
+    soak.add_argument("--soak-clients", type=_positive_int, default=2_000, metavar="N",
+                      help="clients, each on a channel of its own, in "
+                      f"{SOAK_PROCESSES} load processes (default: %(default)s, what the ceiling "
+                      "serves on 2 cores; 4,000 is past it)")
+    soak.add_argument("--soak-target", choices=SERVERS[1:], default="memory",
+                      help="server soaked (default: %(default)s)")
+    soak.add_argument("--soak-watchers", type=int, default=SOAK_WATCHERS, metavar="N",
+                      help="watchers meanwhile, in a load process of their own; 0 for none "
+                      "(default: %(default)s)")
     parser.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="bench.py's own log (default: %(default)s)")
@@ -1230,10 +1987,11 @@ def build_parser():
 def parse_args(argv):
     """Parsed options with the preset filled in where none was given."""
     args = build_parser().parse_args(argv)
-    for key, value in PRESETS["full" if args.full else "quick"].items():
-        if getattr(args, key) is None:
+    preset = PRESETS["full" if args.full else "quick"]
+    for key, value in preset.items():
+        if key != "modes" and getattr(args, key) is None:
             setattr(args, key, value)
-    args.only = args.only or list(MODES)
+    args.only = args.only or list(preset["modes"])
     return args
 
 
@@ -1261,6 +2019,7 @@ def main(argv=None):
     results = {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
+        "source": source_version(),
         "options": {key: value if not isinstance(value, Path) else str(value)
                     for key, value in vars(args).items()},
     }

@@ -24,6 +24,7 @@ import sqlite3
 import sys
 import threading
 import time
+import urllib.parse
 from concurrent import futures
 from dataclasses import dataclass
 from enum import IntEnum
@@ -648,12 +649,18 @@ class SqliteStore:
     """
     _UPSERT = "INSERT OR REPLACE INTO clients VALUES (?, ?, ?, ?, ?, ?, ?)"
 
-    def __init__(self, path):
+    SYNC_LEVELS = ("normal", "full")
+
+    def __init__(self, path, sync="normal"):
+        """sync=normal: a commit is in the OS before the reply, safe from kill -9 and crashes of
+        the server; sync=full also waits for the disk (fsync), safe from power loss, slower."""
         self.path = path
+        if sync not in self.SYNC_LEVELS:
+            raise StoreError(f"sync must be one of {', '.join(self.SYNC_LEVELS)}, got {sync!r}")
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA synchronous={sync.upper()}")
             self._db.execute(self._SCHEMA)
             self._check_schema()
         except sqlite3.Error as error:
@@ -756,11 +763,16 @@ class SqliteStore:
 
 
 def open_store(url):
-    """Open the store a --store URL names."""
+    """Open the store a --store URL names: memory://, or sqlite:///PATH[?sync=normal|full]."""
     if url == "memory://":
         return MemoryStore()
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
-        return SqliteStore(url[len("sqlite:///"):])
+        path, _, query = url[len("sqlite:///"):].partition("?")
+        options = urllib.parse.parse_qs(query)
+        unknown = set(options) - {"sync"}
+        if unknown:
+            raise StoreError(f"unknown option {sorted(unknown)[0]!r} in {url!r}: only sync")
+        return SqliteStore(path, *options.get("sync", [])[-1:])
     raise StoreError(f"unsupported store URL {url!r}: use sqlite:///PATH or memory://")
 
 
@@ -1404,7 +1416,8 @@ def build_parser():
                         "[PRESENCE_PORT]")
     parser.add_argument("--store", default=_env("STORE", DEFAULT_STORE),
                         help="where statuses live: sqlite:///PATH (durable; a relative PATH is "
-                        "relative to the working directory) or memory:// (lost on exit) "
+                        "relative to the working directory; add ?sync=full to also survive a "
+                        "power loss, at a cost in speed) or memory:// (lost on exit) "
                         "[PRESENCE_STORE]")
     parser.add_argument("--workers", type=_positive_int, default=_env("WORKERS", DEFAULT_WORKERS),
                         help="threads serving calls [PRESENCE_WORKERS]")

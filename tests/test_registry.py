@@ -1,5 +1,6 @@
 """The rules without gRPC: validation, the registry's pages and counts, the SQLite store."""
 
+import re
 import threading
 from concurrent import futures
 
@@ -123,3 +124,24 @@ def test_concurrent_writers_share_sqlite_commits(tmp_path):
 def test_unopenable_database_is_a_store_error_naming_the_path(tmp_path):
     with pytest.raises(presence.StoreError, match="cannot open SQLite database .*missing"):
         presence.SqliteStore(str(tmp_path / "missing" / "dir" / "db.sqlite"))
+
+
+@allure.feature("Durability")
+@allure.story("SQLite store")
+@pytest.mark.parametrize(("query", "level"), [("", 1), ("?sync=normal", 1), ("?sync=full", 2)])
+def test_store_url_picks_the_sqlite_sync_level(tmp_path, query, level):
+    store = presence.open_store(f"sqlite:///{tmp_path / 'db.sqlite'}{query}")
+    assert store._db.execute("PRAGMA synchronous").fetchone() == (level,)
+    store.close()
+
+
+@allure.feature("Durability")
+@allure.story("SQLite store")
+@pytest.mark.parametrize(("url", "reason"), [
+    ("sqlite:///x.db?sync=fast", "sync must be one of normal, full, got 'fast'"),
+    ("sqlite:///x.db?cache=big", "unknown option 'cache'"),
+    ("postgres://db", "unsupported store URL"),
+])
+def test_bad_store_urls_say_what_is_wrong(url, reason):
+    with pytest.raises(presence.StoreError, match=re.escape(reason)):
+        presence.open_store(url)

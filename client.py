@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import socket
 import sys
 import threading
@@ -911,21 +912,29 @@ def run_terminal(client, out, err, args):
         reader.close()
 
 
+def _leave(signum, frame):
+    """End the menu as exit does, so --as says goodbye before the process goes."""
+    raise SystemExit(EXIT_OK)
+
+
 def run_menu(client, out, err, args):
     """The menu in a terminal or over piped input, as args.user while it runs if asked."""
-    keeper = None
-    if args.user:
-        try:
-            keeper = PresenceKeeper(client, args.user, args.lease).start()
-        except grpc.RpcError as error:
-            message, code = describe_error(error, client.address, client.timeout)
-            err.print(Text(f"error: cannot connect as {args.user}: {message}", style="red"))
-            return code
+    keeper = args.user and PresenceKeeper(client, args.user, args.lease)
+    if keeper:
+        for signum in (signal.SIGHUP, signal.SIGTERM):  # a closed terminal, a polite kill
+            signal.signal(signum, _leave)
     try:
+        if keeper:
+            keeper.start()
         if sys.stdin.isatty() and sys.stdout.isatty():
             return run_terminal(client, out, err, args)
         reader = PipeReader(sys.stdin, out)
         return run_loop(Dispatcher(client, out, err, json_output=args.json, read=reader))
+    except grpc.RpcError as error:  # only keeper.start() lets one out
+        message, code = describe_error(error, client.address, client.timeout)
+        err.print(Text(f"error: cannot connect as {args.user}: {message}", style="red"),
+                  soft_wrap=True)
+        return code
     finally:
         if keeper:
             keeper.close()

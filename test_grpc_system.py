@@ -1082,6 +1082,27 @@ def test_client_as_user_goes_offline_when_its_lease_runs_out_after_kill_9(addres
 
 @allure.feature("Client")
 @allure.story("--as keeps a user connected")
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM],
+                         ids=["terminal-closed", "terminated"])
+def test_client_as_user_says_goodbye_when_its_terminal_closes_or_it_is_terminated(
+        address, stub, signum):
+    watch = Watch(stub)
+    watch.snapshot()
+    client = subprocess.Popen([sys.executable, CLIENT, "--server", address, "--as", "ivan"],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    assert next_event(watch).kind == pb.EVENT_CONNECTED
+    client.send_signal(signum)
+    assert client.wait(DEADLINE) == 0
+    event = next_event(watch)
+    assert (event.client.client_id, event.kind, event.reason) == (
+        "ivan", pb.EVENT_DISCONNECTED, "goodbye")
+    assert "Traceback" not in client.stderr.read()
+    watch.call.cancel()
+
+
+@allure.feature("Client")
+@allure.story("--as keeps a user connected")
 def test_client_as_user_says_goodbye_for_its_session_on_exit(repl, address, stub):
     hello(stub, "frank", "desk")
     watch = Watch(stub)
@@ -1308,3 +1329,13 @@ def test_metrics_port_exposes_users_sessions_watchers_rpcs_latency_and_commit_ti
                     (("code", "INVALID_ARGUMENT"), ("method", "SendMessage")))] == 1
     assert samples[("presence_rpc_seconds_count", (("method", "SendMessage"),))] == 3
     assert samples[("presence_store_commit_seconds_count", ())] >= 1
+
+
+@allure.feature("Client")
+@allure.story("--as keeps a user connected")
+def test_client_as_a_name_the_server_refuses_is_one_line_and_exit_1(address):
+    result = run_client("--server", address, "--as", "tab\there", stdin="")
+    assert result.returncode == 1
+    assert result.stderr == ("error: cannot connect as tab\there: client_id must not contain "
+                             "control characters, found U+0009 at position 3 "
+                             "(INVALID_ARGUMENT)\n")

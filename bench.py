@@ -91,6 +91,8 @@ SOAK_SLICE_SECONDS = 10
 SOAK_LEASE_SECONDS = 10
 SOAK_SESSIONS = 2
 SOAK_PAGE_SIZE = 100
+SOAK_REGISTER_IN_FLIGHT = 32
+SOAK_REGISTER_TRIES = 5
 RSS_SAMPLE_SECONDS = 1.0
 # What each soak client does each second, by weight: its default session toggled (hello or
 # goodbye, always a change), a named session started or renewed with a lease of
@@ -866,19 +868,32 @@ async def steady_changes(connection, spec):
 async def mixed_clients(connection, spec):
     """`clients` channels of their own, each making one SOAK_MIX call a second.
 
-    Each client first registers its id (a goodbye), so the reads find every id. Calls begun
-    between start_ns and end_ns are counted: their start, latency and kind, and errors by code.
+    Each client first registers its id (a goodbye), so the reads find every id: a setup step,
+    at most SOAK_REGISTER_IN_FLIGHT at a time per process and retried, its failures counted
+    apart. Calls begun between start_ns and end_ns are counted: their start, latency and kind,
+    and errors by call and code.
     """
     options = [("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.aio.insecure_channel(spec.address, options=options)
                 for _ in range(spec.clients)]
     names = [f"{spec.tag}-{number}" for number in range(spec.clients)]
     weights = [weight for _, weight in SOAK_MIX]
+    setup_errors, gate = Counter(), asyncio.Semaphore(SOAK_REGISTER_IN_FLIGHT)
     try:
         async def register(name, channel):
             await channel.channel_ready()
-            await pb_grpc.ClientServiceStub(channel).SendMessage(
-                pb.MessageRequest(client_id=name, message="goodbye"), timeout=START_TIMEOUT)
+            async with gate:
+                for attempt in range(SOAK_REGISTER_TRIES):
+                    try:
+                        await pb_grpc.ClientServiceStub(channel).SendMessage(
+                            pb.MessageRequest(client_id=name, message="goodbye"),
+                            timeout=START_TIMEOUT)
+                        break
+                    except grpc.aio.AioRpcError as error:
+                        setup_errors[error.code().name] += 1
+                        if attempt == SOAK_REGISTER_TRIES - 1:
+                            raise
+                        await asyncio.sleep(0.5)
             connection.send(("progress", 1))
 
         await asyncio.wait_for(asyncio.gather(*(register(name, channel)
@@ -944,7 +959,7 @@ async def mixed_clients(connection, spec):
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
     return {"starts": starts, "latencies": latencies, "kinds": kinds, "errors": dict(errors),
-            "error_starts": error_starts}
+            "error_starts": error_starts, "setup_errors": dict(setup_errors)}
 
 
 async def preload(connection, spec):
@@ -1710,15 +1725,17 @@ def run_soak(run):
     server.check()
     server.stop()
     calls = sum(len(outcome["latencies"]) for outcome in outcomes)
-    errors = Counter()
+    errors, setup_errors = Counter(), Counter()
     for outcome in outcomes:
         errors.update(outcome["errors"])
+        setup_errors.update(outcome["setup_errors"])
     figures = {
         "clients": clients, "processes": processes, "seconds": seconds,
         "target": args.soak_target, "watchers": args.soak_watchers, "connect_s": connect_s,
         "mix": dict(SOAK_MIX), "lease_seconds": SOAK_LEASE_SECONDS,
         "calls": calls + sum(errors.values()), "calls_due": int(clients * seconds),
         "errors": dict(errors), "error_count": sum(errors.values()),
+        "setup_errors": dict(setup_errors),
         **latency_figures([value for outcome in outcomes for value in outcome["latencies"]]),
         **soak_slices(outcomes, start_ns, seconds, rss),
         **cpu_figures(before, after, calls + sum(errors.values()), seconds),
@@ -1814,7 +1831,9 @@ def render_soak(figures):
                         f"on {figures['target']}")
     for header in ("figure", "value", "DESIGN §7"):
         table.add_column(header, justify="right" if header == "value" else "left")
-    table.add_row("connected and registered in", f"{figures['connect_s']:.1f} s", "")
+    retried = (f" (retried: {_fmt_errors(figures['setup_errors'])})"
+               if figures.get("setup_errors") else "")
+    table.add_row("connected and registered in", f"{figures['connect_s']:.1f} s{retried}", "")
     table.add_row("calls made / due", f"{figures['calls']:,} / {figures['calls_due']:,}", "")
     table.add_row("changes (revisions) in the window", f"{figures['changes']:,}", "")
     table.add_row("errors", checked("error_count", _fmt_errors(figures["errors"])),

@@ -66,9 +66,9 @@ STATUS_MAP_CHUNK = 10_000
 EVENTS_PER_MESSAGE = 500
 WATCH_POLL_SECONDS = 1.0
 # After each message a watcher waits a moment before reading again, longer the more
-# watchers there are (75 to 150 ms at a thousand), so a busy registry reaches them all as a
+# watchers there are (50 to 100 ms at a thousand), so a busy registry reaches them all as a
 # few messages of many events each, while a lone watcher sees changes at once.
-WATCH_COALESCE_PER_WATCHER = 0.00015
+WATCH_COALESCE_PER_WATCHER = 0.0001
 WATCH_COALESCE_MAX = 0.2
 REAPER_MAX_SLEEP = 1.0
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")

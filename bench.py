@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import hashlib
 import itertools
 import json
 import logging
@@ -385,6 +386,11 @@ def source_version():
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "modified": None}
     return {"commit": commit, "modified": sorted(line[3:] for line in dirty.splitlines())}
+
+
+def server_digest():
+    """A short digest of server.py as it is now: what a server started now runs."""
+    return hashlib.sha256((ROOT / "server.py").read_bytes()).hexdigest()[:12]
 
 
 def machine_info():
@@ -1064,6 +1070,8 @@ class Run:
         self.tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
         self.phase = progress.add_task("starting", total=None)
         self._servers = 0
+        # server.py's digest -> the servers started from it, in case it changes during the run
+        self.server_sources = {}
 
     def start_server(self, target, flags=()):
         """A fresh server for target: the ceiling, memory:// (also memory+lease) or SQLite on a
@@ -1077,7 +1085,13 @@ class Run:
             argv = [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0",
                     "--store", store, "--log-level", "INFO", *flags]
         self.show(f"starting the {target} server")
+        digest = server_digest()
+        if self.server_sources and digest not in self.server_sources:
+            logger.warning("server.py changed during this run (now %s): the modes measure "
+                           "different versions", digest)
         server = ServerProcess(target, argv)
+        self.server_sources.setdefault(digest, []).append(
+            f"{target} at {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
         self.stack.callback(server.stop)
         return server
 
@@ -2056,6 +2070,7 @@ def main(argv=None):
                         TaskProgressColumn(), TimeElapsedColumn(), console=console,
                         refresh_per_second=4)
     status = 0
+    run = None
     try:
         with contextlib.ExitStack() as stack, progress:
             run = Run(args, console, progress, stack)
@@ -2076,6 +2091,10 @@ def main(argv=None):
         logger.error("%s", error)
         status = 1
     results["machine"]["loadavg_at_end"] = os.getloadavg()
+    if run is not None:
+        results["source"]["server_py"] = run.server_sources
+        if len(run.server_sources) > 1:
+            logger.warning("server.py changed during this run: %s", run.server_sources)
     write_results(args.output, results)
     console.print(f"results: {args.output}")
     return status

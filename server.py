@@ -336,7 +336,10 @@ class Registry:
         self._lock = threading.Lock()
         self._clients = {}
         self._ids = {Status.CONNECTED: SortedList(), Status.DISCONNECTED: SortedList()}
+        # One heap entry per leased session, at or before its expiry: a renewal only moves
+        # the session's expiry, and an entry that comes due early is pushed back then.
         self._leases = []
+        self._lease_entries = {}  # (client id, session id) -> the time of its heap entry
         self._live_sessions = 0
         self.revision = 0
         self._load(store.load())
@@ -353,11 +356,12 @@ class Registry:
             by_status[record.status].append(record.client_id)
             self.revision = max(self.revision, record.revision)
             self._live_sessions += len(record.sessions)
-            self._leases.extend((session.expires_at, record.client_id, session.session_id)
-                                for session in record.sessions if session.expires_at)
+            for session in record.sessions:
+                if session.expires_at:
+                    self._add_lease_locked(session.expires_at, record.client_id,
+                                           session.session_id)
         for status, ids in by_status.items():
             self._ids[status] = SortedList(ids)
-        heapq.heapify(self._leases)
 
     # -- changes
 
@@ -396,11 +400,16 @@ class Registry:
         with self._lock:
             results = []
             while self._leases and self._leases[0][0] <= now:
-                expires_at, client_id, session_id = heapq.heappop(self._leases)
+                _, client_id, session_id = heapq.heappop(self._leases)
+                del self._lease_entries[client_id, session_id]
                 record = self._clients.get(client_id)
                 session = record and find_session(record.sessions, session_id)
-                if session and session.expires_at == expires_at:
-                    results.append(self._end_locked(record, session_id, False, now, LEASE_EXPIRED))
+                if not session or not session.expires_at:
+                    continue  # ended, or no longer leased
+                if session.expires_at > now:  # renewed since the entry was made
+                    self._add_lease_locked(session.expires_at, client_id, session_id)
+                    continue
+                results.append(self._end_locked(record, session_id, False, now, LEASE_EXPIRED))
             if not results:
                 return []
             ticket = self._submit_results_locked(results)
@@ -477,10 +486,16 @@ class Registry:
                                        message.session_id, GOODBYE, now)
         return self._end_locked(old, message.session_id, not message.session_id, now, GOODBYE)
 
+    def _add_lease_locked(self, expires_at, client_id, session_id):
+        """Give a leased session its heap entry, unless it has one already (due no later)."""
+        if (client_id, session_id) not in self._lease_entries:
+            self._lease_entries[client_id, session_id] = expires_at
+            heapq.heappush(self._leases, (expires_at, client_id, session_id))
+
     def _hello_locked(self, old, message, now):
         expires_at = now + message.lease if message.lease else 0.0
         if expires_at:
-            heapq.heappush(self._leases, (expires_at, message.client_id, message.session_id))
+            self._add_lease_locked(expires_at, message.client_id, message.session_id)
         sessions = old.sessions if old else ()
         new_sessions = put_session(sessions, Session(message.session_id, expires_at))
         if find_session(sessions, message.session_id):
@@ -608,11 +623,11 @@ class MemoryStore:
         return []
 
     def submit_many(self, records, revision):
-        self._on_durable(revision)
-        return 0
+        return revision
 
-    def wait(self, ticket):
-        pass
+    def wait(self, revision):
+        """Publish at once, but outside the registry's lock: waking watchers takes a while."""
+        self._on_durable(revision)
 
     def close(self):
         pass

@@ -145,3 +145,19 @@ def test_store_url_picks_the_sqlite_sync_level(tmp_path, query, level):
 def test_bad_store_urls_say_what_is_wrong(url, reason):
     with pytest.raises(presence.StoreError, match=re.escape(reason)):
         presence.open_store(url)
+
+
+@allure.feature("Leases")
+@allure.story("Expiry on a moved clock")
+def test_renewals_keep_one_heap_entry_per_session_and_still_expire_on_time():
+    now = [1_800_000_000.0]
+    registry = Registry(presence.MemoryStore(), clock=lambda: now[0])
+    for _ in range(100):
+        registry.apply("alice", CONNECTED, "tty", lease=30)
+        now[0] += 10
+        assert registry.expire_due() == []
+    assert len(registry._leases) == 1, "a renewal must not add heap entries"
+    now[0] += 20.5
+    assert [change.reason for change in registry.expire_due()] == ["lease expired"]
+    assert registry.get("alice").status is DISCONNECTED
+    assert registry._leases == [] and registry._lease_entries == {}

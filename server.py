@@ -18,7 +18,6 @@ import itertools
 import json
 import logging
 import os
-import random
 import re
 import signal
 import sqlite3
@@ -66,9 +65,9 @@ STATUS_MAP_CHUNK = 10_000
 EVENTS_PER_MESSAGE = 500
 WATCH_POLL_SECONDS = 1.0
 # After each message a watcher waits a moment before reading again, longer the more
-# watchers there are (50 to 100 ms at a thousand), so a busy registry reaches them all as a
+# watchers there are (150 ms at a thousand), so a busy registry reaches them all as a
 # few messages of many events each, while a lone watcher sees changes at once.
-WATCH_COALESCE_PER_WATCHER = 0.0001
+WATCH_COALESCE_PER_WATCHER = 0.00015
 WATCH_COALESCE_MAX = 0.2
 REAPER_MAX_SLEEP = 1.0
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -1078,9 +1077,8 @@ class ClientService(pb_grpc.ClientServiceServicer):
             if log.durable - since > self._watch_buffer:
                 raise WatchLimit(f"watcher fell more than {self._watch_buffer} changes behind; "
                                  f"watch again with since_revision={since}")
-            if changes:  # jittered, so a thousand watchers do not all send at once
-                log.pause(random.uniform(0.5, 1.0)
-                          * min(WATCH_COALESCE_PER_WATCHER * self.watchers, WATCH_COALESCE_MAX))
+            if changes:
+                log.pause(min(WATCH_COALESCE_PER_WATCHER * self.watchers, WATCH_COALESCE_MAX))
 
     def _snapshot(self, resync):
         """Send every client as of one revision, in chunks; return that revision."""

@@ -48,9 +48,10 @@ def connect(address):
 class ServerProcess:
     """The real `python server.py` in a subprocess, its log read as it comes."""
 
-    def __init__(self, *args, env=None):
-        self.args = [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0",
-                     *args]
+    def __init__(self, *args, env=None, prefix=()):
+        """Start server.py with args; prefix is a command to run it under (prlimit, say)."""
+        self.args = [*prefix, sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1",
+                     "--port", "0", *args]
         self.log = []
         self._eof = False
         self._lines = threading.Condition()

@@ -997,51 +997,13 @@ def test_sigterm_under_load_finishes_calls_ends_watches_cleanly_and_keeps_every_
 # --- 6. a full disk and unusable databases ------------------------------------------------
 
 
-class LimitedServer:
-    """`python server.py` under prlimit's file size limit, its log read as it comes."""
-
-    def __init__(self, fsize, store_url):
-        self.log = []
-        self._eof = False
-        self._lines = threading.Condition()
-        self.process = subprocess.Popen(
-            ["prlimit", f"--fsize={fsize}", sys.executable, str(ROOT / "server.py"),
-             "--host", "127.0.0.1", "--port", "0", "--store", store_url],
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._read_log, daemon=True).start()
-
-    def _read_log(self):
-        for line in self.process.stderr:
-            with self._lines:
-                self.log.append(line.rstrip("\n"))
-                self._lines.notify_all()
-        with self._lines:
-            self._eof = True
-            self._lines.notify_all()
-
-    def wait_for_log(self, pattern):
-        pattern = re.compile(pattern)
-        with self._lines:
-            found = self._lines.wait_for(
-                lambda: self._eof or any(pattern.search(line) for line in self.log), DEADLINE)
-            match = next(filter(None, map(pattern.search, self.log)), None)
-            assert found and match, f"no log line matching {pattern.pattern!r}:\n" + "\n".join(
-                self.log)
-            return match
-
-    def kill(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=DEADLINE)
-
-
 @pytest.fixture
 def limited_servers():
+    """Start `server.py --store URL` under prlimit's file size limit; all are killed after."""
     started = []
 
     def start(fsize, store_url):
-        started.append(LimitedServer(fsize, store_url))
+        started.append(ServerProcess("--store", store_url, prefix=["prlimit", f"--fsize={fsize}"]))
         return started[-1]
 
     yield start

@@ -637,6 +637,17 @@ def _stop_event(connection):
     return event
 
 
+async def timed_call(call):
+    """Await a call: when it began and ended (monotonic ns), and its status code name or None."""
+    began = time.monotonic_ns()
+    try:
+        await call
+        code = None
+    except grpc.aio.AioRpcError as error:
+        code = error.code().name
+    return began, time.monotonic_ns(), code
+
+
 async def closed_loop(connection, spec):
     """SendMessage from in_flight callers over one channel; hello and goodbye alternate per id."""
     numbers = range(spec.first, spec.first + spec.ids)
@@ -664,15 +675,9 @@ async def closed_loop(connection, spec):
             while not stop.is_set():
                 number = next(counter)
                 request = requests[(number // spec.ids) % len(requests)][number % spec.ids]
-                began = time.monotonic_ns()
-                if began >= end_ns:
+                if time.monotonic_ns() >= end_ns:
                     return
-                code = None
-                try:
-                    await send(request, timeout=spec.timeout)
-                except grpc.aio.AioRpcError as error:
-                    code = error.code().name
-                ended = time.monotonic_ns()
+                began, ended, code = await timed_call(send(request, timeout=spec.timeout))
                 if start_ns <= ended < end_ns:
                     if code:
                         errors[code] += 1
@@ -706,13 +711,7 @@ async def connected_clients(connection, spec):
             tick = go_ns + SECOND_NS * number // spec.clients
             while tick < end_ns:
                 await asyncio.sleep(max(0, tick - time.monotonic_ns()) / 1e9)
-                began = time.monotonic_ns()
-                code = None
-                try:
-                    await send(request, timeout=spec.timeout)
-                except grpc.aio.AioRpcError as error:
-                    code = error.code().name
-                ended = time.monotonic_ns()
+                began, ended, code = await timed_call(send(request, timeout=spec.timeout))
                 if start_ns <= began < end_ns:
                     made[0] += 1
                     if code:
@@ -917,7 +916,6 @@ async def mixed_clients(connection, spec):
             tick = go_ns + SECOND_NS * number // spec.clients
             while tick < end_ns:
                 await asyncio.sleep(max(0, tick - time.monotonic_ns()) / 1e9)
-                began = time.monotonic_ns()
                 kind = rng.choices(range(len(SOAK_OPS)), weights)[0]
                 op = SOAK_OPS[kind]
                 if op == "toggle":
@@ -944,12 +942,7 @@ async def mixed_clients(connection, spec):
                         timeout=spec.timeout)
                 else:
                     call = stub.CountClients(pb.CountClientsRequest(), timeout=spec.timeout)
-                code = None
-                try:
-                    await call
-                except grpc.aio.AioRpcError as error:
-                    code = error.code().name
-                ended = time.monotonic_ns()
+                began, ended, code = await timed_call(call)
                 if start_ns <= began < end_ns:
                     if code:
                         errors[f"{op} {code}"] += 1

@@ -130,21 +130,28 @@ class Client(NamedTuple):
 
 
 class Change:
-    """One change as watchers see it: the revision it got and the record after it.
+    """One change as watchers see it: what happened, and the record after it.
 
-    `wire` caches it serialized as a one-event WatchResponse, made by the first
-    watcher that sends it and shared by all the others.
+    Its revision and reason are the record's. `wire` caches it serialized as a
+    one-event WatchResponse, made by the first watcher that sends it and shared
+    by all the others.
     """
 
-    __slots__ = ("revision", "kind", "record", "session_id", "reason", "wire")
+    __slots__ = ("kind", "record", "session_id", "wire")
 
-    def __init__(self, revision, kind, record, session_id, reason):
-        self.revision = revision
+    def __init__(self, kind, record, session_id):
         self.kind = kind
         self.record = record
         self.session_id = session_id
-        self.reason = reason
         self.wire = None
+
+    @property
+    def revision(self):
+        return self.record.revision
+
+    @property
+    def reason(self):
+        return self.record.reason
 
 
 class Message(NamedTuple):
@@ -277,7 +284,7 @@ class ChangeLog:
         with self._lock:
             self._changes.extend(changes)
             excess = len(self._changes) - self._capacity
-            if excess > self._capacity // 4:
+            if excess > self._capacity // 16:  # trimmed in steps: each moves the whole list
                 del self._changes[:excess]
                 self._first += excess
 
@@ -533,7 +540,7 @@ class Registry:
         record = Client(client_id, changed_at, now if seen is None else seen, self.revision, reason,
                         sessions)
         self._install_locked(old, record)
-        return record, Change(self.revision, kind, record, session_id, reason)
+        return record, Change(kind, record, session_id)
 
     def _install_locked(self, old, record):
         self._clients[record.client_id] = record

@@ -65,11 +65,15 @@ SNAPSHOT_CHUNK = 1000
 STATUS_MAP_CHUNK = 10_000
 EVENTS_PER_MESSAGE = 500
 WATCH_POLL_SECONDS = 1.0
-# After each message a watcher waits a moment before reading again, longer the more
-# watchers there are (150 ms at a thousand), so a busy registry reaches them all as a
+# After each pass over its watchers a sender waits a moment before the next, longer the
+# more watchers there are (100 ms at a thousand), so a busy registry reaches them all as a
 # few messages of many events each, while a lone watcher sees changes at once.
-WATCH_COALESCE_PER_WATCHER = 0.00015
+WATCH_COALESCE_PER_WATCHER = 0.0001
 WATCH_COALESCE_MAX = 0.2
+WATCH_SENDERS = 4
+# A sender that waits this long for one watcher's connection to take a message gives
+# its other watchers to a new sender.
+WATCH_STUCK_SECONDS = 0.5
 REAPER_MAX_SLEEP = 1.0
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 WRITE_METHODS = frozenset({"SendMessage", "SendMessages"})
@@ -180,10 +184,6 @@ class StoreError(RuntimeError):
     """The store could not make a change durable."""
 
 
-class WatchLimit(RuntimeError):
-    """A watcher may not start, or may not go on; the message says why."""
-
-
 # --- validation ---------------------------------------------------------------
 
 
@@ -271,7 +271,8 @@ class ChangeLog:
 
     def __init__(self, revision, capacity):
         self._lock = threading.RLock()  # taken directly where nobody is notified: cheaper
-        self._changed = threading.Condition(self._lock)
+        # Notified when changes become visible or the log closes; the fanout waits on it.
+        self.changed = threading.Condition(self._lock)
         self._changes = []
         self._first = revision + 1
         self.durable = revision
@@ -292,10 +293,10 @@ class ChangeLog:
         """Make every change up to revision visible: the store has it."""
         if revision <= self.durable:  # only ever grows, so a stale read just takes the lock
             return
-        with self._changed:
+        with self.changed:
             if revision > self.durable:
                 self.durable = revision
-                self._changed.notify_all()
+                self.changed.notify_all()
 
     def read(self, after, timeout):
         """The visible changes after revision `after`, waiting up to timeout for one.
@@ -303,9 +304,9 @@ class ChangeLog:
         [] when none came in time or the log closed; None when the changes right
         after `after` are no longer held.
         """
-        with self._changed:
+        with self.changed:
             if self.durable <= after and not self.closed:
-                self._changed.wait(timeout)
+                self.changed.wait(timeout)
             if after + 1 < self._first:
                 return None
             return self._changes[after + 1 - self._first:self.durable + 1 - self._first]
@@ -321,10 +322,10 @@ class ChangeLog:
 
     def close(self):
         """Wake every watcher so it can end its stream."""
-        with self._changed:
+        with self.changed:
             self.closed = True
             self._closing.set()
-            self._changed.notify_all()
+            self.changed.notify_all()
 
 
 class Registry:
@@ -958,12 +959,18 @@ def parse_request_bytes(message_class):
 
 def refuse_malformed(behavior):
     """The behavior, preceded by a refusal of requests that did not parse."""
-    def guarded(request, context):
+    def guarded(request, context, *send):
         if type(request) is Malformed:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"the request is not a valid {request.type_name}: {request.error}")
-        return behavior(request, context)
-    return guarded
+        return behavior(request, context, *send)
+    return same_kind(guarded, behavior)
+
+
+def same_kind(wrapper, behavior):
+    """Mark wrapper non-blocking when behavior is, so gRPC hands it a send function too."""
+    wrapper.experimental_non_blocking = getattr(behavior, "experimental_non_blocking", False)
+    return wrapper
 
 
 def method_handlers(service):
@@ -999,7 +1006,7 @@ class ClientService(pb_grpc.ClientServiceServicer):
         self._max_watchers = max_watchers
         self._watchers_lock = threading.Lock()
         self.watchers = 0
-        self._watch_buffer = watch_buffer
+        self._fanout = Fanout(registry.log, watch_buffer)
 
     def SendMessage(self, request, context):
         try:
@@ -1071,60 +1078,232 @@ class ClientService(pb_grpc.ClientServiceServicer):
             revision=counts.revision,
         )
 
-    def Watch(self, request, context):
+    def Watch(self, request, context, send):
+        """Send the snapshot (unless resuming), then hand the stream to the fanout and return."""
         if request.since_revision < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"since_revision must not be negative, got {request.since_revision}")
         if not self._watch_slots.acquire(blocking=False):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"too many watchers (limit {self._max_watchers}); try again later")
+        watcher = Watcher(context, send)
         with self._watchers_lock:
             self.watchers += 1
-        if not context.add_callback(self._watch_ended):
-            self._watch_ended()
+        if not context.add_callback(lambda: self._watch_ended(watcher)):
+            self._watch_ended(watcher)
             return
-        try:
-            yield from self._watch(request.since_revision, context)
-        except WatchLimit as error:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        since = request.since_revision
+        log = self._registry.log
+        resync = bool(since) and (since > self._registry.revision or log.read(since, 0) is None)
+        if resync or not since:
+            since = self._send_snapshot(context, send, resync)
+        watcher.since = since
+        self._fanout.add(watcher)
 
-    def _watch_ended(self):
+    Watch.experimental_non_blocking = True  # gRPC passes `send`; the stream outlives the call
+
+    def _watch_ended(self, watcher):
+        self._fanout.remove(watcher)
         with self._watchers_lock:
             self.watchers -= 1
         self._watch_slots.release()
 
-    def _watch(self, since, context):
-        log = self._registry.log
-        resync = bool(since) and (since > self._registry.revision or log.read(since, 0) is None)
-        if resync or not since:
-            since = yield from self._snapshot(resync)
-        while context.is_active():
-            changes = log.read(since, WATCH_POLL_SECONDS)
-            if changes is None:
-                raise WatchLimit(f"watcher fell behind the changes this server keeps; "
-                                 f"watch again with since_revision={since}")
-            if not changes and log.closed:
-                return
-            for start in range(0, len(changes), EVENTS_PER_MESSAGE):
-                chunk = changes[start:start + EVENTS_PER_MESSAGE]
-                yield b"".join(change_wire(change) for change in chunk)
-                since = chunk[-1].revision
-            if log.durable - since > self._watch_buffer:
-                raise WatchLimit(f"watcher fell more than {self._watch_buffer} changes behind; "
-                                 f"watch again with since_revision={since}")
-            if changes:
-                log.pause(min(WATCH_COALESCE_PER_WATCHER * self.watchers, WATCH_COALESCE_MAX))
-
-    def _snapshot(self, resync):
+    def _send_snapshot(self, context, send, resync):
         """Send every client as of one revision, in chunks; return that revision."""
         records, revision = self._registry.snapshot()
         chunks = [records[start:start + SNAPSHOT_CHUNK]
                   for start in range(0, len(records), SNAPSHOT_CHUNK)] or [[]]
         for number, chunk in enumerate(chunks):
-            yield pb.WatchResponse(snapshot=[client_to_pb(record) for record in chunk],
-                                   snapshot_complete=number == len(chunks) - 1,
-                                   resync=resync and number == 0, revision=revision)
+            if not context.is_active():
+                break
+            send(pb.WatchResponse(snapshot=[client_to_pb(record) for record in chunk],
+                                  snapshot_complete=number == len(chunks) - 1,
+                                  resync=resync and number == 0, revision=revision))
         return revision
+
+
+class Watcher:
+    """One Watch stream handed to the fanout: how to send to it and the last revision sent."""
+
+    __slots__ = ("context", "send", "since", "sender", "ended")
+
+    def __init__(self, context, send):
+        self.context = context
+        self.send = send
+        self.since = 0
+        self.sender = None  # the Sender that owns it
+        self.ended = False
+
+    def end(self, code=None, details=""):
+        """End the stream: cleanly, or with a status code and its details."""
+        self.ended = True
+        if code is not None:
+            self.context.set_code(code)
+            self.context.set_details(details)
+        self.send(None)
+
+
+class Sender:
+    """One fanout thread's share of the watchers, and the one it is sending to now."""
+
+    __slots__ = ("watchers", "current", "busy_since", "retired")
+
+    def __init__(self, watchers=()):
+        self.watchers = set(watchers)
+        self.current = None
+        self.busy_since = 0.0
+        self.retired = False  # stuck on `current`; its other watchers went to a new sender
+
+
+class Fanout:
+    """Sends the change log to every watcher from a few threads rather than one per watcher.
+
+    A thread per watcher woke a thousand threads for each change, fighting over the GIL
+    (~200 us of server CPU per message at a thousand watchers); a few senders each walking
+    their share send the same messages for ~35 us each. A send waits until the watcher's
+    connection takes the message, so a sender stuck on a watcher that stopped reading
+    gives its other watchers to a new sender; once that connection moves again, the
+    watcher is cut off if it fell too far behind, or goes back to an active sender.
+    """
+
+    def __init__(self, log, buffer, senders=WATCH_SENDERS):
+        self._log = log
+        self._lock = log.changed  # one lock, so senders can wait on it for changes
+        self._buffer = buffer
+        self._size = senders
+        self._senders = []  # the active ones; retired senders leave this list
+        self._supervisor = None
+
+    def add(self, watcher):
+        """Start sending changes after watcher.since to watcher."""
+        with self._lock:
+            if not (watcher.ended or self._log.closed):
+                self._assign_locked(watcher)
+                self._lock.notify_all()
+                return
+        if not watcher.ended:
+            watcher.end()  # the server is stopping
+
+    def remove(self, watcher):
+        """Forget a watcher whose stream ended, however it ended."""
+        with self._lock:
+            if watcher.sender is not None:
+                watcher.sender.watchers.discard(watcher)
+            watcher.ended = True
+
+    def _assign_locked(self, watcher):
+        """Give the watcher to a new sender while there are fewer than the size, else to
+        the active sender with the fewest."""
+        if len(self._senders) < self._size:
+            self._start_locked([watcher])
+        else:
+            sender = min(self._senders, key=lambda sender: len(sender.watchers))
+            sender.watchers.add(watcher)
+            watcher.sender = sender
+
+    def _start_locked(self, watchers):
+        sender = Sender(watchers)
+        for watcher in watchers:
+            watcher.sender = sender
+        self._senders.append(sender)
+        threading.Thread(target=self._run, args=(sender,), name="watch-sender",
+                         daemon=True).start()
+        if self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._supervise, name="watch-supervisor",
+                                                daemon=True)
+            self._supervisor.start()
+
+    def _run(self, sender):
+        """One sender's life: whenever its watchers are behind, send each what it lacks."""
+        log = self._log
+        while True:
+            with self._lock:
+                while not (log.closed or sender.retired or self._behind_locked(sender)):
+                    self._lock.wait(WATCH_POLL_SECONDS)
+                watchers = list(sender.watchers)
+                closing = log.closed
+            for watcher in watchers:
+                if self._claim(sender, watcher):
+                    self._serve(sender, watcher, closing)
+                    sender.current = None
+            if sender.retired:
+                return self._hand_back(sender)
+            if closing:
+                return
+            log.pause(self._coalesce_seconds())
+
+    def _coalesce_seconds(self):
+        watchers = sum(len(sender.watchers) for sender in self._senders)
+        return min(WATCH_COALESCE_PER_WATCHER * watchers, WATCH_COALESCE_MAX)
+
+    def _behind_locked(self, sender):
+        durable = self._log.durable
+        return any(watcher.since < durable for watcher in sender.watchers)
+
+    def _claim(self, sender, watcher):
+        """Whether the sender still owns the watcher; if so it is the one being sent to."""
+        with self._lock:
+            if watcher.sender is not sender or watcher.ended:
+                return False
+            sender.current = watcher
+            sender.busy_since = time.monotonic()
+            return True
+
+    def _serve(self, sender, watcher, closing):
+        """Send the watcher what it lacks; cut it off if it cannot keep up; end it at close."""
+        log = self._log
+        changes = log.read(watcher.since, 0) if watcher.since < log.durable else []
+        if changes is None:
+            return watcher.end(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"watcher fell behind the changes this server keeps; "
+                               f"watch again with since_revision={watcher.since}")
+        for start in range(0, len(changes), EVENTS_PER_MESSAGE):
+            chunk = changes[start:start + EVENTS_PER_MESSAGE]
+            sender.busy_since = time.monotonic()
+            watcher.send(b"".join(change_wire(change) for change in chunk))
+            watcher.since = chunk[-1].revision
+            if watcher.ended:
+                return
+        if log.durable - watcher.since > self._buffer:
+            watcher.end(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"watcher fell more than {self._buffer} changes behind; "
+                        f"watch again with since_revision={watcher.since}")
+        elif closing:
+            watcher.end()
+
+    def _supervise(self):
+        """Retire senders stuck on one watcher, so the others keep receiving."""
+        while not self._log.closed:
+            self._log.pause(WATCH_STUCK_SECONDS / 2)
+            now = time.monotonic()
+            with self._lock:
+                for sender in list(self._senders):
+                    current = sender.current  # the sender clears it without the lock
+                    if current is not None and now - sender.busy_since > WATCH_STUCK_SECONDS:
+                        self._retire_locked(sender, current)
+
+    def _retire_locked(self, sender, current):
+        sender.retired = True
+        self._senders.remove(sender)
+        others = sender.watchers - {current}
+        sender.watchers = {current}
+        logger.info("a watcher has not taken a message for %.1f s; %d other watchers move to a "
+                    "new sender", WATCH_STUCK_SECONDS, len(others))
+        if others:
+            self._start_locked(list(others))
+
+    def _hand_back(self, sender):
+        """A retired sender's watcher moved again: back to an active sender, if still on."""
+        with self._lock:
+            watchers = [watcher for watcher in sender.watchers if not watcher.ended]
+            sender.watchers = set()
+            if not self._log.closed:
+                for watcher in watchers:
+                    self._assign_locked(watcher)
+                self._lock.notify_all()
+                return
+        for watcher in watchers:
+            watcher.end()
 
 
 # --- security and metrics -------------------------------------------------------
@@ -1273,24 +1452,35 @@ class Metrics(grpc.ServerInterceptor):
         return observed
 
     def _observe_stream(self, method, behavior):
-        def observed(request, context):
-            with self._counting(method, context):
-                yield from behavior(request, context)
-        return observed
+        """Count a stream when it ends: a non-blocking one (Watch) outlives its behavior."""
+        def observed(request, context, *send):
+            start = time.perf_counter()
+            context.add_callback(lambda: self._record(method, context.code(), start))
+            try:
+                return behavior(request, context, *send)
+            except Exception:
+                if context.code() is None:  # the client gets UNKNOWN; count it so
+                    context.set_code(grpc.StatusCode.UNKNOWN)
+                raise
+        return same_kind(observed, behavior)
 
     @contextlib.contextmanager
     def _counting(self, method, context):
         """Count one call by its status code and time it, however it ends."""
         start = time.perf_counter()
-        code = "OK"
+        code = grpc.StatusCode.OK
         try:
             yield
         except Exception:
-            code = (context.code() or grpc.StatusCode.UNKNOWN).name
+            code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         finally:
-            self.rpcs.labels(method, code).inc()
-            self.latency.labels(method).observe(time.perf_counter() - start)
+            self._record(method, code, start)
+
+    def _record(self, method, code, start):
+        """Count one call ended with code (None: OK) and started at start."""
+        self.rpcs.labels(method, (code or grpc.StatusCode.OK).name).inc()
+        self.latency.labels(method).observe(time.perf_counter() - start)
 
     def close(self):
         self._http.shutdown()
@@ -1342,8 +1532,9 @@ def create_server(
     """Build the server on address (port 0 picks a free one) over an opened store.
 
     Leases that ran out while the server was down expire here, before it serves.
-    Each watcher holds a thread for as long as it watches, so the thread pool and
-    the concurrency limit both make room for max_watchers beside the calls.
+    A watch stream counts as a call as long as it lasts but holds a pool thread only
+    while its snapshot is sent, so the concurrency limit and the pool both make room
+    for max_watchers beside the calls.
     Metrics (on metrics_port of the same host) and the token check are interceptors,
     installed only when asked for, so calls without them pay nothing.
     """
@@ -1517,8 +1708,8 @@ def build_parser():
                         "refused with INVALID_ARGUMENT [PRESENCE_MAX_LEASE]")
     parser.add_argument("--max-watchers", type=_positive_int,
                         default=_env("MAX_WATCHERS", DEFAULT_MAX_WATCHERS),
-                        help="watch streams open at once (each holds a thread); more are "
-                        "refused with RESOURCE_EXHAUSTED [PRESENCE_MAX_WATCHERS]")
+                        help="watch streams open at once; more are refused with "
+                        "RESOURCE_EXHAUSTED [PRESENCE_MAX_WATCHERS]")
     parser.add_argument("--watch-buffer", type=_positive_int,
                         default=_env("WATCH_BUFFER", DEFAULT_WATCH_BUFFER),
                         help="changes a watcher may fall behind before it is cut off with "

@@ -207,7 +207,7 @@ def validate_client_id(client_id, field="client_id", allow_empty=False):
 
 def parse_message(message):
     """Map a message to the status it asks for, as the original service did."""
-    status = MESSAGES.get(message.strip().lower())
+    status = MESSAGES.get(message) or MESSAGES.get(message.strip().lower())
     if status is None:
         raise InvalidArgument(f"Invalid message type: {echo(message)}")
     return status
@@ -273,6 +273,7 @@ class ChangeLog:
         self._lock = threading.RLock()  # taken directly where nobody is notified: cheaper
         # Notified when changes become visible or the log closes; the fanout waits on it.
         self.changed = threading.Condition(self._lock)
+        self._waiting = 0  # threads in wait(): with none, advancing notifies nobody
         self._changes = []
         self._first = revision + 1
         self.durable = revision
@@ -293,10 +294,11 @@ class ChangeLog:
         """Make every change up to revision visible: the store has it."""
         if revision <= self.durable:  # only ever grows, so a stale read just takes the lock
             return
-        with self.changed:
+        with self._lock:
             if revision > self.durable:
                 self.durable = revision
-                self.changed.notify_all()
+                if self._waiting:
+                    self.changed.notify_all()
 
     def read(self, after, timeout):
         """The visible changes after revision `after`, waiting up to timeout for one.
@@ -306,10 +308,18 @@ class ChangeLog:
         """
         with self.changed:
             if self.durable <= after and not self.closed:
-                self.changed.wait(timeout)
+                self.wait(timeout)
             if after + 1 < self._first:
                 return None
             return self._changes[after + 1 - self._first:self.durable + 1 - self._first]
+
+    def wait(self, timeout):
+        """Wait, holding `changed`, until changes become visible, the log closes or timeout."""
+        self._waiting += 1
+        try:
+            self.changed.wait(timeout)
+        finally:
+            self._waiting -= 1
 
     def discard_after(self, revision):
         """Forget held changes after revision: the store never saved them."""
@@ -530,10 +540,11 @@ class Registry:
     def _record_locked(self, old, client_id, sessions, kind, session_id, reason, now, seen=None):
         self.revision += 1
         status = Status.CONNECTED if sessions else Status.DISCONNECTED
-        if old is None or old.status != status:
+        old_status = old and old.status
+        if old_status != status:
             changed_at = now
-            if old is not None:
-                self._ids[old.status].remove(client_id)
+            if old_status:
+                self._ids[old_status].remove(client_id)
             self._ids[status].add(client_id)
         else:
             changed_at = old.changed_at
@@ -851,18 +862,23 @@ def client_to_pb(record):
     return message
 
 
+# The default session as a Client's wire bytes: merging them costs less than sessions.add().
+DEFAULT_SESSIONS_WIRE = pb.Client(sessions=[pb.Session()]).SerializeToString()
+
+
 def fill_client(message, record):
     """Set a Client message from a record, field by field: the cheapest way with upb."""
-    message.client_id = record.client_id
-    message.status = record.status
-    message.revision = record.revision
-    message.reason = record.reason
-    _set_timestamp(message.changed_at, record.changed_at)
-    _set_timestamp(message.last_seen, record.last_seen)
-    if record.sessions is DEFAULT_SESSIONS:
-        message.sessions.add()
+    client_id, changed_at, last_seen, revision, reason, sessions = record
+    message.client_id = client_id
+    message.status = Status.CONNECTED if sessions else Status.DISCONNECTED
+    message.revision = revision
+    message.reason = reason
+    _set_timestamp(message.changed_at, changed_at)
+    _set_timestamp(message.last_seen, last_seen)
+    if sessions is DEFAULT_SESSIONS:
+        message.MergeFromString(DEFAULT_SESSIONS_WIRE)
         return
-    for session in record.sessions:
+    for session in sessions:
         added = message.sessions.add(session_id=session.session_id)
         if session.expires_at:
             _set_timestamp(added.expires_at, session.expires_at)
@@ -896,29 +912,32 @@ def _status_filter(value):
 
 def parse_request(request, max_lease, index=None):
     """Validate one MessageRequest into a Message; index names it within a batch."""
+    client_id, session_id, lease = request.client_id, request.session_id, request.lease_seconds
     try:
         status = parse_message(request.message)
-        validate_client_id(request.client_id)
-        if request.session_id:
-            validate_client_id(request.session_id, "session_id")
-        if request.lease_seconds > max_lease:
-            raise InvalidArgument(
-                f"lease_seconds must be at most {max_lease}, got {request.lease_seconds}")
-        if request.lease_seconds and status is not Status.CONNECTED:
-            raise InvalidArgument("lease_seconds is only for hello")
+        validate_client_id(client_id)
+        if session_id:
+            validate_client_id(session_id, "session_id")
+        if lease:
+            if lease > max_lease:
+                raise InvalidArgument(f"lease_seconds must be at most {max_lease}, got {lease}")
+            if status is not Status.CONNECTED:
+                raise InvalidArgument("lease_seconds is only for hello")
     except InvalidArgument as error:
         if index is None:
             raise
         raise InvalidArgument(f"requests[{index}]: {error}") from None
-    return Message(request.client_id, status, request.session_id, request.lease_seconds)
+    return Message(client_id, status, session_id, lease)
 
 
 def reply_info(message, record):
     """The info text: the original one, or what happened to a named session."""
-    if message.status is Status.DISCONNECTED and record.status is Status.CONNECTED:
+    if not record.sessions:
+        return f"Client {record.client_id} marked as disconnected."
+    if message.status is Status.DISCONNECTED:
         return (f"Client {record.client_id} session {message.session_id} ended; still connected "
                 f"with {len(record.sessions)} sessions.")
-    return f"Client {record.client_id} marked as {STATUS_WORDS[record.status]}."
+    return f"Client {record.client_id} marked as connected."
 
 
 def serialize_statuses(records):
@@ -1219,7 +1238,7 @@ class Fanout:
         while True:
             with self._lock:
                 while not (log.closed or sender.retired or self._behind_locked(sender)):
-                    self._lock.wait(WATCH_POLL_SECONDS)
+                    log.wait(WATCH_POLL_SECONDS)
                 watchers = list(sender.watchers)
                 closing = log.closed
             for watcher in watchers:

@@ -300,15 +300,10 @@ class ChangeLog:
                 if self._waiting:
                     self.changed.notify_all()
 
-    def read(self, after, timeout):
-        """The visible changes after revision `after`, waiting up to timeout for one.
-
-        [] when none came in time or the log closed; None when the changes right
-        after `after` are no longer held.
-        """
-        with self.changed:
-            if self.durable <= after and not self.closed:
-                self.wait(timeout)
+    def read(self, after):
+        """The visible changes after revision `after`; None when the changes right after
+        `after` are no longer held."""
+        with self._lock:
             if after + 1 < self._first:
                 return None
             return self._changes[after + 1 - self._first:self.durable + 1 - self._first]
@@ -1113,7 +1108,7 @@ class ClientService(pb_grpc.ClientServiceServicer):
             return
         since = request.since_revision
         log = self._registry.log
-        resync = bool(since) and (since > self._registry.revision or log.read(since, 0) is None)
+        resync = bool(since) and (since > self._registry.revision or log.read(since) is None)
         if resync or not since:
             since = self._send_snapshot(context, send, resync)
         watcher.since = since
@@ -1271,7 +1266,7 @@ class Fanout:
     def _serve(self, sender, watcher, closing):
         """Send the watcher what it lacks; cut it off if it cannot keep up; end it at close."""
         log = self._log
-        changes = log.read(watcher.since, 0) if watcher.since < log.durable else []
+        changes = log.read(watcher.since) if watcher.since < log.durable else []
         if changes is None:
             return watcher.end(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"watcher fell behind the changes this server keeps; "

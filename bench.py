@@ -249,6 +249,8 @@ SCALE_GOALS = (
     Goal("others_p99_ms_during_map", "others' p99 during the map", 50, unit=" ms"),
     Goal("bytes_per_client", "memory per client", 250, unit=" B"),
 )
+# Memory per client is judged at a million only: at fewer, the server's fixed memory dominates.
+PER_CLIENT_GOAL_FROM = 1_000_000
 CONNECTIONS_GOALS = (
     Goal("error_count", "errors", 0),
     Goal("p99_ms", "p99", 50, unit=" ms"),
@@ -1362,8 +1364,14 @@ def measure_scale(run, clients):
             preloaded=clients)
         figures.update(measure_map(run, server, stub, label))
     server.stop()
-    figures["verdicts"] = verdicts(SCALE_GOALS, figures)
+    figures["verdicts"] = verdicts(scale_goals(clients), figures)
     return figures
+
+
+def scale_goals(clients):
+    """The scale goals that apply with this many clients."""
+    return tuple(goal for goal in SCALE_GOALS
+                 if goal.key != "bytes_per_client" or clients >= PER_CLIENT_GOAL_FROM)
 
 
 def measure_map(run, server, stub, label):
@@ -1425,9 +1433,13 @@ def render_scale(figures):
 
     def row(name, cell, goal_key=None):
         goal = goals.get(goal_key)
-        cells = [cell(entry) + (f" {_mark(goal, entry.get(goal_key))}" if goal else "")
+        cells = [cell(entry) + (f" {_mark(goal, entry.get(goal_key))}"
+                                if goal in scale_goals(entry["clients"]) else "")
                  for entry in runs]
-        table.add_row(name, *cells, goal.describe() if goal else "")
+        description = goal.describe() if goal else ""
+        if goal_key == "bytes_per_client":
+            description += f" at {PER_CLIENT_GOAL_FROM:,}"
+        table.add_row(name, *cells, description)
 
     row("preload (clients/s)", lambda e: _fmt(e["preload_per_s"], thousands=True))
     row("server RSS before → after (MiB)",

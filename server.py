@@ -66,9 +66,9 @@ STATUS_MAP_CHUNK = 10_000
 EVENTS_PER_MESSAGE = 500
 WATCH_POLL_SECONDS = 1.0
 # After each pass over its watchers a sender waits a moment before the next, longer the
-# more watchers there are (100 ms at a thousand), so a busy registry reaches them all as a
+# more watchers there are (80 ms at a thousand), so a busy registry reaches them all as a
 # few messages of many events each, while a lone watcher sees changes at once.
-WATCH_COALESCE_PER_WATCHER = 0.0001
+WATCH_COALESCE_PER_WATCHER = 0.00008
 WATCH_COALESCE_MAX = 0.2
 WATCH_SENDERS = 4
 # A sender that waits this long for one watcher's connection to take a message gives

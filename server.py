@@ -1172,12 +1172,12 @@ class Sender:
 class Fanout:
     """Sends the change log to every watcher from a few threads rather than one per watcher.
 
-    A thread per watcher woke a thousand threads for each change, fighting over the GIL
-    (~200 us of server CPU per message at a thousand watchers); a few senders each walking
-    their share send the same messages for ~35 us each. A send waits until the watcher's
-    connection takes the message, so a sender stuck on a watcher that stopped reading
-    gives its other watchers to a new sender; once that connection moves again, the
-    watcher is cut off if it fell too far behind, or goes back to an active sender.
+    A thread per watcher woke a thousand threads for each change, all fighting over the
+    GIL; a few senders each walking their share deliver the same events for less CPU and
+    far less delay to everyone else (README.txt, Performance). A send waits until the
+    watcher's connection takes the message, so a sender stuck on a watcher that stopped
+    reading gives its other watchers to a new sender; once that connection moves again,
+    the watcher is cut off if it fell too far behind, or goes back to an active sender.
     """
 
     def __init__(self, log, buffer, senders=WATCH_SENDERS):

@@ -71,8 +71,8 @@ WATCH_POLL_SECONDS = 1.0
 WATCH_COALESCE_PER_WATCHER = 0.00008
 WATCH_COALESCE_MAX = 0.2
 WATCH_SENDERS = 4
-# A sender that waits this long for one watcher's connection to take a message gives
-# its other watchers to a new sender.
+# A sender that spends this long on one watcher (its connection is slow to take the
+# messages) gives its other watchers to a new sender.
 WATCH_STUCK_SECONDS = 0.5
 REAPER_MAX_SLEEP = 1.0
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -1228,23 +1228,25 @@ class Fanout:
             self._supervisor.start()
 
     def _run(self, sender):
-        """One sender's life: whenever its watchers are behind, send each what it lacks."""
+        """One sender's life: whenever its watchers are behind, send each what it lacks;
+        when retired or the log closes, leave, handing back any watcher still on."""
         log = self._log
-        while True:
-            with self._lock:
-                while not (log.closed or sender.retired or self._behind_locked(sender)):
-                    log.wait(WATCH_POLL_SECONDS)
-                watchers = list(sender.watchers)
-                closing = log.closed
-            for watcher in watchers:
-                if self._claim(sender, watcher):
-                    self._serve(sender, watcher, closing)
-                    sender.current = None
-            if sender.retired:
-                return self._hand_back(sender)
-            if closing:
-                return
-            log.pause(self._coalesce_seconds())
+        try:
+            while True:
+                with self._lock:
+                    while not (log.closed or sender.retired or self._behind_locked(sender)):
+                        log.wait(WATCH_POLL_SECONDS)
+                    watchers = list(sender.watchers)
+                    closing = log.closed
+                for watcher in watchers:
+                    if self._claim(sender, watcher):
+                        self._serve_safely(sender, watcher, closing)
+                        sender.current = None
+                if sender.retired or closing:
+                    return
+                log.pause(self._coalesce_seconds())
+        finally:
+            self._leave(sender)
 
     def _coalesce_seconds(self):
         watchers = sum(len(sender.watchers) for sender in self._senders)
@@ -1263,6 +1265,15 @@ class Fanout:
             sender.busy_since = time.monotonic()
             return True
 
+    def _serve_safely(self, sender, watcher, closing):
+        """Serve the watcher; a failure ends its stream, never the sender."""
+        try:
+            self._serve(sender, watcher, closing)
+        except Exception:
+            logger.exception("sending changes to a watcher failed; ending its stream")
+            with contextlib.suppress(Exception):
+                watcher.end(grpc.StatusCode.INTERNAL, "the server failed to send a change")
+
     def _serve(self, sender, watcher, closing):
         """Send the watcher what it lacks; cut it off if it cannot keep up; end it at close."""
         log = self._log
@@ -1273,7 +1284,6 @@ class Fanout:
                                f"watch again with since_revision={watcher.since}")
         for start in range(0, len(changes), EVENTS_PER_MESSAGE):
             chunk = changes[start:start + EVENTS_PER_MESSAGE]
-            sender.busy_since = time.monotonic()
             watcher.send(b"".join(change_wire(change) for change in chunk))
             watcher.since = chunk[-1].revision
             if watcher.ended:
@@ -1286,11 +1296,14 @@ class Fanout:
             watcher.end()
 
     def _supervise(self):
-        """Retire senders stuck on one watcher, so the others keep receiving."""
-        while not self._log.closed:
-            self._log.pause(WATCH_STUCK_SECONDS / 2)
+        """Retire senders stuck on one watcher, so the others keep receiving; until the log
+        has closed and every sender has ended its watchers."""
+        while True:
+            time.sleep(WATCH_STUCK_SECONDS / 2)
             now = time.monotonic()
             with self._lock:
+                if self._log.closed and not self._senders:
+                    return
                 for sender in list(self._senders):
                     current = sender.current  # the sender clears it without the lock
                     if current is not None and now - sender.busy_since > WATCH_STUCK_SECONDS:
@@ -1301,14 +1314,17 @@ class Fanout:
         self._senders.remove(sender)
         others = sender.watchers - {current}
         sender.watchers = {current}
-        logger.info("a watcher has not taken a message for %.1f s; %d other watchers move to a "
-                    "new sender", WATCH_STUCK_SECONDS, len(others))
+        logger.info("sending to one watcher took over %.1f s; %d other watchers move to a new "
+                    "sender", WATCH_STUCK_SECONDS, len(others))
         if others:
             self._start_locked(list(others))
 
-    def _hand_back(self, sender):
-        """A retired sender's watcher moved again: back to an active sender, if still on."""
+    def _leave(self, sender):
+        """A sender ends: its watchers still on go back to an active sender, or end if the
+        log has closed."""
         with self._lock:
+            if sender in self._senders:
+                self._senders.remove(sender)
             watchers = [watcher for watcher in sender.watchers if not watcher.ended]
             sender.watchers = set()
             if not self._log.closed:
@@ -1546,9 +1562,8 @@ def create_server(
     """Build the server on address (port 0 picks a free one) over an opened store.
 
     Leases that ran out while the server was down expire here, before it serves.
-    A watch stream counts as a call as long as it lasts but holds a pool thread only
-    while its snapshot is sent, so the concurrency limit and the pool both make room
-    for max_watchers beside the calls.
+    A watcher holds a pool thread, and counts against the concurrency limit, only while
+    its snapshot is sent; the pool and the limit make room for that many beside the calls.
     Metrics (on metrics_port of the same host) and the token check are interceptors,
     installed only when asked for, so calls without them pay nothing.
     """

@@ -100,8 +100,6 @@ def test_sqlite_store_reloads_every_record_and_the_revision(tmp_path):
     reopened.close()
 
 
-@allure.feature("Durability")
-@allure.story("Group commit")
 class SubmitCountingStore(presence.SqliteStore):
     """The real SQLite store, which also says when `expected` writes have been handed to it."""
 
@@ -118,6 +116,8 @@ class SubmitCountingStore(presence.SqliteStore):
         return batch
 
 
+@allure.feature("Durability")
+@allure.story("Group commit")
 def test_writers_arriving_during_a_commit_are_saved_by_one_commit(tmp_path):
     """While a commit waits for the disk, every writer arriving joins the next commit."""
     path = str(tmp_path / "db.sqlite")

@@ -1240,7 +1240,7 @@ class Fanout:
                     closing = log.closed
                 for watcher in watchers:
                     if self._claim(sender, watcher):
-                        self._serve_safely(sender, watcher, closing)
+                        self._serve_safely(watcher, closing)
                         sender.current = None
                 if sender.retired or closing:
                     return
@@ -1265,23 +1265,21 @@ class Fanout:
             sender.busy_since = time.monotonic()
             return True
 
-    def _serve_safely(self, sender, watcher, closing):
+    def _serve_safely(self, watcher, closing):
         """Serve the watcher; a failure ends its stream, never the sender."""
         try:
-            self._serve(sender, watcher, closing)
+            self._serve(watcher, closing)
         except Exception:
             logger.exception("sending changes to a watcher failed; ending its stream")
             with contextlib.suppress(Exception):
                 watcher.end(grpc.StatusCode.INTERNAL, "the server failed to send a change")
 
-    def _serve(self, sender, watcher, closing):
+    def _serve(self, watcher, closing):
         """Send the watcher what it lacks; cut it off if it cannot keep up; end it at close."""
         log = self._log
         changes = log.read(watcher.since) if watcher.since < log.durable else []
         if changes is None:
-            return watcher.end(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"watcher fell behind the changes this server keeps; "
-                               f"watch again with since_revision={watcher.since}")
+            return self._cut_off(watcher, "fell behind the changes this server keeps")
         for start in range(0, len(changes), EVENTS_PER_MESSAGE):
             chunk = changes[start:start + EVENTS_PER_MESSAGE]
             watcher.send(b"".join(change_wire(change) for change in chunk))
@@ -1289,11 +1287,14 @@ class Fanout:
             if watcher.ended:
                 return
         if log.durable - watcher.since > self._buffer:
-            watcher.end(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"watcher fell more than {self._buffer} changes behind; "
-                        f"watch again with since_revision={watcher.since}")
+            self._cut_off(watcher, f"fell more than {self._buffer} changes behind")
         elif closing:
             watcher.end()
+
+    @staticmethod
+    def _cut_off(watcher, why):
+        watcher.end(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"watcher {why}; watch again with since_revision={watcher.since}")
 
     def _supervise(self):
         """Retire senders stuck on one watcher, so the others keep receiving; until the log
@@ -1320,20 +1321,14 @@ class Fanout:
             self._start_locked(list(others))
 
     def _leave(self, sender):
-        """A sender ends: its watchers still on go back to an active sender, or end if the
-        log has closed."""
+        """A sender ends: its watchers still on are added again (ended, if the log closed)."""
         with self._lock:
             if sender in self._senders:
                 self._senders.remove(sender)
             watchers = [watcher for watcher in sender.watchers if not watcher.ended]
             sender.watchers = set()
-            if not self._log.closed:
-                for watcher in watchers:
-                    self._assign_locked(watcher)
-                self._lock.notify_all()
-                return
         for watcher in watchers:
-            watcher.end()
+            self.add(watcher)
 
 
 # --- security and metrics -------------------------------------------------------

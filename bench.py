@@ -59,9 +59,9 @@ CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 SERVERS = ("ceiling", "memory", "sqlite")
-# Throughput targets: the servers, and memory+lease (a memory:// server whose every call names a
-# session with a lease).
-TARGETS = ("ceiling", "memory", "memory+lease", "sqlite")
+# Throughput targets: the servers, memory+lease (a memory:// server whose every call names a
+# session with a lease) and the floor (the least a correct SendMessage does, see FloorService).
+TARGETS = ("ceiling", "floor", "memory", "memory+lease", "sqlite")
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 SECOND_NS = 1_000_000_000
@@ -101,10 +101,12 @@ RSS_SAMPLE_SECONDS = 1.0
 SOAK_MIX = (("toggle", 25), ("session", 15), ("status", 25), ("list", 15), ("count", 20))
 SOAK_OPS = tuple(name for name, _ in SOAK_MIX)
 PRESETS = {
-    "quick": {"rounds": 3, "window": 5.0, "scale": [10_000], "connections": 500,
+    "quick": {"rounds": 3, "window": 5.0, "targets": ["memory", "memory+lease", "sqlite"],
+              "scale": [10_000], "connections": 500,
               "connections_seconds": 5.0, "watchers": 200, "soak_seconds": 60.0,
               "modes": ["throughput", "scale", "connections", "watch"]},
-    "full": {"rounds": 7, "window": 10.0, "scale": [100_000, 1_000_000], "connections": 4_000,
+    "full": {"rounds": 7, "window": 10.0, "targets": ["floor", "memory", "memory+lease", "sqlite"],
+             "scale": [100_000, 1_000_000], "connections": 4_000,
              "connections_seconds": 20.0, "watchers": 1_000, "soak_seconds": 60.0,
              "modes": ["throughput", "scale", "connections", "watch", "soak"]},
 }
@@ -1007,6 +1009,41 @@ class CeilingService(pb_grpc.ClientServiceServicer):
         return self._response
 
 
+class FloorService(pb_grpc.ClientServiceServicer):
+    """The least a correct SendMessage does, to show what no implementation gets below.
+
+    The request is checked, the status kept in a dict under a lock with a revision, and the
+    answer built with its Client record by server.py's own code. No sessions, leases, change
+    log or status index: what our server costs beyond the floor is what those cost.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._clients = {}
+        self._revision = 0
+
+    def SendMessage(self, request, context):
+        try:
+            message = presence.parse_request(request, presence.DEFAULT_MAX_LEASE)
+        except presence.InvalidArgument as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        now = time.time()
+        connected = message.status is presence.Status.CONNECTED
+        with self._lock:
+            old = self._clients.get(message.client_id)
+            changed = old is None or bool(old.sessions) != connected
+            if changed:
+                self._revision += 1
+                record = presence.Client(
+                    message.client_id, now, now, self._revision,
+                    presence.HELLO if connected else presence.GOODBYE,
+                    presence.DEFAULT_SESSIONS if connected else ())
+            else:
+                record = old._replace(last_seen=now)
+            self._clients[message.client_id] = record
+        return presence.message_response(message, record, True if changed else None)
+
+
 def server_model():
     """What server.create_server gives grpc.server (pool size, concurrency limit, options).
 
@@ -1026,10 +1063,12 @@ def server_model():
 
 
 def serve_ceiling(argv):
-    """The hidden `_ceiling` subcommand: serve the ceiling until SIGTERM or SIGINT."""
+    """The hidden `_ceiling` subcommand: serve the ceiling (or the floor) until SIGTERM or
+    SIGINT."""
     parser = argparse.ArgumentParser(prog="bench.py _ceiling")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--floor", action="store_true", help="serve FloorService instead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # Taken by sigwait below, never by a handler that could interrupt a lock holder.
@@ -1040,11 +1079,13 @@ def serve_ceiling(argv):
         maximum_concurrent_rpcs=model.get("maximum_concurrent_rpcs"),
         options=model.get("options"),
     )
-    pb_grpc.add_ClientServiceServicer_to_server(CeilingService(), grpc_server)
+    service = FloorService() if args.floor else CeilingService()
+    pb_grpc.add_ClientServiceServicer_to_server(service, grpc_server)
     port = grpc_server.add_insecure_port(presence.format_address(args.host, args.port))
     grpc_server.start()
-    logger.info("ceiling: %d workers, at most %s concurrent calls, options %s",
-                model["max_workers"], model.get("maximum_concurrent_rpcs"), model.get("options"))
+    logger.info("%s: %d workers, at most %s concurrent calls, options %s",
+                type(service).__name__, model["max_workers"], model.get("maximum_concurrent_rpcs"),
+                model.get("options"))
     logger.info("listening on %s", presence.format_address(args.host, port))
     signal.sigwait(STOP_SIGNALS)
     grpc_server.stop(1).wait()
@@ -1069,11 +1110,12 @@ class Run:
         self.server_sources = {}
 
     def start_server(self, target, flags=()):
-        """A fresh server for target: the ceiling, memory:// (also memory+lease) or SQLite on a
-        new file; flags are added to server.py's command line."""
+        """A fresh server for target: the ceiling, the floor, memory:// (also memory+lease) or
+        SQLite on a new file; flags are added to server.py's command line."""
         self._servers += 1
-        if target == "ceiling":
-            argv = [sys.executable, str(ROOT / "bench.py"), "_ceiling", "--port", "0"]
+        if target in ("ceiling", "floor"):
+            argv = [sys.executable, str(ROOT / "bench.py"), "_ceiling", "--port", "0",
+                    *(["--floor"] if target == "floor" else [])]
         else:
             store = ("memory://" if target.startswith("memory")
                      else f"sqlite:///{self.tmpdir / f'bench-{self._servers}.db'}")
@@ -1264,6 +1306,8 @@ def render_throughput(figures):
         goals = THROUGHPUT_GOALS.get(name, ())
         design = "\n".join(f"{goal.label} {goal.describe()} {_mark(goal, row.get(goal.key))}"
                            for goal in goals) or "baseline"
+        if name == "floor":
+            design = "no target; the least a correct SendMessage does"
         if name == "memory+lease":
             design = (f"no target; vs memory: CPU {_fmt_ratio(row.get('cpu_vs_memory'))}, "
                       f"calls/s {_fmt_ratio(row.get('throughput_vs_memory'))}, "
@@ -1977,11 +2021,13 @@ def build_parser():
     throughput.add_argument("--rounds", type=_positive_int,
                             help="rounds, the order of the targets rotated each round "
                             f"(quick: {quick['rounds']}, --full: {full['rounds']})")
-    throughput.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS),
-                            metavar="TARGET", help="servers to compare (ceiling, memory, "
-                            "memory+lease: every call with a session and a "
-                            f"{LEASE_SECONDS} s lease, sqlite); the ceiling always runs "
-                            "(default: all)")
+    throughput.add_argument("--targets", nargs="+", choices=TARGETS, metavar="TARGET",
+                            help="servers to compare (ceiling; floor: the least a correct "
+                            "SendMessage does, a dict under a lock and the reply with its "
+                            "record; memory; memory+lease: every call with a session and a "
+                            f"{LEASE_SECONDS} s lease; sqlite); the ceiling always runs "
+                            f"(quick: {' '.join(quick['targets'])}, --full: "
+                            f"{' '.join(full['targets'])})")
     scale = parser.add_argument_group("scale mode")
     scale.add_argument("--scale", type=_positive_int, nargs="+", metavar="N",
                        help="registry sizes to preload and measure (quick: "

@@ -1,0 +1,91 @@
+"""bench.py end to end at a tiny size: every mode runs, stops what it started, and writes
+figures that add up. Speed itself is never asserted here (DESIGN section 7: the benchmark
+measures it, as ratios, on its own).
+"""
+
+import json
+import subprocess
+import sys
+
+import allure
+import pytest
+
+import bench
+import server as presence
+from conftest import ROOT
+from generated import connection_pb2 as pb
+
+SMOKE = ["--only", "throughput", "scale", "connections", "watch", "soak",
+         "--targets", "floor", "memory", "sqlite", "--rounds", "1", "--window", "0.5",
+         "--warmup", "0.2", "--scale", "2000", "--connections", "20",
+         "--connections-seconds", "1", "--watchers", "5", "--watch-seconds", "1",
+         "--soak-seconds", "2", "--soak-clients", "20", "--soak-watchers", "2"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One tiny run of every mode: (exit code, terminal output, JSON results)."""
+    output = tmp_path_factory.mktemp("bench") / "results.json"
+    finished = subprocess.run([sys.executable, str(ROOT / "bench.py"), *SMOKE,
+                               "--output", str(output)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=110)
+    return finished.returncode, finished.stdout + finished.stderr, json.loads(output.read_text())
+
+
+@allure.feature("Benchmark")
+@allure.story("Every mode runs")
+def test_every_mode_runs_and_writes_its_figures(smoke):
+    returncode, output, results = smoke
+    assert returncode == 0, output[-3000:]
+    for mode in ("throughput", "scale", "connections", "watch", "soak"):
+        assert mode in results, f"no {mode} figures in {sorted(results)}"
+    assert "SendMessage throughput" in output
+    assert "other processes on the machine used" in output
+
+
+@allure.feature("Benchmark")
+@allure.story("Throughput")
+def test_throughput_compares_every_target_with_the_ceiling(smoke):
+    medians = smoke[2]["throughput"]["median"]
+    assert list(medians) == ["ceiling", "floor", "memory", "sqlite"]
+    for name, figures in medians.items():
+        assert figures["calls"] > 0, name
+        assert figures["errors"] == {}, (name, figures["errors"])
+        assert figures["cpu_us_per_call"] > 0, name
+    assert medians["ceiling"]["cpu_ratio"] == 1.0
+    assert medians["memory"]["cpu_ratio"] == pytest.approx(
+        medians["memory"]["cpu_us_per_call"] / medians["ceiling"]["cpu_us_per_call"])
+    assert set(smoke[2]["throughput"]["verdicts"]) == {"memory", "sqlite"}
+
+
+@allure.feature("Benchmark")
+@allure.story("Scale, connections, watch, soak")
+def test_the_other_modes_lose_nothing(smoke):
+    results = smoke[2]
+    (scale,) = results["scale"]["runs"]
+    assert scale["registered"] == 2000
+    assert scale["map_answered"] == 1 and scale["others_errors"] == {}
+    assert results["connections"]["calls"] > 0
+    assert results["connections"]["errors"] == {}
+    watch = results["watch"]
+    assert watch["events_received"] == watch["events_expected"] == 5 * watch["changes"] > 0
+    assert (watch["missing"], watch["duplicates"], watch["cut_off"]) == (0, 0, 0)
+    soak = results["soak"]
+    assert soak["calls"] > 0 and soak["errors"] == {}
+    assert (soak["watch_missing"], soak["watch_duplicates"]) == (0, 0)
+
+
+@allure.feature("Benchmark")
+@allure.story("Throughput")
+def test_the_floor_answers_as_our_server_does():
+    """The floor is only a floor if its reply is ours: same fields, same record, same bytes
+    but for the times."""
+    floor = bench.FloorService()
+    ours = presence.ClientService(presence.Registry(presence.MemoryStore()))
+    for text in ("hello", "hello", "goodbye", " Hello "):
+        request = pb.MessageRequest(client_id="alice", message=text)
+        replies = [service.SendMessage(request, None) for service in (floor, ours)]
+        for reply in replies:
+            reply.client.ClearField("changed_at")
+            reply.client.ClearField("last_seen")
+        assert replies[0] == replies[1], text

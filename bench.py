@@ -1231,9 +1231,9 @@ LEASE_RATIOS = {"throughput_vs_memory": "calls_per_s", "p99_vs_memory": "p99_ms"
 
 
 def run_throughput(run):
-    """SendMessage against the ceiling, memory://, memory+lease and SQLite, rounds in rotating
-    order. memory+lease keeps its ids from round to round, so its sessions are renewed rather
-    than left to expire between rounds."""
+    """SendMessage against the ceiling and the --targets (the floor, memory://, memory+lease,
+    SQLite), rounds in rotating order. memory+lease keeps its ids from round to round, so its
+    sessions are renewed rather than left to expire between rounds."""
     args = run.args
     names = ["ceiling"] + [name for name in args.targets if name != "ceiling"]
     servers = {name: run.start_server(name) for name in names}
@@ -1945,7 +1945,8 @@ def render_soak(figures):
 
 
 MODES = {mode.name: mode for mode in (
-    Mode("throughput", "SendMessage against the ceiling, memory://, memory+lease and SQLite",
+    Mode("throughput", "SendMessage against the ceiling, memory://, memory+lease and SQLite "
+         "(with --full also the floor)",
          run_throughput, render_throughput),
     Mode("scale", "registries of N clients: page, count, all-clients map, memory, writes",
          run_scale, render_scale),
@@ -1992,7 +1993,8 @@ def build_parser():
         "to the --output JSON file.",
     )
     parser.add_argument("--full", action="store_true",
-                        help=f"the full run: {full['rounds']} rounds of {full['window']:g} s, scale "
+                        help=f"the full run: {full['rounds']} rounds of {full['window']:g} s with the "
+                        "floor beside the ceiling, scale "
                         f"at {', '.join(f'{n:,}' for n in full['scale'])}, "
                         f"{full['connections']:,} connections for "
                         f"{full['connections_seconds']:g} s, {full['watchers']:,} watchers, "

@@ -1010,14 +1010,17 @@ class CeilingService(pb_grpc.ClientServiceServicer):
 
 
 class FloorService(pb_grpc.ClientServiceServicer):
-    """The least a correct SendMessage does, to show what no implementation gets below.
+    """The least a correct plain Hello or Goodbye costs, to show what no implementation gets
+    below.
 
     The request is checked, the status kept in a dict under a lock with a revision, and the
-    answer built with its Client record by server.py's own code. No sessions, leases, change
-    log or status index: what our server costs beyond the floor is what those cost.
+    answer built with its Client record by server.py's own code. No sessions or leases (it
+    refuses them), no change log, status index or store, and gRPC's own (de)serializers
+    rather than server.py's guarded ones: what our server costs beyond the floor is theirs.
     """
 
-    def __init__(self):
+    def __init__(self, clock=time.time):
+        self._clock = clock
         self._lock = threading.Lock()
         self._clients = {}
         self._revision = 0
@@ -1027,7 +1030,10 @@ class FloorService(pb_grpc.ClientServiceServicer):
             message = presence.parse_request(request, presence.DEFAULT_MAX_LEASE)
         except presence.InvalidArgument as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        now = time.time()
+        if message.session_id or message.lease:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                          "the floor answers plain hello and goodbye, without sessions or leases")
+        now = self._clock()
         connected = message.status is presence.Status.CONNECTED
         with self._lock:
             old = self._clients.get(message.client_id)
@@ -1945,8 +1951,8 @@ def render_soak(figures):
 
 
 MODES = {mode.name: mode for mode in (
-    Mode("throughput", "SendMessage against the ceiling, memory://, memory+lease and SQLite "
-         "(with --full also the floor)",
+    Mode("throughput", "SendMessage against the ceiling, memory://, memory+lease and SQLite, "
+         "and the floor in --full or with --targets floor",
          run_throughput, render_throughput),
     Mode("scale", "registries of N clients: page, count, all-clients map, memory, writes",
          run_scale, render_scale),
@@ -2025,8 +2031,8 @@ def build_parser():
                             f"(quick: {quick['rounds']}, --full: {full['rounds']})")
     throughput.add_argument("--targets", nargs="+", choices=TARGETS, metavar="TARGET",
                             help="servers to compare (ceiling; floor: the least a correct "
-                            "SendMessage does, a dict under a lock and the reply with its "
-                            "record; memory; memory+lease: every call with a session and a "
+                            "plain hello or goodbye does, a dict under a lock and the reply "
+                            "with its record; memory; memory+lease: every call with a session and a "
                             f"{LEASE_SECONDS} s lease; sqlite); the ceiling always runs "
                             f"(quick: {' '.join(quick['targets'])}, --full: "
                             f"{' '.join(full['targets'])})")
@@ -2086,7 +2092,7 @@ def parse_args(argv):
     preset = PRESETS["full" if args.full else "quick"]
     for key, value in preset.items():
         if key != "modes" and getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, list(value) if isinstance(value, list) else value)
     args.only = args.only or list(preset["modes"])
     return args
 

@@ -60,7 +60,7 @@ PR_SET_PDEATHSIG = 1
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 SERVERS = ("ceiling", "memory", "sqlite")
 # Throughput targets: the servers, memory+lease (a memory:// server whose every call names a
-# session with a lease) and the floor (the least a correct SendMessage does, see FloorService).
+# session with a lease) and the floor (the least a correct plain call does, see FloorService).
 TARGETS = ("ceiling", "floor", "memory", "memory+lease", "sqlite")
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
@@ -1010,8 +1010,8 @@ class CeilingService(pb_grpc.ClientServiceServicer):
 
 
 class FloorService(pb_grpc.ClientServiceServicer):
-    """The least a correct plain Hello or Goodbye costs, to show what no implementation gets
-    below.
+    """The least a correct plain Hello or Goodbye costs: how much of the gap to the ceiling is
+    there before any rule of ours.
 
     The request is checked, the status kept in a dict under a lock with a revision, and the
     answer built with its Client record by server.py's own code. No sessions or leases (it
@@ -1313,7 +1313,7 @@ def render_throughput(figures):
         design = "\n".join(f"{goal.label} {goal.describe()} {_mark(goal, row.get(goal.key))}"
                            for goal in goals) or "baseline"
         if name == "floor":
-            design = "no target; the least a correct SendMessage does"
+            design = "no target; the least a correct plain call does"
         if name == "memory+lease":
             design = (f"no target; vs memory: CPU {_fmt_ratio(row.get('cpu_vs_memory'))}, "
                       f"calls/s {_fmt_ratio(row.get('throughput_vs_memory'))}, "

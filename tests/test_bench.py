@@ -4,8 +4,13 @@ measures it, as ratios, on its own).
 """
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
+from pathlib import Path
 
 import allure
 import grpc
@@ -13,7 +18,7 @@ import pytest
 
 import bench
 import server as presence
-from conftest import ROOT
+from conftest import DEADLINE, ROOT
 from generated import connection_pb2 as pb
 
 SMOKE = ["--only", "throughput", "scale", "connections", "watch", "soak",
@@ -23,25 +28,61 @@ SMOKE = ["--only", "throughput", "scale", "connections", "watch", "soak",
          "--soak-seconds", "2", "--soak-clients", "20", "--soak-watchers", "2"]
 
 
+def processes_marked(mark):
+    """The live processes whose environment holds mark: bench.py's descendants, whatever
+    session they run in (a process inherits its parent's environment)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if mark in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+    return found
+
+
+def processes_ended(mark):
+    """Wait, up to DEADLINE, for the marked processes to end; those still alive.
+
+    multiprocessing's resource tracker ends a moment after bench.py, once it sees its pipe close.
+    """
+    deadline = time.monotonic() + DEADLINE
+    while (left := processes_marked(mark)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One tiny run of every mode: (exit code, terminal output, JSON results).
+    """One tiny run of every mode: (exit code, terminal output, JSON results, processes it
+    started that are still alive afterwards).
 
     A run that wrote no JSON gives {} here, so the first test fails with bench's output.
     """
     output = tmp_path_factory.mktemp("bench") / "results.json"
-    finished = subprocess.run([sys.executable, str(ROOT / "bench.py"), *SMOKE,
-                               "--output", str(output)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=110)
+    token = uuid.uuid4().hex
+    bench_process = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench.py"), *SMOKE, "--output", str(output)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PRESENCE_BENCH_SMOKE": token})
+    try:
+        text, _ = bench_process.communicate(timeout=110)
+    finally:
+        bench_process.kill()
+        bench_process.wait()
+    left = processes_ended(f"PRESENCE_BENCH_SMOKE={token}".encode())
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
     results = json.loads(output.read_text()) if output.exists() else {}
-    return finished.returncode, finished.stdout + finished.stderr, results
+    return bench_process.returncode, text, results, left
 
 
 @allure.feature("Benchmark")
 @allure.story("Every mode runs")
-def test_every_mode_runs_and_writes_its_figures(smoke):
-    returncode, output, results = smoke
+def test_every_mode_runs_stops_what_it_started_and_writes_its_figures(smoke):
+    returncode, output, results, left = smoke
     assert returncode == 0, output[-3000:]
+    assert left == [], "bench.py left processes running"
     for mode in ("throughput", "scale", "connections", "watch", "soak"):
         assert mode in results, f"no {mode} figures in {sorted(results)}"
     assert "SendMessage throughput" in output

@@ -649,9 +649,11 @@ class MemoryStore:
 
 
 def encode_sessions(sessions):
-    """Sessions as the JSON text of the sessions column."""
+    """Sessions as the JSON text of the sessions column; the two commonest without json."""
     if sessions is DEFAULT_SESSIONS:
         return '[["", 0.0]]'
+    if not sessions:  # every disconnected client
+        return "[]"
     return json.dumps(sessions)
 
 

@@ -5,6 +5,7 @@ measures it, as ratios, on its own).
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -45,11 +46,19 @@ def processes_ended(mark):
     """Wait, up to DEADLINE, for the marked processes to end; those still alive.
 
     multiprocessing's resource tracker ends a moment after bench.py, once it sees its pipe close.
+    A pidfd turns readable when its process ends, so each is waited for, not polled.
     """
     deadline = time.monotonic() + DEADLINE
-    while (left := processes_marked(mark)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
+    for pid in processes_marked(mark):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:  # ended meanwhile
+            continue
+        try:
+            select.select([pidfd], [], [], max(deadline - time.monotonic(), 0))
+        finally:
+            os.close(pidfd)
+    return processes_marked(mark)
 
 
 @pytest.fixture(scope="module")

@@ -48,9 +48,10 @@ def connect(address):
 class ServerProcess:
     """The real `python server.py` in a subprocess, its log read as it comes."""
 
-    def __init__(self, *args, env=None, prefix=()):
-        """Start server.py with args; prefix is a command to run it under (prlimit, say)."""
-        self.args = [*prefix, sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1",
+    def __init__(self, *args, env=None, prefix=(), script=ROOT / "server.py"):
+        """Start server.py (or a script that wraps it) with args; prefix is a command to run
+        it under (prlimit, say)."""
+        self.args = [*prefix, sys.executable, str(script), "--host", "127.0.0.1",
                      "--port", "0", *args]
         self.log = []
         self._eof = False
@@ -109,6 +110,23 @@ def memory_server():
     server.start()
     yield server
     server.stop(0)
+
+
+@pytest.fixture
+def make_server():
+    """Start in-process servers with `make_server(store, **create_server options)` (memory://
+    when no store is given) on free ports; all are stopped afterwards."""
+    started = []
+
+    def make(store=None, **options):
+        server = presence.create_server("127.0.0.1:0", store or presence.MemoryStore(), **options)
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop(0)
 
 
 @pytest.fixture

@@ -192,6 +192,18 @@ BAD_REQUESTS = [
     ("GetClientStatus", pb.ClientStatusRequest(client_id="tab\there"), "U+0009"),
     ("ListClients", pb.ListClientsRequest(page_size=-1), "page_size must not be negative"),
     ("ListClients", pb.ListClientsRequest(page_token="not a token!"), "page_token"),
+    ("ListClients", pb.ListClientsRequest(page_token="!!!"), "page_token is not a token"),
+    ("ListClients", pb.ListClientsRequest(page_token="é字"), "page_token is not a token"),
+    ("ListClients", pb.ListClientsRequest(page_token="YQ==YQ=="), "page_token is not a token"),
+    ("SendMessage", pb.MessageRequest(client_id="   ", message="hello"),
+     "client_id must not be only white space"),
+    ("SendMessage", pb.MessageRequest(client_id="\u3000", message="hello"),
+     "client_id must not be only white space"),
+    ("SendMessage", pb.MessageRequest(client_id="admin\u202etxt.exe", message="hello"),
+     "bidirectional override or isolate characters, found U+202E at position 5"),
+    ("SendMessage", pb.MessageRequest(client_id="a", message="hello", session_id="\u2066x"),
+     "session_id must not contain bidirectional"),
+    ("GetClientStatus", pb.ClientStatusRequest(client_id="bob\u2069"), "U+2069 at position 3"),
     ("ListClients", pb.ListClientsRequest(status=7), "status must be one of"),
     ("ListClients", pb.ListClientsRequest(id_prefix="\x1b["), "id_prefix must not contain"),
     ("SendMessages", pb.SendMessagesRequest(requests=[
@@ -596,8 +608,8 @@ def test_expiry_finds_due_leases_without_touching_the_rest(clock):
     registry = presence.Registry(presence.MemoryStore(), clock=clock)
     registry.apply_many([presence.Message(f"quiet{n}", presence.Status.CONNECTED)
                          for n in range(10_000)])
-    registry.apply("short", presence.Status.CONNECTED, lease=5)
-    registry.apply("long", presence.Status.CONNECTED, lease=500)
+    registry.apply_one(presence.Message("short", presence.Status.CONNECTED, lease=5))
+    registry.apply_one(presence.Message("long", presence.Status.CONNECTED, lease=500))
     assert registry.seconds_to_next_expiry() == 5
     clock.advance(6)
     assert [change.record.client_id for change in registry.expire_due()] == ["short"]
@@ -798,9 +810,10 @@ def test_leases_that_ran_out_while_down_expire_at_start_as_ordinary_changes(tmp_
     with allure.step("before the restart: one leased session, one without a lease"):
         store = presence.SqliteStore(path)
         server = presence.create_server("127.0.0.1:0", store, clock=clock)
-        server.registry.apply("leased", presence.Status.CONNECTED, "tty1", lease=60)
-        server.registry.apply("leased", presence.Status.CONNECTED, "tty2", lease=600)
-        server.registry.apply("forever", presence.Status.CONNECTED)
+        server.registry.apply_many([
+            presence.Message("leased", presence.Status.CONNECTED, "tty1", lease=60),
+            presence.Message("leased", presence.Status.CONNECTED, "tty2", lease=600),
+            presence.Message("forever", presence.Status.CONNECTED)])
         server.stop(0)
         store.close()
     with allure.step("down for 61 s, then restarted on the same file"):

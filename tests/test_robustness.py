@@ -42,7 +42,8 @@ DOCUMENTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
 MAX_REQUEST = presence.DEFAULT_MAX_REQUEST_BYTES
 MAX_LEASE = presence.DEFAULT_MAX_LEASE
 MAX_BATCH = 1000
-CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # DESIGN: ids hold no control characters (Cc)
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # ids hold no control characters (Cc)
+BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")  # nor bidirectional overrides or isolates
 STOPPED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 FUZZ = settings(max_examples=150, deadline=None, print_blob=True,
@@ -164,9 +165,11 @@ def assert_documented(answer, request):
 # --- what DESIGN and the proto promise, request by request --------------------------------
 
 
-def id_rule_broken(text):
-    """DESIGN 3: 1 to 128 characters of Unicode, no control characters."""
-    return not text or len(text) > presence.MAX_ID_LENGTH or bool(CONTROL.search(text))
+def id_rule_broken(text, prefix=False):
+    """The id rule (README, Rules): 1 to 128 characters of Unicode, not only white space (a
+    prefix may be), no control characters, no bidirectional overrides or isolates."""
+    return (not text or len(text) > presence.MAX_ID_LENGTH or bool(CONTROL.search(text))
+            or bool(BIDI.search(text)) or (text.isspace() and not prefix))
 
 
 def broken_rules(request):
@@ -273,7 +276,7 @@ def check_list_clients(request, answer):
     broken = []
     if request.page_size < 0:
         broken.append("page_size")
-    if request.id_prefix and id_rule_broken(request.id_prefix):
+    if request.id_prefix and id_rule_broken(request.id_prefix, prefix=True):
         broken.append("id_prefix")
     if request.status not in (pb.STATUS_UNSPECIFIED, pb.STATUS_CONNECTED,
                               pb.STATUS_DISCONNECTED):
@@ -281,6 +284,9 @@ def check_list_clients(request, answer):
     if broken:
         assert_refused(answer, request, grpc.StatusCode.INVALID_ARGUMENT,
                        broken + ["page_token"] if request.page_token else broken)
+        return
+    if request.page_token and not issued_token(request.page_token):
+        assert_refused(answer, request, grpc.StatusCode.INVALID_ARGUMENT, ["page_token"])
         return
     if isinstance(answer, grpc.RpcError):  # only a token this server never issued may fail
         assert request.page_token, brief(answer.details())
@@ -292,6 +298,15 @@ def check_list_clients(request, answer):
     assert all(client_id.startswith(request.id_prefix) for client_id in ids)
     if request.status:
         assert {client.status for client in answer.clients} <= {request.status}
+
+
+def issued_token(token):
+    """Whether token is exactly what the server issues for some id: base64url of its UTF-8."""
+    try:
+        text = base64.urlsafe_b64decode(token.encode("ascii")).decode()
+    except (ValueError, UnicodeError):
+        return False
+    return bool(text) and base64.urlsafe_b64encode(text.encode()).decode() == token
 
 
 def check_watch(request, first):
@@ -319,7 +334,8 @@ ANY_TEXT = st.one_of(
     st.text(st.characters(codec="utf-8", exclude_categories=["Cc"]), min_size=1, max_size=140),
     st.builds(operator.mul, CHARACTERS, st.integers(100, 70_000)),  # very long
     st.sampled_from(["", " ", "\x00", "\t", "\x7f", "\x85", "\u200b", "\ufeff", "\U0010ffff",
-                     "🙂", "a" * 128, "a" * 129, "é" * 128, "é" * 129, "%", "%00", "\\"]),
+                     "🙂", "a" * 128, "a" * 129, "é" * 128, "é" * 129, "%", "%00", "\\",
+                     "\u3000 ", "\u202eevil", "a\u2066b", "\u2069"]),
 )
 KNOWN_IDS = st.sampled_from(["alice", "bob", "Ωmega", "日本", "a" * 128, "canary"])
 CLIENT_IDS = st.one_of(KNOWN_IDS, ANY_TEXT)
@@ -419,6 +435,9 @@ def test_get_client_status_answers_any_id_with_success_or_a_documented_refusal(t
 @given(request=LIST_REQUESTS)
 @example(request=pb.ListClientsRequest(page_size=-2**31, status=2**31 - 1))
 @example(request=pb.ListClientsRequest(page_token="not base64!"))
+@example(request=pb.ListClientsRequest(page_token="!!!"))
+@example(request=pb.ListClientsRequest(page_token="é字"))
+@example(request=pb.ListClientsRequest(page_token="YQ==YQ=="))
 def test_list_clients_answers_any_page_request_with_success_or_a_documented_refusal(target,
                                                                                    request):
     check_list_clients(request, outcome(target.stub.ListClients, request))

@@ -4,7 +4,8 @@ Run `python server.py --help` for the flags. The rules live in `Registry`, which
 keeps every client in memory behind one lock; a store (`memory://` or the
 default `sqlite:///connections.db`) makes each change durable before it is
 acknowledged, and a `ChangeLog` hands durable changes to watchers in revision
-order. `ClientService` only translates between protobuf and the registry.
+order. `ClientService`, and `NotificationService` for an older contract, only
+translate between protobuf and the registry.
 """
 
 import argparse

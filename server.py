@@ -4,7 +4,8 @@ Run `python server.py --help` for the flags. The rules live in `Registry`, which
 keeps every client in memory behind one lock; a store (`memory://` or the
 default `sqlite:///connections.db`) makes each change durable before it is
 acknowledged, and a `ChangeLog` hands durable changes to watchers in revision
-order. `ClientService` only translates between protobuf and the registry.
+order. `ClientService`, and `NotificationService` for an older contract, only
+translate between protobuf and the registry.
 """
 
 import argparse
@@ -33,17 +34,22 @@ from typing import Iterable, NamedTuple, Protocol, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from google.protobuf.message import DecodeError
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from sortedcontainers import SortedList
 
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
+from generated import notifications_pb2 as notifications_pb
 
 logger = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ClientService"]
 SERVICE_NAME = SERVICE.full_name
+NOTIFICATION_SERVICE = notifications_pb.DESCRIPTOR.services_by_name["NotificationService"]
+NOTIFICATION_SERVICE_NAME = NOTIFICATION_SERVICE.full_name
+REFLECTION_V1_NAME = "grpc.reflection.v1.ServerReflection"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
 DEFAULT_STORE = "sqlite:///connections.db"
@@ -83,6 +89,8 @@ _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 # Bidirectional overrides and isolates reorder what a terminal shows: one id could pose as another.
 _BIDI_CONTROL = re.compile("[\u202a-\u202e\u2066-\u2069]")
 WRITE_METHODS = frozenset({"SendMessage", "SendMessages"})
+# With a token set, writes to these always need it, and reads unless --public-reads.
+GUARDED_SERVICES = frozenset({SERVICE_NAME, NOTIFICATION_SERVICE_NAME})
 # Load balancers and generic tools must reach these without a token.
 OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME)
 
@@ -1147,15 +1155,16 @@ def same_kind(wrapper, behavior):
     return wrapper
 
 
-def method_handlers(service):
+def method_handlers(service, descriptor=SERVICE):
     """The service's handlers, as the generated code makes them but with serialize_response."""
     handlers = {}
-    for method in SERVICE.methods:
+    for method in descriptor.methods:
         make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
                 else grpc.unary_unary_rpc_method_handler)
         handlers[method.name] = make(
             refuse_malformed(getattr(service, method.name)),
-            request_deserializer=parse_request_bytes(getattr(pb, method.input_type.name)),
+            request_deserializer=parse_request_bytes(
+                message_factory.GetMessageClass(method.input_type)),
             response_serializer=serialize_response,
         )
     return handlers
@@ -1334,6 +1343,44 @@ class ClientService(pb_grpc.ClientServiceServicer):
                                   snapshot_complete=number == len(chunks) - 1,
                                   resync=resync and number == 0, revision=revision))
         return revision
+
+
+class NotificationService:
+    """The second earlier contract, user_notifications.NotificationService, on our registry.
+
+    Requests follow our rules (the id rules, the message words, INVALID_ARGUMENT); answers
+    are the ones its clients expect: "Success", and "unknown" (still OK) for an id never seen.
+    The all-clients map has the same bytes as ours, so it is serialized by the same code.
+    """
+
+    def __init__(self, registry):
+        self._registry = registry
+
+    def SendMessage(self, request, context):
+        try:
+            status = parse_message(request.message)
+            validate_client_id(request.client_id)
+            self._registry.apply_one(Message(request.client_id, status))
+        except InvalidArgument as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except StoreError as error:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+        return notifications_pb.MessageResponse(status="Success")
+
+    def GetClientStatus(self, request, context):
+        client_id = request.client_id
+        if not client_id:
+            return self.GetAllClientStatuses(request, context)
+        try:
+            validate_client_id(client_id)
+        except InvalidArgument as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        record = self._registry.get(client_id)
+        return notifications_pb.ClientStatusResponse(
+            statuses={client_id: STATUS_WORDS[record.status] if record else "unknown"})
+
+    def GetAllClientStatuses(self, request, context):
+        return serialize_statuses(self._registry.snapshot()[0])
 
 
 class Watcher:
@@ -1594,8 +1641,8 @@ class TokenCheck(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, details):
         service, _, method = details.method.lstrip("/").rpartition("/")
-        needs_token = service == SERVICE_NAME and (method in WRITE_METHODS
-                                                   or not self._public_reads)
+        needs_token = service in GUARDED_SERVICES and (method in WRITE_METHODS
+                                                       or not self._public_reads)
         handler = continuation(details)
         if handler is None or not needs_token or self._authorized(details.invocation_metadata):
             return handler
@@ -1713,6 +1760,84 @@ class Metrics(grpc.ServerInterceptor):
 # --- wiring -------------------------------------------------------------------
 
 
+class HealthService(health.HealthServicer):
+    """Standard health checking whose Watch streams end once they are told NOT_SERVING.
+
+    grpcio's servicer keeps them open, so without this one open health watcher made
+    every stop wait the whole grace period and end in UNAVAILABLE.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._sends_lock = threading.Lock()
+        self._sends = set()  # the send functions of open Watch streams
+        self._closing = False
+
+    def Watch(self, request, context, send):
+        """Send the status now and at every change, as grpcio's does; end at shutdown."""
+        with self._sends_lock:
+            super().Watch(request, context, send)
+            if self._closing:
+                send(None)
+                return
+            self._sends.add(send)
+        if not context.add_callback(lambda: self._forget(send)):
+            self._forget(send)
+
+    def _forget(self, send):
+        with self._sends_lock:
+            self._sends.discard(send)
+
+    def enter_graceful_shutdown(self):
+        """Tell every watcher NOT_SERVING, then end its stream cleanly."""
+        super().enter_graceful_shutdown()
+        with self._sends_lock:
+            self._closing = True
+            sends, self._sends = self._sends, set()
+        for send in sends:
+            send(None)
+
+
+@functools.cache
+def add_reflection_v1_descriptor():
+    """Put grpc.reflection.v1's file in the descriptor pool: v1alpha's, renamed.
+
+    grpcio-reflection ships only v1alpha; the two have the same messages on the wire, and
+    tools that speak only v1 need its descriptor to describe the reflection service itself.
+    """
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(REFLECTION_V1_NAME)
+    except KeyError:
+        proto = descriptor_pb2.FileDescriptorProto()
+        reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+        text = text_format.MessageToString(proto).replace("v1alpha", "v1")
+        pool.AddSerializedFile(
+            text_format.Parse(text, descriptor_pb2.FileDescriptorProto()).SerializeToString())
+
+
+def add_reflection(grpc_server, service_names):
+    """Serve reflection under grpc.reflection.v1 and v1alpha, by one servicer."""
+    add_reflection_v1_descriptor()
+    names = (*service_names, REFLECTION_V1_NAME, reflection.SERVICE_NAME)
+    servicer = reflection.ReflectionServicer(names)
+    handlers = {"ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}
+    grpc_server.add_generic_rpc_handlers(tuple(
+        grpc.method_handlers_generic_handler(name, handlers)
+        for name in (REFLECTION_V1_NAME, reflection.SERVICE_NAME)))
+
+
+def add_service(grpc_server, descriptor, servicer):
+    """Serve servicer's methods as the service descriptor names them."""
+    handlers = method_handlers(servicer, descriptor)
+    grpc_server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+    grpc_server.add_registered_method_handlers(descriptor.full_name, handlers)
+
+
 @dataclass
 class PresenceServer:
     """A built, not yet started server: the gRPC server, the port it bound, its parts."""
@@ -1720,7 +1845,7 @@ class PresenceServer:
     grpc_server: grpc.Server
     port: int
     registry: Registry
-    health: health.HealthServicer
+    health: HealthService
     reaper: LeaseReaper
     metrics: Metrics | None = None
 
@@ -1782,17 +1907,13 @@ def create_server(
     if metrics:
         metrics.watch(registry, service)
         store.commit_timer = metrics.commit
-    handlers = method_handlers(service)
-    grpc_server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    grpc_server.add_registered_method_handlers(SERVICE_NAME, handlers)
-    health_servicer = health.HealthServicer()
+    add_service(grpc_server, SERVICE, service)
+    add_service(grpc_server, NOTIFICATION_SERVICE, NotificationService(registry))
+    health_servicer = HealthService()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    for service_name in ("", SERVICE_NAME):
+    for service_name in ("", SERVICE_NAME, NOTIFICATION_SERVICE_NAME):
         health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
-    )
+    add_reflection(grpc_server, (SERVICE_NAME, NOTIFICATION_SERVICE_NAME, health.SERVICE_NAME))
     if credentials:
         port = grpc_server.add_secure_port(address, credentials)
     else:

@@ -51,11 +51,11 @@ def rpc_error(call, *args):
     return caught.value
 
 
-def protoc(proto_path, out_dir, proto_file, cwd=ROOT):
+def protoc(proto_path, out_dir, *proto_files, cwd=ROOT):
     """Run the bundled protoc the way `make proto` does."""
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", f"--proto_path={proto_path}",
-         f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", proto_file],
+         f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", *proto_files],
         check=True, cwd=cwd, timeout=DEADLINE * 4,
     )
 
@@ -158,13 +158,15 @@ def test_program_built_on_the_original_proto_works_unchanged(tmp_path, address):
 @allure.feature("Wire contract")
 @allure.story("Generated code")
 def test_generated_code_matches_a_fresh_protoc_run(tmp_path):
-    protoc("generated=.", str(tmp_path), "connection.proto")
+    protos = sorted(path.name for path in ROOT.glob("*.proto"))
+    assert protos == ["connection.proto", "notifications.proto"]
+    protoc("generated=.", str(tmp_path), *protos)
     fresh = sorted(path.name for path in (tmp_path / "generated").glob("*.py"))
-    assert fresh == ["connection_pb2.py", "connection_pb2_grpc.py"]
+    assert fresh == sorted(path.name for path in (ROOT / "generated").glob("*_pb2*.py"))
     for name in fresh:
         fresh_text = (tmp_path / "generated" / name).read_text()
         assert fresh_text == (ROOT / "generated" / name).read_text(), (
-            f"generated/{name} differs from connection.proto: run `make proto`")
+            f"generated/{name} differs from its .proto: run `make proto`")
 
 
 # --- validation -----------------------------------------------------------------------
@@ -433,6 +435,27 @@ def test_signal_stops_cleanly_with_exit_zero_and_state_survives(server_processes
     with connect(again.address) as channel:
         stub = pb_grpc.ClientServiceStub(channel)
         assert stub.GetClientStatus(pb.ClientStatusRequest()).statuses == {"alice": "connected"}
+
+
+@allure.feature("Durability")
+@allure.story("Graceful stop")
+def test_signal_ends_health_watchers_with_not_serving_instead_of_waiting_out_the_grace(
+        server_processes):
+    server = server_processes("--store", "memory://", "--grace", "60")
+    with connect(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=DEADLINE)
+                   for service in ("", "client_service.ClientService")]
+        for watch in watches:
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        server.process.send_signal(signal.SIGTERM)
+        with allure.step("each watcher is told NOT_SERVING, then its stream ends with OK"):
+            for watch in watches:
+                assert [reply.status for reply in watch] == [
+                    health_pb2.HealthCheckResponse.NOT_SERVING]
+                assert watch.code() == grpc.StatusCode.OK
+        with allure.step("the server exits 0 long before its 60 s grace is over"):
+            assert server.process.wait(timeout=DEADLINE) == 0
 
 
 # --- operations -------------------------------------------------------------------------

@@ -1357,24 +1357,18 @@ class NotificationService:
         self._registry = registry
 
     def SendMessage(self, request, context):
-        try:
+        with refusals(context):
             status = parse_message(request.message)
             validate_client_id(request.client_id)
             self._registry.apply_one(Message(request.client_id, status))
-        except InvalidArgument as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except StoreError as error:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         return notifications_pb.MessageResponse(status="Success")
 
     def GetClientStatus(self, request, context):
         client_id = request.client_id
         if not client_id:
             return self.GetAllClientStatuses(request, context)
-        try:
+        with refusals(context):
             validate_client_id(client_id)
-        except InvalidArgument as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         record = self._registry.get(client_id)
         return notifications_pb.ClientStatusResponse(
             statuses={client_id: STATUS_WORDS[record.status] if record else "unknown"})

@@ -677,6 +677,138 @@ def test_goodbye_for_a_session_that_is_not_live_changes_nothing(stub):
         False, revision, pb.STATUS_CONNECTED)
 
 
+@allure.feature("Sessions")
+@allure.story("Sessions per client are capped")
+def test_sessions_past_the_cap_are_resource_exhausted_and_renewals_still_pass(make_server):
+    server = make_server(max_sessions=3)
+    with connect(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        for session in ("a", "b", "c"):
+            hello(stub, "erin", session)
+        with allure.step("a fourth session is refused, naming the limit"):
+            error = rpc_error(stub.SendMessage, pb.MessageRequest(
+                client_id="erin", message="hello", session_id="d"))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "already has 3 sessions" in error.details()
+            assert "--max-sessions" in error.details()
+        with allure.step("a live session still renews; a batch past the cap applies nothing"):
+            assert hello(stub, "erin", "a", lease=30).changed is False
+            revision = stub.CountClients(pb.CountClientsRequest()).revision
+            error = rpc_error(stub.SendMessages, pb.SendMessagesRequest(requests=[
+                pb.MessageRequest(client_id="frank", message="hello"),
+                pb.MessageRequest(client_id="erin", message="hello", session_id="e")]))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "requests[1]" in error.details()
+            assert stub.CountClients(pb.CountClientsRequest()).revision == revision
+            assert rpc_error(stub.GetClientStatus, pb.ClientStatusRequest(
+                client_id="frank")).code() == grpc.StatusCode.NOT_FOUND
+        with allure.step("once one ends, another may start"):
+            goodbye(stub, "erin", "b")
+            assert hello(stub, "erin", "d").changed
+
+
+# The largest records the limits allow: 128-character ids of 4-byte characters, each client
+# with the 64 sessions of the default cap, session ids as long.
+WIDE = "\U0001d54f"  # 𝕏, 4 bytes in UTF-8
+BIG_IDS = [f"{n:03d}" + WIDE * 125 for n in range(130)]
+BIG_SESSIONS = [f"{n:02d}" + WIDE * 126 for n in range(presence.DEFAULT_MAX_SESSIONS)]
+
+
+def big_messages(client_ids, session_ids, message="hello"):
+    return pb.SendMessagesRequest(requests=[
+        pb.MessageRequest(client_id=client_id, message=message, session_id=session_id)
+        for session_id in session_ids for client_id in client_ids])
+
+
+@pytest.fixture(scope="module")
+def big_registry():
+    """A memory server holding 130 of the largest records the limits allow (4.5 MB of them)."""
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(),
+                                    max_request_bytes=4 << 20)
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[
+            ("grpc.max_send_message_length", 8 << 20)]) as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        for client_id in BIG_IDS:
+            stub.SendMessages(big_messages([client_id], BIG_SESSIONS), timeout=DEADLINE)
+    yield server
+    server.stop(0)
+
+
+@pytest.fixture
+def default_stub(big_registry):
+    """A stub on a channel with gRPC's default limits: it takes messages up to 4 MiB."""
+    with connect(f"127.0.0.1:{big_registry.port}") as channel:
+        yield pb_grpc.ClientServiceStub(channel)
+
+
+@allure.feature("Limits")
+@allure.story("Every answer fits a default client")
+def test_pages_of_the_largest_records_are_cut_to_fit_and_still_walk_everything(default_stub):
+    seen, token, pages = [], "", 0
+    while True:
+        page = default_stub.ListClients(pb.ListClientsRequest(page_size=1000, page_token=token),
+                                        timeout=DEADLINE)
+        assert page.ByteSize() <= 4 * 1024 * 1024
+        seen += [client.client_id for client in page.clients]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == sorted(BIG_IDS) and pages > 1
+
+
+@allure.feature("Limits")
+@allure.story("Every answer fits a default client")
+def test_a_snapshot_of_the_largest_records_comes_in_chunks_that_fit(default_stub):
+    clients, revision, _ = Watch(default_stub).snapshot()
+    assert sorted(clients) == sorted(BIG_IDS)
+    assert all(len(client.sessions) >= presence.DEFAULT_MAX_SESSIONS - 2  # the watch test
+               for client in clients.values())                          # ends two each
+    assert revision == len(BIG_IDS) * presence.DEFAULT_MAX_SESSIONS
+
+
+@allure.feature("Limits")
+@allure.story("Every answer fits a default client")
+def test_a_batch_whose_answer_would_not_fit_is_refused_before_it_applies(default_stub):
+    before = default_stub.CountClients(pb.CountClientsRequest())
+    renewals = pb.SendMessagesRequest(requests=[
+        pb.MessageRequest(client_id=client_id, message="hello", session_id=BIG_SESSIONS[0],
+                          lease_seconds=60) for client_id in BIG_IDS])
+    error = rpc_error(default_stub.SendMessages, renewals)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "nothing was applied" in error.details()
+    fit = int(re.search(r"send at most (\d+)", error.details()).group(1))
+    assert 0 < fit < len(BIG_IDS)
+    assert default_stub.CountClients(pb.CountClientsRequest()) == before
+    record = status_of(default_stub, BIG_IDS[0])
+    assert not record.sessions[0].HasField("expires_at"), "a refused batch renewed a lease"
+    del renewals.requests[fit:]
+    answer = default_stub.SendMessages(renewals, timeout=DEADLINE)
+    assert len(answer.responses) == fit
+
+
+@allure.feature("Limits")
+@allure.story("Every answer fits a default client")
+def test_a_watcher_behind_by_many_large_changes_gets_them_in_messages_that_fit(default_stub):
+    watch = Watch(default_stub, since_revision=1, read=False)
+    ending = [BIG_SESSIONS[-1], BIG_SESSIONS[-2]]
+    halves = [BIG_IDS[:65], BIG_IDS[65:]]
+    for session_id in ending:
+        for client_ids in halves:  # each batch's answer fits; together they are 9 MB of events
+            default_stub.SendMessages(big_messages(client_ids, [session_id], "goodbye"),
+                                      timeout=DEADLINE)
+    watch.resume_reading()
+    changes = len(BIG_IDS) * presence.DEFAULT_MAX_SESSIONS + 2 * len(BIG_IDS)
+    events = []
+    while not events or events[-1].revision < changes:
+        message = watch.next()
+        assert isinstance(message, pb.WatchResponse), f"the stream failed: {message}"
+        events += message.events
+    assert [event.revision for event in events] == list(range(2, changes + 1))
+    watch.call.cancel()
+
+
 # --- the watch stream -------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from typing import NamedTuple
 
@@ -1171,3 +1172,84 @@ def test_a_write_the_store_refused_is_not_visible_to_readers(limited_servers, sq
         counts = stub.CountClients(pb.CountClientsRequest(), timeout=CALL_DEADLINE)
         assert counts.revision == acked[-1][1], "a refused write moved the revision"
         assert observe(stub, refused_id) == UNKNOWN, "a refused write is visible"
+
+
+# --- 7. reads while a commit is held, then kill -9; the database removed under the server -----
+
+
+HELD_COMMIT_SERVER = ROOT / "tests" / "held_commit_server.py"
+
+
+def everything_read(stub, watcher_snapshot):
+    """What readers learn of alice by every read, with the revision each reports."""
+    record = stub.GetClientStatus(pb.ClientStatusRequest(client_id="alice"),
+                                  timeout=CALL_DEADLINE).clients[0]
+    counts = stub.CountClients(pb.CountClientsRequest(), timeout=CALL_DEADLINE)
+    page = stub.ListClients(pb.ListClientsRequest(), timeout=CALL_DEADLINE)
+    clients, revision, _ = watcher_snapshot
+    return {"status": (record.status, record.revision),
+            "count": (counts.connected, counts.disconnected, counts.revision),
+            "list": ([(c.client_id, c.status, c.revision) for c in page.clients], page.revision),
+            "watch": ({cid: (c.status, c.revision) for cid, c in clients.items()}, revision)}
+
+
+@allure.feature("Faults")
+@allure.story("Reads show only durable state")
+def test_nothing_read_while_a_commit_is_held_is_contradicted_after_kill_9(sqlite_url,
+                                                                        server_processes):
+    held = ServerProcess("--store", sqlite_url, script=HELD_COMMIT_SERVER,
+                         env={"HOLD_AFTER_COMMITS": "1"})
+    try:
+        with connect(held.address) as channel, ThreadPoolExecutor(1) as pool:
+            stub = pb_grpc.ClientServiceStub(channel)
+            stub.SendMessage(pb.MessageRequest(client_id="alice", message="hello"),
+                             timeout=CALL_DEADLINE)
+            watch = Watch(stub)
+            first_snapshot = watch.snapshot()
+            with allure.step("a goodbye whose commit is held open"):
+                goodbye = pool.submit(stub.SendMessage, pb.MessageRequest(
+                    client_id="alice", message="goodbye"), timeout=DEADLINE)
+                held.wait_for_log("holding commit 2")
+            with allure.step("every read while it is held"):
+                before = everything_read(stub, Watch(stub).snapshot())
+                assert before["status"] == (pb.STATUS_CONNECTED, 1)
+            held.kill()
+            with pytest.raises(grpc.RpcError):
+                goodbye.result(timeout=DEADLINE)  # never acknowledged
+    finally:
+        held.stop()
+    with allure.step("restarted: nothing read before is contradicted, no revision reused"):
+        restarted = server_processes("--store", sqlite_url)
+        with connect(restarted.address) as channel:
+            stub = pb_grpc.ClientServiceStub(channel)
+            assert everything_read(stub, Watch(stub).snapshot()) == before
+            resumed = Watch(stub, since_revision=first_snapshot[1])
+            reply = stub.SendMessage(pb.MessageRequest(client_id="bob", message="hello"),
+                                     timeout=CALL_DEADLINE)
+            assert reply.client.revision == 2
+            message = resumed.next()
+            assert not message.resync and [(e.revision, e.client.client_id)
+                                            for e in message.events] == [(2, "bob")]
+
+
+@allure.feature("Faults")
+@allure.story("The database removed under the server")
+@pytest.mark.parametrize("suffix", ["", "-wal"])
+def test_deleting_the_database_under_a_running_server_refuses_writes_and_says_why(
+        server_processes, tmp_path, suffix):
+    path = tmp_path / "connections.db"
+    server = server_processes("--store", f"sqlite:///{path}")
+    with connect(server.address) as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        stub.SendMessage(pb.MessageRequest(client_id="alice", message="hello"),
+                         timeout=CALL_DEADLINE)
+        (tmp_path / f"connections.db{suffix}").unlink()
+        refusal = outcome(stub.SendMessage, pb.MessageRequest(client_id="bob", message="hello"))
+        assert isinstance(refusal, grpc.RpcError)
+        assert refusal.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"connections.db{suffix} was removed while the server ran" in refusal.details()
+        server.wait_for_log(r"ERROR .*connections\.db.* was removed")
+        assert observe(stub, "bob") == UNKNOWN, "the refused write is visible"
+        assert observe(stub, "alice").sessions == frozenset({""})
+        again = outcome(stub.SendMessage, pb.MessageRequest(client_id="carol", message="hello"))
+        assert isinstance(again, grpc.RpcError) and again.code() == grpc.StatusCode.UNAVAILABLE

@@ -48,6 +48,7 @@ class CeilingService(pb_grpc.ClientServiceServicer):
         self._response = ceiling_response()
 
     def SendMessage(self, request, context):
+        """The constant response, parsed request or not."""
         return self._response
 
 
@@ -77,6 +78,7 @@ class FloorService(pb_grpc.ClientServiceServicer):
         self._revision = 0
 
     def SendMessage(self, request, context):
+        """A plain hello or goodbye, answered as our server answers it."""
         try:
             message = presence.parse_request(request, presence.DEFAULT_MAX_LEASE)
         except presence.InvalidArgument as error:
@@ -110,6 +112,7 @@ class AsyncioDictService(pb_grpc.ClientServiceServicer):
         self.clients = {}
 
     async def SendMessage(self, request, context):
+        """The original reply, or the original refusal of another message."""
         text = request.message.strip().lower()
         if text not in ("hello", "goodbye"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -129,6 +132,7 @@ def server_model():
     real_server = grpc.server
 
     def spy(executor, **kwargs):
+        """Note what grpc.server was given, then build it."""
         seen.update(kwargs, max_workers=executor._max_workers)
         return real_server(executor, **kwargs)
 

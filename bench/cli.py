@@ -116,6 +116,7 @@ def write_results(path, results):
 
 
 def _interrupt(signum, frame):
+    """SIGTERM stops the benchmark as Ctrl-C does, stopping everything it started."""
     raise KeyboardInterrupt
 
 

@@ -4,9 +4,8 @@ import math
 import time
 from collections import Counter
 
-from rich.table import Table
-
-from bench.figures import Goal, checked, fmt, fmt_errors, latency_figures, split, verdicts
+from bench.figures import (Goal, cores_rows, figure_table, fmt, latency_figures, outcome_rows,
+                           split, verdicts)
 from bench.harness import Mode, measured_window, positive_float, positive_int
 from bench.jobs import Connections
 from bench.machine import fd_count
@@ -77,24 +76,15 @@ def run_connections(run):
 def render_connections(figures):
     """The connected-clients figures beside their goals."""
     goals = {goal.key: goal for goal in GOALS}
-    table = Table(title=f"{figures['clients']:,} connected clients (own channel each, "
+    table = figure_table(f"{figures['clients']:,} connected clients (own channel each, "
                         f"{figures['processes']} load process(es)), one SendMessage a second, "
                         f"{figures['seconds']:g} s, against {figures['target']}")
-    for header in ("figure", "value", "goal"):
-        table.add_column(header, justify="right" if header == "value" else "left")
     table.add_row("connected in", f"{figures['connect_s']:.1f} s", "")
     table.add_row("server fds during the window", f"{figures['server_fds']:,}", "")
     table.add_row("calls made / due", f"{figures['calls']:,} / {figures['calls_due']:,}", "")
-    table.add_row("errors", checked(goals, figures, "error_count", fmt_errors(figures["errors"])),
-                  "zero errors")
-    table.add_row("p50 ms", fmt(figures["p50_ms"], 2), "")
-    table.add_row("p99 ms", checked(goals, figures, "p99_ms", fmt(figures["p99_ms"], 2)),
-                  goals["p99_ms"].describe())
-    table.add_row("max ms", fmt(figures["max_ms"], 1), "")
+    outcome_rows(table, goals, figures)
     table.add_row("server CPU µs/call", fmt(figures["cpu_us_per_call"], 1), "")
-    table.add_row("server cores busy", fmt(figures["server_cores"], 2), "")
-    table.add_row("load processes' cores busy", fmt(figures["load_cores"], 2), "")
-    table.add_row("other processes' cores (noise)", fmt(figures["noise_cores"], 2), "")
+    cores_rows(table, figures)
     return [table]
 
 

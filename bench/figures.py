@@ -4,6 +4,8 @@ import math
 import statistics
 from dataclasses import dataclass
 
+from rich.table import Table
+
 from bench.machine import CLOCK_TICK
 
 SECOND_NS = 1_000_000_000
@@ -146,3 +148,28 @@ def fmt_errors(errors):
 def checked(goals, figures, key, text):
     """A table cell: text and the mark of the goal for figures[key]."""
     return f"{text} {mark(goals[key], figures[key])}"
+
+
+def figure_table(title):
+    """A table of one figure a row: its name, its value, its goal."""
+    table = Table(title=title)
+    for header in ("figure", "value", "goal"):
+        table.add_column(header, justify="right" if header == "value" else "left")
+    return table
+
+
+def cores_rows(table, figures):
+    """The rows that say who kept the cores busy: the server, the load, everyone else."""
+    table.add_row("server cores busy", fmt(figures["server_cores"], 2), "")
+    table.add_row("load processes' cores busy", fmt(figures["load_cores"], 2), "")
+    table.add_row("other processes' cores (noise)", fmt(figures["noise_cores"], 2), "")
+
+
+def outcome_rows(table, goals, figures, at=""):
+    """Errors and latencies of a load's calls, each beside its goal (set at `at`)."""
+    table.add_row("errors", checked(goals, figures, "error_count", fmt_errors(figures["errors"])),
+                  f"zero errors{at}")
+    table.add_row("p50 ms", fmt(figures["p50_ms"], 2), "")
+    table.add_row("p99 ms", checked(goals, figures, "p99_ms", fmt(figures["p99_ms"], 2)),
+                  f"{goals['p99_ms'].describe()}{at}")
+    table.add_row("max ms", fmt(figures["max_ms"], 1), "")

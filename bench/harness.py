@@ -50,6 +50,7 @@ class Window:
 
     @property
     def seconds(self):
+        """How long the window was."""
         return (self.end_ns - self.start_ns) / 1e9
 
     def cpu(self, calls):

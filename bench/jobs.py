@@ -40,6 +40,11 @@ def scale_width(clients):
     return len(str(max(clients - 1, 1)))
 
 
+def own_channels(address, count):
+    """count grpc.aio channels to address, each with a connection of its own."""
+    return [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(count)]
+
+
 class Job:
     """What every spec shares: an asyncio main run to its end in the load process."""
 
@@ -48,6 +53,7 @@ class Job:
         return asyncio.run(self.main(connection))
 
     async def main(self, connection):
+        """The job itself: connect, say ready, load the server in the window, the outcome."""
         raise NotImplementedError
 
 
@@ -63,6 +69,7 @@ def stop_event(connection):
     event = asyncio.Event()
 
     def on_message():
+        """The first message (or the pipe's end) sets the event."""
         loop.remove_reader(connection.fileno())
         event.set()
 
@@ -99,6 +106,7 @@ class Tally:
                 self.latencies.append(ended - began)
 
     def outcome(self):
+        """What the load process sends back."""
         return {"starts": self.starts, "latencies": self.latencies, "errors": dict(self.errors)}
 
 
@@ -142,12 +150,14 @@ class ClosedLoop(Job):
         passes, counter = self.passes(), itertools.count()
 
         def next_request():
+            """The request of the next call made."""
             number = next(counter)
             return passes[(number // self.ids) % len(passes)][number % self.ids]
 
         return next_request
 
     async def main(self, connection):
+        """in_flight callers on one channel until the window ends; what they counted."""
         requests = self.requests()
         async with grpc.aio.insecure_channel(self.address) as channel:
             await asyncio.wait_for(channel.channel_ready(), START_TIMEOUT)
@@ -157,6 +167,7 @@ class ClosedLoop(Job):
             stop = stop_event(connection)
 
             async def caller():
+                """One of in_flight callers: a call, its answer, the next call."""
                 while not stop.is_set():
                     request = requests()
                     if time.monotonic_ns() >= tally.end_ns:
@@ -173,6 +184,7 @@ class ThreadedLoop(ClosedLoop):
     channel: the other load shape, as a threaded client program makes them."""
 
     def run(self, connection):
+        """Blocking calls from threads, so no event loop here."""
         requests = self.requests()
         with grpc.insecure_channel(self.address) as channel:
             grpc.channel_ready_future(channel).result(timeout=START_TIMEOUT)
@@ -219,8 +231,8 @@ class Connections(Job):
     timeout: float
 
     async def main(self, connection):
-        channels = [grpc.aio.insecure_channel(self.address, options=OWN_CONNECTION)
-                    for _ in range(self.clients)]
+        """Connect every channel, then each client calls once a second until the window ends."""
+        channels = own_channels(self.address, self.clients)
         try:
             await asyncio.wait_for(asyncio.gather(*(
                 ready(channel, connection) for channel in channels)), START_TIMEOUT)
@@ -267,6 +279,7 @@ class SteadyChanges(Job):
     timeout: float
 
     async def main(self, connection):
+        """Changes on their ticks until end_ns; what was made, sent once they are all answered."""
         requests = [[pb.MessageRequest(client_id=f"watch-{number}", message=message)
                      for number in range(self.ids)] for message in MESSAGES]
         async with grpc.aio.insecure_channel(self.address) as channel:
@@ -320,6 +333,7 @@ class Preload(Job):
     timeout: float
 
     async def main(self, connection):
+        """Every batch sent, in_flight at a time; the server's answers are not kept."""
         width = scale_width(self.clients)
         batches = iter(range(self.first, math.ceil(self.clients / BATCH), self.step))
         options = [("grpc.max_receive_message_length", BIG_MESSAGE)]
@@ -329,6 +343,7 @@ class Preload(Job):
             await ready_then_go(connection)
 
             async def sender():
+                """One of in_flight senders: the next batch, until none is left."""
                 for batch in batches:
                     numbers = range(batch * BATCH, min((batch + 1) * BATCH, self.clients))
                     await send(pb.SendMessagesRequest(requests=[

@@ -12,7 +12,7 @@ import grpc
 
 import server as presence
 from bench.figures import SECOND_NS
-from bench.jobs import MESSAGES, OWN_CONNECTION, Job, ready_then_go, timed_call
+from bench.jobs import MESSAGES, Job, own_channels, ready_then_go, timed_call
 from bench.processes import START_TIMEOUT
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
@@ -80,8 +80,8 @@ class Mix(Job):
     seed: int
 
     async def main(self, connection):
-        channels = [grpc.aio.insecure_channel(self.address, options=OWN_CONNECTION)
-                    for _ in range(self.clients)]
+        """Register every client, then each calls once a second until the window ends."""
+        channels = own_channels(self.address, self.clients)
         names = [f"{self.tag}-{number}" for number in range(self.clients)]
         setup_errors, gate = Counter(), asyncio.Semaphore(SOAK_REGISTER_IN_FLIGHT)
         try:

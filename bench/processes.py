@@ -85,6 +85,7 @@ class ServerProcess:
         self.address = f"{match.group(1)}:{match.group(2)}"
 
     def _read_log(self):
+        """Keep every line as it comes (noting when the server said it listens)."""
         for line in self.process.stderr:
             with self._lines:
                 if self.listening_at is None and LISTENING.search(line):

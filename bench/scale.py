@@ -68,8 +68,8 @@ def measure_scale(run, clients):
     label = f"scale {clients:,}"
     server = run.start_server("memory")
     figures = {"clients": clients}
-    with grpc.insecure_channel(server.address,
-                               options=[("grpc.max_receive_message_length", BIG_MESSAGE)]) as channel:
+    options = [("grpc.max_receive_message_length", BIG_MESSAGE)]
+    with grpc.insecure_channel(server.address, options=options) as channel:
         stub = pb_grpc.ClientServiceStub(channel)
         stub.CountClients(pb.CountClientsRequest(), timeout=args.call_timeout)
         time.sleep(SETTLE_SECONDS)
@@ -135,7 +135,8 @@ def measure_reads(run, stub, clients, label):
     run.show(f"{label}: {COUNT_CALLS} counts")
     counts = timed(lambda _: stub.CountClients(pb.CountClientsRequest(), timeout=timeout),
                    range(COUNT_CALLS))
-    return {"page_median_ms": ms(percentile(pages, 0.5)), "page_p99_ms": ms(percentile(pages, 0.99)),
+    return {"page_median_ms": ms(percentile(pages, 0.5)),
+            "page_p99_ms": ms(percentile(pages, 0.99)),
             "count_median_ms": ms(percentile(counts, 0.5)),
             "count_p99_ms": ms(percentile(counts, 0.99))}
 
@@ -230,6 +231,7 @@ def render_scale(figures):
     goals = {goal.key: goal for goal in GOALS}
 
     def row(name, cell, goal_key=None):
+        """A row: a cell per size (with its mark where the goal applies), the goal."""
         goal = goals.get(goal_key)
         cells = [cell(entry) + (f" {mark(goal, entry.get(goal_key))}"
                                 if goal in scale_goals(entry["clients"]) else "")

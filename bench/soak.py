@@ -6,10 +6,9 @@ import time
 from collections import Counter
 
 import grpc
-from rich.table import Table
-
-from bench.figures import (SECOND_NS, Goal, checked, fmt, fmt_errors, fmt_ratio,
-                           latency_figures, ms, percentile, ratio, slope, split, verdicts)
+from bench.figures import (SECOND_NS, Goal, checked, cores_rows, figure_table, fmt, fmt_errors,
+                           fmt_ratio, latency_figures, ms, outcome_rows, percentile, ratio,
+                           slope, split, verdicts)
 from bench.harness import Mode, measured_window, positive_float, positive_int
 from bench.machine import fd_count, rss_bytes, thread_count
 from bench.mixed import SOAK_LEASE_SECONDS, SOAK_MIX, SOAK_OPS, Mix
@@ -87,6 +86,7 @@ def soak_window(run, server, group, watch, stub, label):
     args = run.args
 
     def readings():
+        """The revision, threads and fds at one end of the window."""
         revision = stub.CountClients(pb.CountClientsRequest(), timeout=args.call_timeout).revision
         return revision, thread_count(server.pid), fd_count(server.pid)
 
@@ -202,23 +202,16 @@ def render_soak(figures):
     """The soak's figures beside their goals (those of connections and watch)."""
     goals = {goal.key: goal for goal in GOALS}
     mix = ", ".join(f"{op} {weight}%" for op, weight in figures["mix"].items())
-    table = Table(title=f"Soak: {figures['clients']:,} clients (own channel each, "
+    table = figure_table(f"Soak: {figures['clients']:,} clients (own channel each, "
                         f"{figures['processes']} load processes), one call a second each "
                         f"({mix}), and {figures['watchers']} watchers, {figures['seconds']:g} s "
                         f"on {figures['target']}")
-    for header in ("figure", "value", "goal"):
-        table.add_column(header, justify="right" if header == "value" else "left")
     retried = (f" (retried: {fmt_errors(figures['setup_errors'])})"
                if figures.get("setup_errors") else "")
     table.add_row("connected and registered in", f"{figures['connect_s']:.1f} s{retried}", "")
     table.add_row("calls made / due", f"{figures['calls']:,} / {figures['calls_due']:,}", "")
     table.add_row("changes (revisions) in the window", f"{figures['changes']:,}", "")
-    table.add_row("errors", checked(goals, figures, "error_count", fmt_errors(figures["errors"])),
-                  "zero errors (at 4,000)")
-    table.add_row("p50 ms", fmt(figures["p50_ms"], 2), "")
-    table.add_row("p99 ms", checked(goals, figures, "p99_ms", fmt(figures["p99_ms"], 2)),
-                  f"{goals['p99_ms'].describe()} (at 4,000)")
-    table.add_row("max ms", fmt(figures["max_ms"], 1), "")
+    outcome_rows(table, goals, figures, " (at 4,000)")
     table.add_row("p99 ms by call", ", ".join(
         f"{op} {fmt(value, 1)}" for op, value in figures["p99_ms_by_call"].items()), "")
     table.add_row(f"p99 ms per {SOAK_SLICE_SECONDS} s slice",
@@ -234,9 +227,7 @@ def render_soak(figures):
     table.add_row("server fds start → end", " → ".join(f"{n:,}" for n in figures["server_fds"]),
                   "")
     table.add_row("server CPU µs/call", fmt(figures["cpu_us_per_call"], 1), "")
-    table.add_row("server cores busy", fmt(figures["server_cores"], 2), "")
-    table.add_row("load processes' cores busy", fmt(figures["load_cores"], 2), "")
-    table.add_row("other processes' cores (noise)", fmt(figures["noise_cores"], 2), "")
+    cores_rows(table, figures)
     if figures["watch_events"] is not None:
         watch_rows(table, goals, figures)
     return [table]

@@ -273,4 +273,5 @@ def rounds_table(shape, measured):
 
 MODE = Mode("throughput", "SendMessage against the ceiling (grpcio alone), asyncio dict, "
             "memory://, memory+lease and SQLite under the asyncio load; --full adds ceiling + "
-            "protobuf, the floor and the threaded load", add_flags, run_throughput, render_throughput)
+            "protobuf, the floor and the threaded load",
+            add_flags, run_throughput, render_throughput)

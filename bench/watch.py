@@ -5,11 +5,9 @@ import time
 from collections import Counter
 
 import grpc
-from rich.table import Table
-
 import server as presence
-from bench.figures import (SECOND_NS, Goal, checked, cpu_figures, fmt, fmt_errors,
-                           latency_figures, ms, percentile, split, verdicts)
+from bench.figures import (SECOND_NS, Goal, checked, cores_rows, cpu_figures, figure_table,
+                           fmt, fmt_errors, latency_figures, ms, percentile, split, verdicts)
 from bench.harness import Mode, positive_float, positive_int
 from bench.jobs import SteadyChanges
 from bench.machine import thread_count
@@ -169,12 +167,10 @@ def first_arrivals(revisions, times, expected):
 def render_watch(figures):
     """The fan-out figures beside their goals."""
     goals = {goal.key: goal for goal in GOALS}
-    table = Table(title=f"Watch: {figures['watchers']:,} watchers ({figures['processes']} load "
+    table = figure_table(f"Watch: {figures['watchers']:,} watchers ({figures['processes']} load "
                         f"processes, a channel each) on {figures['target']}, "
                         f"{figures['rate']:g} changes/s for {figures['seconds']:g} s "
                         f"(hello/goodbye over {figures['ids']} ids, one writer process)")
-    for header in ("figure", "value", "goal"):
-        table.add_column(header, justify="right" if header == "value" else "left")
     add = table.add_row
     add("every watcher had its snapshot after", f"{figures['snapshots_s']:.1f} s", "")
     add("server threads", f"{figures['server_threads']:,}", "")
@@ -202,9 +198,7 @@ def render_watch(figures):
     add("all delivered after", f"{figures['delivered_s']:.1f} s", "")
     add("server CPU µs per change (per event)",
         f"{fmt(figures['cpu_us_per_call'], 0)} ({fmt(figures['cpu_us_per_event'], 1)})", "")
-    add("server cores busy", fmt(figures["server_cores"], 2), "")
-    add("load processes' cores busy", fmt(figures["load_cores"], 2), "")
-    add("other processes' cores (noise)", fmt(figures["noise_cores"], 2), "")
+    cores_rows(table, figures)
     return [table]
 
 

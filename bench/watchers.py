@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from bench.jobs import OWN_CONNECTION, Job, ready_then_go, stop_event
+from bench.jobs import Job, own_channels, ready_then_go, stop_event
 from bench.processes import START_TIMEOUT
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
@@ -27,7 +27,8 @@ class StreamTally:
         self.settled = self.reached = False
 
     def receive(self, events, now):
-        """Count a message's events: a revision not above the last is a repeat, one skipped a gap."""
+        """Count a message's events: a revision not above the last is a repeat, one skipped is
+        a gap."""
         for event in events:
             self.received += 1
             if event.revision <= self.last:
@@ -126,8 +127,8 @@ class Watchers(Job):
     keep: bool
 
     async def main(self, connection):
-        channels = [grpc.aio.insecure_channel(self.address, options=OWN_CONNECTION)
-                    for _ in range(self.watchers)]
+        """Open every stream, wait for the snapshots, then for the final revision."""
+        channels = own_channels(self.address, self.watchers)
         tally = WatchTally(len(channels), self.keep)
         tasks = [asyncio.create_task(self.watch(index, channel, tally))
                  for index, channel in enumerate(channels)]

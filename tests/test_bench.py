@@ -49,7 +49,8 @@ def processes_marked(mark):
 def processes_ended(mark):
     """Wait, up to DEADLINE, for the marked processes to end; those still alive.
 
-    multiprocessing's resource tracker ends a moment after the benchmark, once it sees its pipe close.
+    multiprocessing's resource tracker ends a moment after the benchmark, once it sees its pipe
+    close.
     A pidfd turns readable when its process ends, so each is waited for, not polled.
     """
     deadline = time.monotonic() + DEADLINE

@@ -20,6 +20,7 @@ import pytest
 import server as presence
 from bench.baselines import FloorService
 from bench.scale import MILLION, scale_goals
+from bench.watchers import WatchTally
 from conftest import DEADLINE, ROOT, ServerProcess, connect
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
@@ -264,3 +265,45 @@ def test_asyncio_dict_answers_as_the_original_service_does(baseline):
     refusal = send(server.address, "alice", "bye")
     assert (refusal.code(), refusal.details()) == (grpc.StatusCode.INVALID_ARGUMENT,
                                                   "Invalid message type: bye")
+
+
+def events(*revisions):
+    """A Watch message carrying changes with these revisions."""
+    return pb.WatchResponse(events=[pb.Event(revision=revision, reason="hello")
+                                    for revision in revisions])
+
+
+@allure.feature("Benchmark")
+@allure.story("Scale, connections, watch, soak")
+def test_the_watch_tally_counts_repeats_gaps_and_who_reached_the_last_revision():
+    tally = WatchTally(2, keep=True)
+    with allure.step("both streams have their snapshot, at revision 10"):
+        tally.receive(0, pb.WatchResponse(snapshot_complete=True, revision=10))
+        assert not tally.all_settled.is_set()
+        tally.receive(1, pb.WatchResponse(snapshot_complete=True, revision=10))
+        assert tally.all_settled.is_set()
+    with allure.step("stream 0 sees 11, 11 again and 13; stream 1 ends"):
+        for message in (events(11), events(11, 13)):
+            tally.receive(0, message)
+        tally.end(1, "CANCELLED")
+    tally.reach(13)
+    assert tally.all_reached.is_set()
+    report = tally.report()
+    assert (report["received"], report["duplicates"], report["gaps"]) == ([3, 0], [1, 0], [1, 0])
+    assert report["last"] == [13, 10] and report["ended"] == [None, "CANCELLED"]
+    assert list(report["revisions"][0]) == [11, 13] and report["reasons"] == {"hello": 3}
+
+
+@allure.feature("Benchmark")
+@allure.story("Scale, connections, watch, soak")
+def test_the_watch_tally_waits_for_every_stream_to_reach_the_last_revision():
+    tally = WatchTally(2, keep=False)
+    for index in range(2):
+        tally.receive(index, pb.WatchResponse(snapshot_complete=True, revision=5))
+    tally.reach(6)
+    tally.receive(0, events(6))
+    tally.receive(0, events(7))
+    assert not tally.all_reached.is_set(), "a stream counts once, however much it receives"
+    tally.receive(1, events(6))
+    assert tally.all_reached.is_set()
+    assert tally.report()["revisions"] is None

@@ -4,6 +4,7 @@ bench over a pipe: "ready", then the (start_ns, end_ns) of the window, then its 
 """
 
 import asyncio
+import contextlib
 import itertools
 import math
 import threading
@@ -193,8 +194,7 @@ class ThreadedLoop(ClosedLoop):
             start_ns, end_ns = connection.recv()
             tally = Tally(start_ns, end_ns or math.inf)
             stop = threading.Event()
-            threading.Thread(target=lambda: connection.poll(None) and stop.set(),
-                             daemon=True).start()
+            threading.Thread(target=set_on_message, args=(connection, stop), daemon=True).start()
             callers = [threading.Thread(target=self._caller, args=(send, requests, tally, stop))
                        for _ in range(self.in_flight)]
             for thread in callers:
@@ -216,6 +216,13 @@ class ThreadedLoop(ClosedLoop):
             except grpc.RpcError as error:
                 code = error.code().name
             tally.add(began, time.monotonic_ns(), code)
+
+
+def set_on_message(connection, event):
+    """Set event once bench sends a message (stop) or goes away."""
+    with contextlib.suppress(OSError):
+        connection.poll(None)
+    event.set()
 
 
 LOAD_SHAPES = {"asyncio": ClosedLoop, "threads": ThreadedLoop}

@@ -38,9 +38,11 @@ LEASE_RATIOS = {"throughput_vs_memory": "calls_per_s", "p99_vs_memory": "p99_ms"
 # How far each ratio moves from one load shape to the other.
 SHAPE_GAPS = {"cpu_ratio_shape_gap": "cpu_ratio", "throughput_ratio_shape_gap": "throughput_ratio",
               "p99_ratio_shape_gap": "p99_ratio"}
-SHAPE_GAP_GOALS = (Goal("cpu_ratio_shape_gap", "CPU × other load", 0.1, unit="×"),
-                   Goal("throughput_ratio_shape_gap", "calls/s × other load", 0.1, unit="×"),
-                   Goal("p99_ratio_shape_gap", "p99 × other load", 0.1, unit="×"))
+SHAPE_GAP_GOALS = (
+    Goal("cpu_ratio_shape_gap", "CPU × moves under the other load by", 0.1, unit="×"),
+    Goal("throughput_ratio_shape_gap", "calls/s × moves under the other load by", 0.1, unit="×"),
+    Goal("p99_ratio_shape_gap", "p99 × moves under the other load by", 0.1, unit="×"),
+)
 GOALS = {
     "memory": (Goal("cpu_ratio", "CPU", 1.30, unit="×"),
                Goal("cpu_vs_asyncio_dict", "CPU vs asyncio dict", 1.0, unit="×", strict=True),
@@ -83,15 +85,15 @@ def load_specs(run, address, *, shape, processes, in_flight, tag, preloaded=0, l
             for index in range(processes)]
 
 
-def measure_load(run, server, *, label, shape="asyncio", warmup=None, window=None, **specs):
+def measure_load(run, server, *, label, shape="asyncio", **specs):
     """The normal load against server: warm-up, then one window; its figures."""
     args = run.args
-    window = window or args.window
+    window = args.window
     run.show(f"{label}: starting {args.processes} load process(es)")
     with LoadGroup(load_specs(run, server.address, shape=shape, processes=args.processes,
                               in_flight=args.in_flight, **specs)) as group:
         group.wait_ready()
-        measured = measured_window(run, server, group, warmup=warmup or args.warmup,
+        measured = measured_window(run, server, group, warmup=args.warmup,
                                    seconds=window, label=label)
     latencies = [value for outcome in measured.outcomes for value in outcome["latencies"]]
     errors = Counter()

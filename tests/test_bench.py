@@ -25,6 +25,8 @@ from conftest import DEADLINE, ROOT, ServerProcess, connect
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
 
+pytestmark = [allure.feature("Benchmark")]
+
 TARGETS = ["ceiling", "ceiling+protobuf", "floor", "asyncio-dict", "memory", "sqlite"]
 SMOKE = ["--only", "throughput", "scale", "connections", "watch", "soak",
          "--targets", *TARGETS[1:], "--load", "asyncio", "threads", "--rounds", "1",
@@ -92,7 +94,6 @@ def smoke(tmp_path_factory):
     return bench_process.returncode, text, results, left
 
 
-@allure.feature("Benchmark")
 @allure.story("Every mode runs")
 def test_every_mode_runs_stops_what_it_started_and_writes_its_figures(smoke):
     returncode, output, results, left = smoke
@@ -104,7 +105,17 @@ def test_every_mode_runs_stops_what_it_started_and_writes_its_figures(smoke):
     assert "other processes on the machine used" in output
 
 
-@allure.feature("Benchmark")
+@allure.story("Every mode runs")
+def test_help_lists_every_mode_and_both_load_shapes():
+    result = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=DEADLINE)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for mode in ("throughput:", "scale:", "connections:", "watch:", "soak:"):
+        assert mode in text
+    assert "asyncio (grpc.aio" in text and "threads (threads" in text
+
+
 @allure.story("Throughput")
 @pytest.mark.parametrize("shape", ["asyncio", "threads"])
 def test_throughput_compares_every_target_with_the_ceiling_of_the_same_round(smoke, shape):
@@ -129,7 +140,6 @@ def test_throughput_compares_every_target_with_the_ceiling_of_the_same_round(smo
     assert set(throughput["verdicts"]) == {"memory", "sqlite"}
 
 
-@allure.feature("Benchmark")
 @allure.story("Throughput")
 def test_the_goals_are_judged_under_the_first_load_shape_and_compared_with_the_other(smoke):
     throughput = smoke[2]["throughput"]
@@ -143,7 +153,6 @@ def test_the_goals_are_judged_under_the_first_load_shape_and_compared_with_the_o
     assert throughput["verdicts"]["memory"]["cpu_vs_asyncio_dict"]["target"] == "< 1×"
 
 
-@allure.feature("Benchmark")
 @allure.story("Scale, connections, watch, soak")
 def test_the_other_modes_lose_nothing(smoke):
     results = smoke[2]
@@ -185,7 +194,6 @@ def answers(service, request):
     return reply.SerializeToString()
 
 
-@allure.feature("Benchmark")
 @allure.story("Throughput")
 def test_the_floor_answers_plain_calls_as_our_server_does(clock):
     """The floor is only a floor if it does what we do: the same bytes for every plain call,
@@ -203,7 +211,6 @@ def test_the_floor_answers_plain_calls_as_our_server_does(clock):
     assert answers(floor, session)[0] == grpc.StatusCode.UNIMPLEMENTED
 
 
-@allure.feature("Benchmark")
 @allure.story("Scale, connections, watch, soak")
 def test_memory_per_client_and_the_restart_are_judged_at_a_million_only():
     million_only = {"bytes_per_client", "restart_serving_s", "restart_rss_ratio"}
@@ -235,7 +242,6 @@ def send(address, client_id, message):
             return error
 
 
-@allure.feature("Benchmark")
 @allure.story("Throughput")
 def test_both_ceilings_answer_the_same_constant_reply_the_size_of_ours(baseline):
     pure, parsed = baseline("ceiling"), baseline("ceiling+protobuf")
@@ -253,7 +259,6 @@ def test_both_ceilings_answer_the_same_constant_reply_the_size_of_ours(baseline)
         assert replies[0] == replies[1]
 
 
-@allure.feature("Benchmark")
 @allure.story("Throughput")
 def test_asyncio_dict_answers_as_the_original_service_does(baseline):
     """The simplest earlier implementation: the original reply, and its refusal."""
@@ -273,7 +278,6 @@ def events(*revisions):
                                     for revision in revisions])
 
 
-@allure.feature("Benchmark")
 @allure.story("Scale, connections, watch, soak")
 def test_the_watch_tally_counts_repeats_gaps_and_who_reached_the_last_revision():
     tally = WatchTally(2, keep=True)
@@ -294,7 +298,6 @@ def test_the_watch_tally_counts_repeats_gaps_and_who_reached_the_last_revision()
     assert list(report["revisions"][0]) == [11, 13] and report["reasons"] == {"hello": 3}
 
 
-@allure.feature("Benchmark")
 @allure.story("Scale, connections, watch, soak")
 def test_the_watch_tally_waits_for_every_stream_to_reach_the_last_revision():
     tally = WatchTally(2, keep=False)

@@ -28,6 +28,7 @@ SERVER_PROGRAM = (str(ROOT / "server.py"),)
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
+LOG_TIMEOUT = 15.0  # how long a caller waits for a log line (listening, say) unless told
 PR_SET_PDEATHSIG = 1
 
 
@@ -60,7 +61,7 @@ class ServerProcess:
     """
 
     def __init__(self, *args, env=None, prefix=(), program=SERVER_PROGRAM, name="server",
-                 keep=None, grace=0.0, detach=False, timeout=15.0):
+                 keep=None, grace=0.0, detach=False, timeout=LOG_TIMEOUT):
         self.name = name
         self.grace = grace
         self.args = [*prefix, sys.executable, *program, "--host", "127.0.0.1", "--port", "0",
@@ -96,7 +97,7 @@ class ServerProcess:
             self._eof = True
             self._lines.notify_all()
 
-    def wait_for_log(self, pattern, timeout=15.0):
+    def wait_for_log(self, pattern, timeout=LOG_TIMEOUT):
         """The first match of pattern in the log, waiting for it up to timeout."""
         pattern = re.compile(pattern)
         deadline = time.monotonic() + timeout

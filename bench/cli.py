@@ -51,8 +51,9 @@ def build_parser():
         "hold ourselves to. Everything measured runs in processes of its own on loopback ports "
         "picked at run time and is stopped afterwards.",
         epilog="Modes: " + "; ".join(f"{name}: {mode.help}" for name, mode in MODES.items())
-        + ". Examples: `python -m bench` (quick, about 3 minutes), `python -m bench --full` "
-        "(about 15 minutes), `python -m bench --only scale --scale 1000000`, "
+        + ". Examples: `python -m bench` (quick, a few minutes), `python -m bench --full` "
+        "(its throughput windows alone add up to about 20 minutes), "
+        "`python -m bench --only scale --scale 1000000`, "
         "`python -m bench --only throughput --load threads`, "
         "`python -m bench --only watch --watchers 1000`, "
         "`python -m bench --only soak --soak-seconds 600`, `make bench ARGS=--full`. Results "

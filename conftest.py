@@ -6,13 +6,10 @@ import queue
 import struct
 import termios
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -21,12 +18,12 @@ import ptyprocess
 import pytest
 
 import server as presence
+from bench.processes import LISTENING, ServerProcess  # noqa: F401 (tests import both from here)
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent
 DEADLINE = 15.0
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
 CLIENT = str(ROOT / "client.py")
 PROMPT = "presence>"  # prompt_toolkit draws the trailing space as a cursor move
 ANSI = r"(?:\x1b\[[0-9;]*m)*"
@@ -43,64 +40,6 @@ def connect(address):
     channel = grpc.insecure_channel(address)
     grpc.channel_ready_future(channel).result(timeout=DEADLINE)
     return channel
-
-
-class ServerProcess:
-    """The real `python server.py` in a subprocess, its log read as it comes."""
-
-    def __init__(self, *args, env=None, prefix=(), script=ROOT / "server.py"):
-        """Start server.py (or a script that wraps it) with args; prefix is a command to run
-        it under (prlimit, say)."""
-        self.args = [*prefix, sys.executable, str(script), "--host", "127.0.0.1",
-                     "--port", "0", *args]
-        self.log = []
-        self._eof = False
-        self._lines = threading.Condition()
-        self.process = subprocess.Popen(
-            self.args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
-        )
-        threading.Thread(target=self._read_log, daemon=True).start()
-        match = self.wait_for_log(LISTENING)
-        self.address = f"{match.group(1)}:{match.group(2)}"
-
-    def _read_log(self):
-        for line in self.process.stderr:
-            with self._lines:
-                self.log.append(line.rstrip("\n"))
-                self._lines.notify_all()
-        with self._lines:
-            self._eof = True
-            self._lines.notify_all()
-
-    def wait_for_log(self, pattern, timeout=DEADLINE):
-        """The first match of pattern in the log, waiting for it up to timeout."""
-        pattern = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._lines:
-            while True:
-                for line in self.log:
-                    if match := pattern.search(line):
-                        return match
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._eof:
-                    raise AssertionError(f"no log line matching {pattern.pattern!r}:\n"
-                                         + "\n".join(self.log))
-                self._lines.wait(min(remaining, 0.5))
-
-    def kill(self):
-        """kill -9: no chance to flush anything."""
-        self.process.send_signal(signal.SIGKILL)
-        return self.process.wait(timeout=DEADLINE)
-
-    def terminate(self, signum=signal.SIGTERM):
-        """A polite stop; returns the exit code."""
-        self.process.send_signal(signum)
-        return self.process.wait(timeout=DEADLINE)
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.kill()
 
 
 @pytest.fixture

@@ -1197,7 +1197,7 @@ def everything_read(stub, watcher_snapshot):
 @allure.story("Reads show only durable state")
 def test_nothing_read_while_a_commit_is_held_is_contradicted_after_kill_9(sqlite_url,
                                                                         server_processes):
-    held = ServerProcess("--store", sqlite_url, script=HELD_COMMIT_SERVER,
+    held = ServerProcess("--store", sqlite_url, program=(str(HELD_COMMIT_SERVER),),
                          env={"HOLD_AFTER_COMMITS": "1"})
     try:
         with connect(held.address) as channel, ThreadPoolExecutor(1) as pool:

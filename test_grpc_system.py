@@ -245,13 +245,16 @@ def test_any_printable_unicode_id_up_to_128_characters_is_accepted(stub, client_
 
 
 @pytest.fixture
-def clocked_stub(clock):
+def clocked_server(make_server, clock):
+    """A started memory server whose time the test moves."""
+    return make_server(clock=clock)
+
+
+@pytest.fixture
+def clocked_stub(clocked_server):
     """A stub on a memory server whose time the test moves."""
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), clock=clock)
-    server.start()
-    with connect(f"127.0.0.1:{server.port}") as channel:
+    with connect(f"127.0.0.1:{clocked_server.port}") as channel:
         yield pb_grpc.ClientServiceStub(channel)
-    server.stop(0)
 
 
 @allure.feature("Semantics")
@@ -485,18 +488,19 @@ def test_request_over_the_size_limit_is_resource_exhausted(stub):
 
 @allure.feature("Operations")
 @allure.story("Limits")
-def test_calls_past_the_concurrency_limit_are_resource_exhausted():
+def test_calls_past_the_concurrency_limit_are_resource_exhausted(make_server):
     limit = 3  # max_concurrent_rpcs=2 plus the room kept for max_watchers=1
-    release, entered = threading.Event(), threading.Semaphore(0)
+    armed, release, entered = threading.Event(), threading.Event(), threading.Semaphore(0)
 
     def stalled_clock():
-        entered.release()
-        release.wait(DEADLINE)
+        """Once armed, hold each SendMessage that asks the time until the test releases it."""
+        if armed.is_set():
+            entered.release()
+            release.wait(DEADLINE)
         return 1_800_000_000.0
 
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), clock=stalled_clock,
-                                    max_concurrent_rpcs=2, max_watchers=1)
-    server.start()
+    server = make_server(clock=stalled_clock, max_concurrent_rpcs=2, max_watchers=1)
+    armed.set()  # not before: building the server asks the time too (for due leases)
     try:
         with connect(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ClientServiceStub(channel)
@@ -512,7 +516,6 @@ def test_calls_past_the_concurrency_limit_are_resource_exhausted():
             assert stub.CountClients(pb.CountClientsRequest()).connected == limit
     finally:
         release.set()
-        server.stop(0)
 
 
 @allure.feature("Operations")
@@ -588,15 +591,6 @@ def goodbye(stub, client_id, session_id=""):
 
 def status_of(stub, client_id):
     return stub.GetClientStatus(pb.ClientStatusRequest(client_id=client_id)).clients[0]
-
-
-@pytest.fixture
-def clocked_server(clock):
-    """A started memory server whose time the test moves."""
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), clock=clock)
-    server.start()
-    yield server
-    server.stop(0)
 
 
 @allure.feature("Leases")
@@ -861,92 +855,80 @@ def test_watch_resumed_from_a_revision_gets_exactly_the_changes_after_it(stub):
 @allure.feature("Watch")
 @allure.story("Resume from a revision no longer held")
 @pytest.mark.parametrize("since", [1, 999], ids=["too-old", "from-the-future"])
-def test_watch_resumed_from_an_unheld_revision_is_told_to_resync(since):
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), watch_history=8)
-    server.start()
-    try:
-        with connect(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.ClientServiceStub(channel)
-            for n in range(40):
-                hello(stub, f"user{n}")
-            watch = Watch(stub, since_revision=since)
-            clients, revision, resync = watch.snapshot()
-            assert (resync, revision, len(clients)) == (True, 40, 40)
-            hello(stub, "next")
-            assert [event.revision for event in watch.events(1)] == [41]
-            watch.call.cancel()
-    finally:
-        server.stop(0)
+def test_watch_resumed_from_an_unheld_revision_is_told_to_resync(make_server, since):
+    server = make_server(watch_history=8)
+    with connect(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        for n in range(40):
+            hello(stub, f"user{n}")
+        watch = Watch(stub, since_revision=since)
+        clients, revision, resync = watch.snapshot()
+        assert (resync, revision, len(clients)) == (True, 40, 40)
+        hello(stub, "next")
+        assert [event.revision for event in watch.events(1)] == [41]
+        watch.call.cancel()
 
 
 @allure.feature("Watch")
 @allure.story("A slow watcher is cut off")
-def test_slow_watcher_is_cut_off_while_others_get_everything():
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), watch_buffer=1000)
-    server.start()
-    try:
-        address = f"127.0.0.1:{server.port}"
-        small_window = grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)])
-        with connect(address) as channel, small_window:
-            stub = pb_grpc.ClientServiceStub(channel)
-            slow = Watch(pb_grpc.ClientServiceStub(small_window), read=False)
-            # Two fast watchers per sender thread: senders get watchers evenly, so the slow
-            # one shares its sender with a fast one.
-            fast = [Watch(stub) for _ in range(2 * presence.WATCH_SENDERS)]
-            assert [watch.snapshot()[1] for watch in fast] == [0] * len(fast)
-            with allure.step("10,000 changes that the fast watchers keep up with"):
-                for batch in range(10):
-                    stub.SendMessages(pb.SendMessagesRequest(requests=[
-                        pb.MessageRequest(client_id=f"c{batch}-{n}", message="hello")
-                        for n in range(1000)]))
-                    expected = list(range(batch * 1000 + 1, batch * 1000 + 1001))
-                    for watch in fast:
-                        assert [event.revision for event in watch.events(1000)] == expected
-            with allure.step("the slow watcher, which stopped reading, is cut off"):
-                slow.resume_reading()
-                received, message = 0, slow.next()
-                while isinstance(message, pb.WatchResponse):
-                    received += len(message.events)
-                    message = slow.next()
-                assert isinstance(message, grpc.RpcError)
-                assert message.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "fell more than 1000 changes behind" in message.details()
-                assert received < 10_000
-            assert hello(stub, "still-serving").success
-            hello(stub, "one-more")
-            for watch in fast:
-                assert [event.client.client_id for event in watch.events(2)] == [
-                    "still-serving", "one-more"]
-                watch.call.cancel()
-    finally:
-        server.stop(0)
+def test_slow_watcher_is_cut_off_while_others_get_everything(make_server):
+    server = make_server(watch_buffer=1000)
+    address = f"127.0.0.1:{server.port}"
+    small_window = grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)])
+    with connect(address) as channel, small_window:
+        stub = pb_grpc.ClientServiceStub(channel)
+        slow = Watch(pb_grpc.ClientServiceStub(small_window), read=False)
+        # Two fast watchers per sender thread: senders get watchers evenly, so the slow
+        # one shares its sender with a fast one.
+        fast = [Watch(stub) for _ in range(2 * presence.WATCH_SENDERS)]
+        assert [watch.snapshot()[1] for watch in fast] == [0] * len(fast)
+        with allure.step("10,000 changes that the fast watchers keep up with"):
+            for batch in range(10):
+                stub.SendMessages(pb.SendMessagesRequest(requests=[
+                    pb.MessageRequest(client_id=f"c{batch}-{n}", message="hello")
+                    for n in range(1000)]))
+                expected = list(range(batch * 1000 + 1, batch * 1000 + 1001))
+                for watch in fast:
+                    assert [event.revision for event in watch.events(1000)] == expected
+        with allure.step("the slow watcher, which stopped reading, is cut off"):
+            slow.resume_reading()
+            received, message = 0, slow.next()
+            while isinstance(message, pb.WatchResponse):
+                received += len(message.events)
+                message = slow.next()
+            assert isinstance(message, grpc.RpcError)
+            assert message.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "fell more than 1000 changes behind" in message.details()
+            assert received < 10_000
+        assert hello(stub, "still-serving").success
+        hello(stub, "one-more")
+        for watch in fast:
+            assert [event.client.client_id for event in watch.events(2)] == [
+                "still-serving", "one-more"]
+            watch.call.cancel()
 
 
 @allure.feature("Watch")
 @allure.story("Limits")
-def test_watchers_past_the_limit_are_resource_exhausted():
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), max_watchers=2)
-    server.start()
-    try:
-        with connect(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.ClientServiceStub(channel)
-            watches = [Watch(stub), Watch(stub)]
-            for watch in watches:
-                watch.snapshot()
-            refused = Watch(stub).next()
-            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "too many watchers (limit 2)" in refused.details()
-            watches[0].call.cancel()
-            assert watches[0].next().code() == grpc.StatusCode.CANCELLED
+def test_watchers_past_the_limit_are_resource_exhausted(make_server):
+    server = make_server(max_watchers=2)
+    with connect(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        watches = [Watch(stub), Watch(stub)]
+        for watch in watches:
+            watch.snapshot()
+        refused = Watch(stub).next()
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "too many watchers (limit 2)" in refused.details()
+        watches[0].call.cancel()
+        assert watches[0].next().code() == grpc.StatusCode.CANCELLED
+        third = Watch(stub)
+        for attempt in range(50):  # the slot frees when the server sees the cancel
+            message = third.next()
+            if isinstance(message, pb.WatchResponse):
+                break
             third = Watch(stub)
-            for attempt in range(50):  # the slot frees when the server sees the cancel
-                message = third.next()
-                if isinstance(message, pb.WatchResponse):
-                    break
-                third = Watch(stub)
-            assert isinstance(message, pb.WatchResponse)
-    finally:
-        server.stop(0)
+        assert isinstance(message, pb.WatchResponse)
 
 
 @allure.feature("Watch")
@@ -1429,41 +1411,32 @@ def test_tls_server_with_a_token_shows_each_client_exactly_what_it_may_do(server
 
 @allure.feature("Security")
 @allure.story("Access token")
-def test_public_reads_let_reads_through_without_the_token_but_not_writes():
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(),
-                                    security=presence.Security(token="t0ken", public_reads=True))
-    server.start()
-    try:
-        with connect(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.ClientServiceStub(channel)
-            write = rpc_error(send, stub, "eve", "hello")
-            assert write.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert "authorization: Bearer <token>" in write.details()
-            token = (("authorization", "Bearer t0ken"),)
-            stub.SendMessage(pb.MessageRequest(client_id="eve", message="hello"), metadata=token)
-            assert stub.CountClients(pb.CountClientsRequest()).connected == 1
-            assert stub.GetClientStatus(pb.ClientStatusRequest()).statuses == {"eve": "connected"}
-            watch = Watch(stub)
-            assert list(watch.snapshot()[0]) == ["eve"]
-            watch.call.cancel()
-    finally:
-        server.stop(0)
+def test_public_reads_let_reads_through_without_the_token_but_not_writes(make_server):
+    server = make_server(security=presence.Security(token="t0ken", public_reads=True))
+    with connect(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        write = rpc_error(send, stub, "eve", "hello")
+        assert write.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "authorization: Bearer <token>" in write.details()
+        token = (("authorization", "Bearer t0ken"),)
+        stub.SendMessage(pb.MessageRequest(client_id="eve", message="hello"), metadata=token)
+        assert stub.CountClients(pb.CountClientsRequest()).connected == 1
+        assert stub.GetClientStatus(pb.ClientStatusRequest()).statuses == {"eve": "connected"}
+        watch = Watch(stub)
+        assert list(watch.snapshot()[0]) == ["eve"]
+        watch.call.cancel()
 
 
 @allure.feature("Operations")
 @allure.story("Limits")
-def test_leases_longer_than_max_lease_are_refused(tmp_path):
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), max_lease=60)
-    server.start()
-    try:
-        with connect(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.ClientServiceStub(channel)
-            error = rpc_error(hello, stub, "a", "s", 61)
-            assert (error.code(), error.details()) == (
-                grpc.StatusCode.INVALID_ARGUMENT, "lease_seconds must be at most 60, got 61")
-            assert hello(stub, "a", "s", 60).client.sessions[0].HasField("expires_at")
-    finally:
-        server.stop(0)
+def test_leases_longer_than_max_lease_are_refused(make_server, tmp_path):
+    server = make_server(max_lease=60)
+    with connect(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        error = rpc_error(hello, stub, "a", "s", 61)
+        assert (error.code(), error.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT, "lease_seconds must be at most 60, got 61")
+        assert hello(stub, "a", "s", 60).client.sessions[0].HasField("expires_at")
 
 
 # --- metrics ------------------------------------------------------------------------------

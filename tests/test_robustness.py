@@ -163,7 +163,7 @@ def assert_documented(answer, request):
         assert answer.details(), f"{answer.code().name} without details for {brief(request)}"
 
 
-# --- what DESIGN and the proto promise, request by request --------------------------------
+# --- what the README and the proto promise, request by request ------------------------------
 
 
 def id_rule_broken(text, prefix=False):
@@ -477,7 +477,7 @@ def test_count_clients_stays_consistent_with_the_all_clients_map_between_any_cal
 @allure.feature("Robustness")
 @allure.story("Fuzzed requests to every RPC")
 def test_a_refusal_of_a_long_message_text_stays_invalid_argument(target):
-    """DESIGN 2: any other message is INVALID_ARGUMENT `Invalid message type: <message>`."""
+    """Any other message is INVALID_ARGUMENT `Invalid message type: <message>` (README, wire contract)."""
     request = pb.MessageRequest(client_id="alice", message="é" * 5000)
     assert request.ByteSize() < MAX_REQUEST
     answer = outcome(target.stub.SendMessage, request)
@@ -743,7 +743,7 @@ UNKNOWN = Known(None, 0)
 
 
 def after(sessions, op):
-    """The live sessions after op (DESIGN 3: Goodbye naming no session ends all of them)."""
+    """The live sessions after op (a Goodbye naming no session ends all of them)."""
     current = sessions or frozenset()
     if op.message == "hello":
         return current | {op.session_id}

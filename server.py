@@ -1297,7 +1297,7 @@ def change_wire(change):
 def messages_of(changes):
     """The changes as WatchResponse bytes of at most EVENTS_PER_MESSAGE events that fit one
     answer each, with the revision each message reaches."""
-    parts, size = [], 0
+    parts, size, last = [], 0, 0
     for change in changes:
         wire = change_wire(change)
         if parts and (len(parts) == EVENTS_PER_MESSAGE or size + len(wire) > MAX_ANSWER_BYTES):

@@ -42,7 +42,6 @@ DOCUMENTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
               grpc.StatusCode.RESOURCE_EXHAUSTED}
 MAX_REQUEST = presence.DEFAULT_MAX_REQUEST_BYTES
 MAX_LEASE = presence.DEFAULT_MAX_LEASE
-MAX_BATCH = 1000
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # ids hold no control characters (Cc)
 BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")  # nor bidirectional overrides or isolates
 STOPPED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
@@ -235,9 +234,9 @@ def check_send_messages(request, answer):
     if request.ByteSize() > MAX_REQUEST:
         assert_refused(answer, request, grpc.StatusCode.RESOURCE_EXHAUSTED, ["larger than max"])
         return
-    if len(request.requests) > MAX_BATCH:
+    if len(request.requests) > presence.MAX_BATCH:
         assert_refused(answer, request, grpc.StatusCode.INVALID_ARGUMENT,
-                       [f"at most {MAX_BATCH} requests"])
+                       [f"at most {presence.MAX_BATCH} requests"])
         return
     bad = [index for index, one in enumerate(request.requests) if broken_rules(one)]
     if bad:
@@ -294,7 +293,8 @@ def check_list_clients(request, answer):
         assert_refused(answer, request, grpc.StatusCode.INVALID_ARGUMENT, ["page_token"])
         return
     ids = [client.client_id for client in answer.clients]
-    assert len(ids) <= min(request.page_size or presence.DEFAULT_PAGE_SIZE, MAX_BATCH)
+    assert len(ids) <= min(request.page_size or presence.DEFAULT_PAGE_SIZE,
+                           presence.MAX_PAGE_SIZE)
     assert ids == sorted(set(ids)), "a page is ordered by id, without repeats"
     assert all(client_id.startswith(request.id_prefix) for client_id in ids)
     if request.status:
@@ -413,7 +413,7 @@ def test_send_message_answers_any_request_with_success_or_a_documented_refusal(t
 @example(request=pb.SendMessagesRequest())
 @example(request=pb.SendMessagesRequest(requests=[pb.MessageRequest(client_id=f"b{n}",
                                                                     message="hello")
-                                                  for n in range(MAX_BATCH + 1)]))
+                                                  for n in range(presence.MAX_BATCH + 1)]))
 def test_send_messages_answers_any_batch_with_success_or_a_documented_refusal(target, request):
     check_send_messages(request, outcome(target.stub.SendMessages, request))
     target.still_serves()

@@ -13,6 +13,8 @@ from server import Message, Registry, Status
 
 CONNECTED, DISCONNECTED = Status.CONNECTED, Status.DISCONNECTED
 
+pytestmark = [allure.feature("Registry and stores")]
+
 
 def statuses(registry):
     return {record.client_id: record.status for record in registry.snapshot()[0]}
@@ -23,7 +25,6 @@ def registry():
     return Registry(presence.MemoryStore(), clock=lambda: 1_800_000_000.0)
 
 
-@allure.feature("Validation")
 @allure.story("Client id rule")
 @pytest.mark.parametrize(("client_id", "reason"), [
     ("", "must not be empty"),
@@ -43,7 +44,6 @@ def test_client_id_rule_names_what_broke(client_id, reason):
         presence.validate_client_id(client_id)
 
 
-@allure.feature("Validation")
 @allure.story("Messages")
 @pytest.mark.parametrize(("message", "status"), [
     ("hello", CONNECTED), (" Goodbye\t", DISCONNECTED), ("HELLO\n", CONNECTED)])
@@ -51,14 +51,12 @@ def test_messages_map_to_statuses_ignoring_case_and_padding(message, status):
     assert presence.parse_message(message) is status
 
 
-@allure.feature("Listing")
 @allure.story("Page tokens")
 @pytest.mark.parametrize("client_id", ["alice", "名前🙂", "a/b+c=d", "x" * 128])
 def test_page_token_round_trips_any_id(client_id):
     assert presence.decode_page_token(presence.encode_page_token(client_id)) == client_id
 
 
-@allure.feature("Listing")
 @allure.story("Pages")
 def test_page_merges_statuses_in_id_order_and_says_when_more_follow(registry):
     registry.apply_many([Message(f"c{i}", CONNECTED if i % 2 else DISCONNECTED) for i in range(10)])
@@ -70,7 +68,6 @@ def test_page_merges_statuses_in_id_order_and_says_when_more_follow(registry):
     assert [r.client_id for r in page] == ["c3", "c5", "c7", "c9"]
 
 
-@allure.feature("Listing")
 @allure.story("Filters")
 def test_prefix_stops_at_the_first_id_outside_it(registry):
     registry.apply_many([Message(cid, CONNECTED) for cid in ["a", "ab", "abc", "abd", "b", "aa"]])
@@ -80,7 +77,6 @@ def test_prefix_stops_at_the_first_id_outside_it(registry):
     assert ([r.client_id for r in page], more) == (["abc"], True)
 
 
-@allure.feature("Semantics")
 @allure.story("Counts")
 def test_counts_move_between_statuses(registry):
     registry.apply_one(Message("a", CONNECTED))
@@ -91,7 +87,6 @@ def test_counts_move_between_statuses(registry):
     assert statuses(registry) == {"a": DISCONNECTED, "b": CONNECTED}
 
 
-@allure.feature("Durability")
 @allure.story("SQLite store")
 def test_sqlite_store_reloads_every_record_and_the_revision(tmp_path):
     store = presence.SqliteStore(str(tmp_path / "db.sqlite"))
@@ -123,7 +118,6 @@ class SubmitCountingStore(presence.SqliteStore):
         return batch
 
 
-@allure.feature("Durability")
 @allure.story("Group commit")
 def test_writers_arriving_during_a_commit_are_saved_by_one_commit(tmp_path):
     """While a commit waits for the disk, every writer arriving joins the next commit."""
@@ -146,14 +140,12 @@ def test_writers_arriving_during_a_commit_are_saved_by_one_commit(tmp_path):
     reopened.close()
 
 
-@allure.feature("Durability")
 @allure.story("SQLite store")
 def test_unopenable_database_is_a_store_error_naming_the_path(tmp_path):
     with pytest.raises(presence.StoreError, match="cannot open SQLite database .*missing"):
         presence.SqliteStore(str(tmp_path / "missing" / "dir" / "db.sqlite"))
 
 
-@allure.feature("Durability")
 @allure.story("SQLite store")
 @pytest.mark.parametrize(("query", "level"), [("", 1), ("?sync=normal", 1), ("?sync=full", 2)])
 def test_store_url_picks_the_sqlite_sync_level(tmp_path, query, level):
@@ -162,7 +154,6 @@ def test_store_url_picks_the_sqlite_sync_level(tmp_path, query, level):
     store.close()
 
 
-@allure.feature("Durability")
 @allure.story("SQLite store")
 @pytest.mark.parametrize(("url", "reason"), [
     ("sqlite:///x.db?sync=fast", "sync must be one of normal, full, got 'fast'"),
@@ -174,7 +165,6 @@ def test_bad_store_urls_say_what_is_wrong(url, reason):
         presence.open_store(url)
 
 
-@allure.feature("Leases")
 @allure.story("Expiry on a moved clock")
 def test_renewals_keep_one_heap_entry_per_session_and_still_expire_on_time():
     now = [1_800_000_000.0]
@@ -232,7 +222,6 @@ def reads(registry):
             registry.page(1000), [registry.get(cid) for cid in ("alice", "bob", "new")])
 
 
-@allure.feature("Durability")
 @allure.story("Reads show only durable state")
 def test_readers_see_a_change_only_once_its_commit_is_done(tmp_path):
     store = ControlledSqliteStore(str(tmp_path / "db.sqlite"))
@@ -277,7 +266,6 @@ REFUSED_CHANGES = {
 }
 
 
-@allure.feature("Durability")
 @allure.story("A refused write leaves memory as the store has it")
 @pytest.mark.parametrize("kind", REFUSED_CHANGES)
 def test_a_refused_change_of_any_kind_leaves_memory_exactly_as_the_store_has_it(tmp_path, kind):
@@ -311,7 +299,6 @@ def test_a_refused_change_of_any_kind_leaves_memory_exactly_as_the_store_has_it(
     store.close()
 
 
-@allure.feature("Durability")
 @allure.story("The database removed under the server")
 @pytest.mark.parametrize("what", ["the database", "its WAL", "the database, replaced"])
 def test_a_database_removed_or_replaced_under_the_store_refuses_writes(tmp_path, caplog, what):

@@ -36,6 +36,8 @@ from conftest import DEADLINE, LISTENING, ROOT, ServerProcess, Watch, connect
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
 
+pytestmark = [allure.feature("Robustness")]
+
 SERVICE = "/client_service.ClientService/"
 CALL_DEADLINE = 5.0  # per call: a hang fails as DEADLINE_EXCEEDED, which no property allows
 DOCUMENTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
@@ -393,7 +395,6 @@ WATCH_REQUESTS = st.builds(pb.WatchRequest,
 # --- 1. fuzzed requests to every RPC ------------------------------------------------------
 
 
-@allure.feature("Robustness")
 @allure.story("Fuzzed requests to every RPC")
 @FUZZ
 @given(request=MESSAGE_REQUESTS)
@@ -406,7 +407,6 @@ def test_send_message_answers_any_request_with_success_or_a_documented_refusal(t
     target.still_serves()
 
 
-@allure.feature("Robustness")
 @allure.story("Fuzzed requests to every RPC")
 @settings(FUZZ, max_examples=100)
 @given(request=BATCHES)
@@ -419,7 +419,6 @@ def test_send_messages_answers_any_batch_with_success_or_a_documented_refusal(ta
     target.still_serves()
 
 
-@allure.feature("Robustness")
 @allure.story("Fuzzed requests to every RPC")
 @FUZZ
 @given(request=st.builds(pb.ClientStatusRequest, client_id=CLIENT_IDS))
@@ -430,7 +429,6 @@ def test_get_client_status_answers_any_id_with_success_or_a_documented_refusal(t
     target.still_serves()
 
 
-@allure.feature("Robustness")
 @allure.story("Fuzzed requests to every RPC")
 @FUZZ
 @given(request=LIST_REQUESTS)
@@ -445,7 +443,6 @@ def test_list_clients_answers_any_page_request_with_success_or_a_documented_refu
     target.still_serves()
 
 
-@allure.feature("Robustness")
 @allure.story("Fuzzed requests to every RPC")
 @settings(FUZZ, max_examples=100)
 @given(request=WATCH_REQUESTS)
@@ -456,7 +453,6 @@ def test_watch_answers_any_start_with_a_first_message_or_a_documented_refusal(ta
     target.still_serves()
 
 
-@allure.feature("Robustness")
 @allure.story("Fuzzed requests to every RPC")
 @settings(FUZZ, max_examples=50)
 @given(calls=st.lists(st.sampled_from(["SendMessage", "CountClients", "GetClientStatus"]),
@@ -474,7 +470,6 @@ def test_count_clients_stays_consistent_with_the_all_clients_map_between_any_cal
     target.still_serves()
 
 
-@allure.feature("Robustness")
 @allure.story("Fuzzed requests to every RPC")
 def test_a_refusal_of_a_long_message_text_stays_invalid_argument(target):
     """Any other message is INVALID_ARGUMENT `Invalid message type: <message>` (README, wire contract)."""
@@ -579,7 +574,6 @@ def raw_requests(method):
     )
 
 
-@allure.feature("Robustness")
 @allure.story("Raw bytes to every method")
 @pytest.mark.parametrize("method", list(REQUEST_TYPES))
 @pytest.mark.parametrize("data", MALFORMED)
@@ -587,7 +581,6 @@ def test_malformed_request_bytes_are_invalid_argument_never_internal(target, met
     check_raw(target, method, data)
 
 
-@allure.feature("Robustness")
 @allure.story("Raw bytes to every method")
 @pytest.mark.parametrize("method", list(REQUEST_TYPES))
 def test_any_request_bytes_are_answered_ok_or_with_a_documented_refusal(target, method):
@@ -684,7 +677,6 @@ def hung_up(sock):
     return True
 
 
-@allure.feature("Robustness")
 @allure.story("Junk connections on the port")
 def test_garbage_and_half_open_connections_do_not_disturb_other_clients(memory_server, address):
     rng = random.Random(5)
@@ -900,7 +892,6 @@ def replay_seed(name):
 # --- 4. kill -9 at random moments ---------------------------------------------------------
 
 
-@allure.feature("Faults")
 @allure.story("kill -9 at random moments")
 def test_repeated_kill_9_at_random_moments_loses_no_acknowledged_change(server_processes,
                                                                         sqlite_url):
@@ -956,7 +947,6 @@ def drain(watch):
         events += message.events
 
 
-@allure.feature("Faults")
 @allure.story("SIGTERM under load")
 def test_sigterm_under_load_finishes_calls_ends_watches_cleanly_and_keeps_every_change(
         server_processes, sqlite_url):
@@ -1064,7 +1054,6 @@ def write_until_refused(stub, prefix, limit=20_000):
 FULL_DISK_LIMIT = 256 * 1024  # room for the schema and some dozens of commits in the WAL
 
 
-@allure.feature("Faults")
 @allure.story("Full disk and unusable database")
 def test_full_disk_at_start_is_one_clear_line_and_exit_1(tmp_path):
     path = tmp_path / "fresh.db"
@@ -1106,7 +1095,6 @@ def damage(path, written, how):
         path.write_bytes(written[:4096] + rng.randbytes(len(written) - 4096))
 
 
-@allure.feature("Faults")
 @allure.story("Full disk and unusable database")
 @pytest.mark.parametrize("how", [
     "a directory", "random bytes", "a line of text", "a SQLite header, then garbage",
@@ -1119,7 +1107,6 @@ def test_unusable_database_file_is_one_clear_line_and_exit_1(tmp_path, written_d
     assert_one_clear_line(result, "cannot start", str(path))
 
 
-@allure.feature("Faults")
 @allure.story("Full disk and unusable database")
 def test_disk_full_mid_run_refuses_writes_clearly_keeps_reads_and_loses_nothing_acknowledged(
         limited_servers, server_processes, sqlite_url):
@@ -1160,7 +1147,6 @@ def test_disk_full_mid_run_refuses_writes_clearly_keeps_reads_and_loses_nothing_
         assert revision >= acked[-1][1]
 
 
-@allure.feature("Faults")
 @allure.story("Full disk and unusable database")
 def test_a_write_the_store_refused_is_not_visible_to_readers(limited_servers, sqlite_url):
     server = limited_servers(FULL_DISK_LIMIT, sqlite_url)
@@ -1193,7 +1179,6 @@ def everything_read(stub, watcher_snapshot):
             "watch": ({cid: (c.status, c.revision) for cid, c in clients.items()}, revision)}
 
 
-@allure.feature("Faults")
 @allure.story("Reads show only durable state")
 def test_nothing_read_while_a_commit_is_held_is_contradicted_after_kill_9(sqlite_url,
                                                                         server_processes):
@@ -1232,7 +1217,6 @@ def test_nothing_read_while_a_commit_is_held_is_contradicted_after_kill_9(sqlite
                                             for e in message.events] == [(2, "bob")]
 
 
-@allure.feature("Faults")
 @allure.story("The database removed under the server")
 @pytest.mark.parametrize("suffix", ["", "-wal"])
 def test_deleting_the_database_under_a_running_server_refuses_writes_and_says_why(

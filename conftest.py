@@ -276,16 +276,17 @@ class TerminalSpawn(pexpect.spawn):
 
 @pytest.fixture
 def repl(tmp_path):
-    """Start `client.py --server ADDRESS` in a 40x160 pseudo-terminal; all are closed after."""
+    """Start `client.py --server ADDRESS` in a pseudo-terminal (40 rows of 160 columns unless
+    told), HOME a fresh folder; all are closed after."""
     children = []
 
-    def spawn(address, *flags, answer_cpr=False):
-        env = {**os.environ, "TERM": "xterm-256color", "HOME": str(tmp_path)}
+    def spawn(address, *flags, answer_cpr=False, dimensions=(40, 160), env=None):
+        env = {**os.environ, "TERM": "xterm-256color", "HOME": str(tmp_path), **(env or {})}
         if not answer_cpr:
             env["PROMPT_TOOLKIT_NO_CPR"] = "1"
         child = TerminalSpawn(sys.executable, [CLIENT, "--server", address, *flags], cwd=ROOT,
-                              env=env,
-                              dimensions=(40, 160), encoding="utf-8", timeout=DEADLINE)
+                              env=env, dimensions=dimensions, encoding="utf-8",
+                              timeout=DEADLINE)
         child.logfile_read = io.StringIO()  # the whole transcript, for "no traceback" checks
         children.append(child)
         return child

@@ -1,28 +1,42 @@
-"""Focused tests of client.py: renderers, completion, the dispatcher and main() on a real server."""
+"""The client, client.py: renderers, completion and the dispatcher on a real server, then the
+REPL in a real pseudo-terminal, piped scripts and one-shot commands as real processes."""
 
 import io
-import re
 import json
-import socket
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import allure
+import grpc
+import pexpect
 import pytest
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, InMemoryHistory
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
+from rich.cells import cell_len
 from rich.console import Console
 
 import client
+import server as presence
+from conftest import (ANSI, CLIENT, DEADLINE, PROMPT, ROOT, Lines, Watch, complete, connect,
+                      free_address, run_client)
 from generated import connection_pb2 as pb
+from generated import connection_pb2_grpc as pb_grpc
+
+pytestmark = [allure.feature("Client")]
 
 NOW = 1_800_000_000.0
 
 
-def rendered(renderable):
-    """What a renderable looks like as plain text, 120 columns wide."""
-    console = Console(file=io.StringIO(), width=120)
+def rendered(renderable, width=120):
+    """What a renderable looks like as plain text, 120 columns wide unless told."""
+    console = Console(file=io.StringIO(), width=width)
     console.print(renderable)
     return console.file.getvalue()
 
@@ -37,13 +51,6 @@ def record(client_id, status=pb.STATUS_CONNECTED, changed_ago=120, seen_ago=3, r
 def counts(connected, disconnected, revision=9):
     return pb.CountClientsResponse(connected=connected, disconnected=disconnected,
                                    total=connected + disconnected, revision=revision)
-
-
-def free_address():
-    """An address nothing listens on: a port bound, then closed."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 class Script:
@@ -90,7 +97,6 @@ def text_of(console):
 # --- relative time and renderers --------------------------------------------------------
 
 
-@allure.feature("Client")
 @allure.story("Rendering")
 @pytest.mark.parametrize("ago, words", [
     (None, "—"),
@@ -114,7 +120,6 @@ def test_relative_time_reads_at_a_glance(ago, words):
     assert client.relative_time(then, NOW) == words
 
 
-@allure.feature("Client")
 @allure.story("Rendering")
 def test_client_table_shows_id_status_relative_times_and_revision():
     text = rendered(client.render_clients([record("alice", changed_ago=120, seen_ago=42)], NOW))
@@ -124,7 +129,6 @@ def test_client_table_shows_id_status_relative_times_and_revision():
     assert "revision" in text and "last seen" in text
 
 
-@allure.feature("Client")
 @allure.story("Rendering")
 @pytest.mark.parametrize("status, word, colour", [
     (pb.STATUS_CONNECTED, "connected", "green"),
@@ -137,14 +141,12 @@ def test_status_word_is_coloured_by_status(status, word, colour):
     assert colour in str(text.style)
 
 
-@allure.feature("Client")
 @allure.story("Rendering")
 def test_client_ids_are_shown_literally_not_as_markup():
     text = rendered(client.render_clients([record("[bold]mallory[/bold]")], NOW))
     assert "[bold]mallory[/bold]" in text
 
 
-@allure.feature("Client")
 @allure.story("Rendering")
 def test_send_answer_shows_server_info_and_the_record():
     response = pb.MessageResponse(success=True, info="Client alice marked as connected.",
@@ -155,7 +157,6 @@ def test_send_answer_shows_server_info_and_the_record():
     assert "no change" not in text
 
 
-@allure.feature("Client")
 @allure.story("Rendering")
 def test_send_answer_notes_when_nothing_changed():
     response = pb.MessageResponse(success=True, info="Client bob marked as disconnected.",
@@ -164,7 +165,6 @@ def test_send_answer_notes_when_nothing_changed():
     assert "no change: bob was already disconnected" in text
 
 
-@allure.feature("Client")
 @allure.story("Rendering")
 def test_send_answer_from_an_old_server_is_just_its_info():
     response = pb.MessageResponse(success=True, info="Client carol marked as connected.")
@@ -172,34 +172,43 @@ def test_send_answer_from_an_old_server_is_just_its_info():
     assert text.strip() == "Client carol marked as connected."
 
 
-@allure.feature("Client")
 @allure.story("Rendering")
 def test_listing_shows_every_client_and_the_counts_when_short():
-    listing = client.Listing([record("alice"), record("bob", pb.STATUS_DISCONNECTED)], counts(1, 1))
-    text = rendered(client.render_listing(listing, NOW))
+    page = client.Page([record("alice"), record("bob", pb.STATUS_DISCONNECTED)], 1, 2, False,
+                       counts(1, 1))
+    text = rendered(client.render_page(page, NOW))
     assert "alice" in text and "bob" in text
     assert "1 connected · 1 disconnected · 2 total" in text
     assert "showing" not in text
 
 
-@allure.feature("Client")
 @allure.story("Rendering")
-def test_long_listing_is_cut_and_says_how_many_there_are():
-    clients = [record(f"user{index:04}") for index in range(250)]
-    text = rendered(client.render_listing(client.Listing(clients, counts(2000, 500)), NOW))
-    assert "user0199" in text and "user0200" not in text
-    assert "showing 200 of 2,500 (CountClients)" in text
+def test_a_page_says_which_clients_it_shows_of_how_many_without_rpc_names():
+    clients = [record(f"user{index:04}") for index in range(200, 400)]
+    page = client.Page(clients, 201, 2500, True, counts(2000, 500))
+    text = rendered(client.render_page(page, NOW, hint="; more shows the next page"))
+    assert "user0200" in text and "user0399" in text
+    assert "showing 201–400 of 2,500; more shows the next page" in text
     assert "2,000 connected · 500 disconnected · 2,500 total" in text
+    assert "Clients" not in text, "no RPC names (CountClients, ListClients)"
 
 
-@allure.feature("Client")
+@allure.story("Big registries")
+def test_a_page_under_a_prefix_says_more_follow_without_a_total():
+    page = client.Page([record("user10"), record("user11")], 1, None, True, counts(9, 0),
+                       client.Query(prefix="user1"))
+    text = rendered(client.render_page(page, NOW, hint="; more shows the next page"))
+    assert "showing 1–2; more shows the next page" in text
+
+
 @allure.story("Rendering")
 def test_empty_registry_says_so():
-    text = rendered(client.render_listing(client.Listing([], counts(0, 0)), NOW))
+    text = rendered(client.render_page(client.Page([], 1, 0, False, counts(0, 0)), NOW))
     assert "no clients yet" in text and "0 total" in text
+    filtered = client.Page([], 1, 0, False, counts(0, 0), client.Query(pb.STATUS_CONNECTED))
+    assert "no clients match" in rendered(client.render_page(filtered, NOW))
 
 
-@allure.feature("Client")
 @allure.story("Rendering")
 def test_menu_lists_numbers_words_and_usage():
     text = rendered(client.render_menu("localhost:50051"))
@@ -208,7 +217,6 @@ def test_menu_lists_numbers_words_and_usage():
         assert line in text
 
 
-@allure.feature("Client")
 @allure.story("Rendering")
 @pytest.mark.parametrize("reachable, answer, shown", [
     (True, counts(3, 4), "● reachable  3 online of 7"),
@@ -221,7 +229,6 @@ def test_toolbar_shows_address_reachability_and_online_count(reachable, answer, 
     assert "db1:50051" in text and shown in text
 
 
-@allure.feature("Client")
 @allure.story("Rendering")
 def test_json_client_has_stable_fields_and_null_for_unset_times():
     full = client.client_json(record("alice", revision=3))
@@ -246,10 +253,9 @@ def completions(completer, text):
             completer.get_completions(Document(text), CompleteEvent(completion_requested=True))]
 
 
-@allure.feature("Client")
 @allure.story("Completion")
 @pytest.mark.parametrize("text, expected", [
-    ("", ["send", "status", "exit", "quit", "watch", "help"]),
+    ("", ["send", "status", "exit", "quit", "watch", "list", "more", "help"]),
     ("s", ["send", "status"]),
     ("sta", ["status"]),
     ("STA", []),
@@ -269,14 +275,12 @@ def test_menu_line_completes_words_then_ids_then_messages(text, expected):
     assert completions(client.MenuCompleter(SOURCES), text) == expected
 
 
-@allure.feature("Client")
 @allure.story("Completion")
 def test_sub_prompts_complete_from_their_own_source():
     assert completions(client.AnswerCompleter(SOURCES["id"]), "al") == ["alice", "albert"]
     assert completions(client.AnswerCompleter(SOURCES["message"]), "h") == ["hello"]
 
 
-@allure.feature("Client")
 @allure.story("Completion")
 def test_ids_for_completion_come_from_the_server(stub, presence):
     for client_id in ("alice", "albert", "bob"):
@@ -286,18 +290,16 @@ def test_ids_for_completion_come_from_the_server(stub, presence):
     assert ids.matching("") == ["albert", "alice", "bob"]
 
 
-@allure.feature("Client")
 @allure.story("Completion")
 def test_listing_stops_at_the_limit_and_says_whether_it_saw_everyone(stub, presence):
     for client_id in ("alice", "albert", "bob"):
         stub.SendMessage(pb.MessageRequest(client_id=client_id, message="hello"))
-    clients, complete = presence.clients(limit=2)
-    assert [client.client_id for client in clients] == ["albert", "alice"] and not complete
-    clients, complete = presence.clients(prefix="b")
-    assert [client.client_id for client in clients] == ["bob"] and complete
+    clients, token = presence.page(rows=2)
+    assert [client.client_id for client in clients] == ["albert", "alice"] and token
+    clients, token = presence.page(client.Query(prefix="b"))
+    assert [client.client_id for client in clients] == ["bob"] and not token
 
 
-@allure.feature("Client")
 @allure.story("Completion")
 def test_ids_are_cached_briefly_and_refetched_when_stale(stub, presence):
     clock = [0.0]
@@ -310,7 +312,6 @@ def test_ids_are_cached_briefly_and_refetched_when_stale(stub, presence):
     assert ids.matching("b") == ["bob"]
 
 
-@allure.feature("Client")
 @allure.story("Completion")
 def test_completion_never_raises_when_the_server_is_down():
     with client.PresenceClient(free_address()) as down:
@@ -320,7 +321,6 @@ def test_completion_never_raises_when_the_server_is_down():
 # --- the dispatcher against a real server ----------------------------------------------------
 
 
-@allure.feature("Client")
 @allure.story("REPL")
 def test_inline_send_marks_the_client_and_shows_the_answer(presence, consoles, stub):
     dispatcher = make_dispatcher(presence, consoles)
@@ -331,7 +331,6 @@ def test_inline_send_marks_the_client_and_shows_the_answer(presence, consoles, s
     assert dispatcher.read.prompts == [], "inline arguments need no prompt"
 
 
-@allure.feature("Client")
 @allure.story("REPL")
 def test_menu_number_prompts_for_id_then_message(presence, consoles):
     dispatcher = make_dispatcher(presence, consoles, "  bob ", "Goodbye")
@@ -340,7 +339,6 @@ def test_menu_number_prompts_for_id_then_message(presence, consoles):
     assert "Client bob marked as disconnected." in text_of(consoles[0])
 
 
-@allure.feature("Client")
 @allure.story("REPL")
 def test_send_with_only_an_id_prompts_for_the_message(presence, consoles):
     dispatcher = make_dispatcher(presence, consoles, "hello")
@@ -348,7 +346,6 @@ def test_send_with_only_an_id_prompts_for_the_message(presence, consoles):
     assert [kind for _, kind in dispatcher.read.prompts] == ["message"]
 
 
-@allure.feature("Client")
 @allure.story("REPL")
 def test_status_word_alone_lists_everyone_without_prompting(presence, consoles, stub):
     stub.SendMessage(pb.MessageRequest(client_id="alice", message="hello"))
@@ -361,7 +358,6 @@ def test_status_word_alone_lists_everyone_without_prompting(presence, consoles, 
     assert dispatcher.read.prompts == []
 
 
-@allure.feature("Client")
 @allure.story("REPL")
 def test_status_number_with_empty_id_lists_everyone(presence, consoles, stub):
     stub.SendMessage(pb.MessageRequest(client_id="alice", message="hello"))
@@ -370,7 +366,6 @@ def test_status_number_with_empty_id_lists_everyone(presence, consoles, stub):
     assert "1 connected · 0 disconnected · 1 total" in text_of(consoles[0])
 
 
-@allure.feature("Client")
 @allure.story("REPL")
 def test_status_of_one_client_shows_its_record(presence, consoles, stub):
     stub.SendMessage(pb.MessageRequest(client_id="alice", message="hello"))
@@ -380,7 +375,6 @@ def test_status_of_one_client_shows_its_record(presence, consoles, stub):
     assert "connected" in row
 
 
-@allure.feature("Client")
 @allure.story("REPL")
 @pytest.mark.parametrize("line, code, message", [
     ("dance", client.EXIT_USAGE, "error: unknown command 'dance' — type help for the menu"),
@@ -397,7 +391,6 @@ def test_a_bad_line_is_one_error_line_and_a_code(presence, consoles, line, code,
     assert text_of(consoles[0]) == ""
 
 
-@allure.feature("Client")
 @allure.story("Unreachable server")
 def test_unreachable_server_is_one_line_with_a_retry_hint(consoles):
     address = free_address()
@@ -408,7 +401,6 @@ def test_unreachable_server_is_one_line_with_a_retry_hint(consoles):
                                     " — retrying on the next command\n")
 
 
-@allure.feature("Client")
 @allure.story("REPL")
 def test_an_unexpected_failure_is_one_line_and_the_session_goes_on(address, consoles):
     closed = client.PresenceClient(address)
@@ -420,7 +412,6 @@ def test_an_unexpected_failure_is_one_line_and_the_session_goes_on(address, cons
     assert not dispatcher.stopped
 
 
-@allure.feature("Client")
 @allure.story("Pipes")
 def test_json_status_follows_every_page_while_the_table_is_cut(presence, consoles, stub):
     with allure.step("register 1,500 clients: more than one page of 1,000"):
@@ -438,30 +429,28 @@ def test_json_status_follows_every_page_while_the_table_is_cut(presence, console
     with allure.step("the table shows 200 rows and says how many there are"):
         out = Console(file=io.StringIO(), width=120)
         client.Dispatcher(presence, out, consoles[1]).onecmd("status")
-        assert "showing 200 of 1,500 (CountClients)" in text_of(out)
+        assert "showing 1–200 of 1,500; --json lists every one" in text_of(out)
 
 
-@allure.feature("Client")
 @allure.story("REPL")
 def test_loop_survives_ctrl_c_and_ends_at_exit(presence, consoles):
     dispatcher = make_dispatcher(presence, consoles, KeyboardInterrupt(), "send alice hello",
                                  "quit", "send bob hello")
-    assert client.run_loop(dispatcher) == client.EXIT_OK
+    assert client.run_repl(dispatcher) == client.EXIT_OK
     assert dispatcher.stopped
     assert "Client alice marked as connected." in text_of(consoles[0])
     assert "bob" not in text_of(consoles[0]), "nothing runs after exit"
 
 
-@allure.feature("Client")
 @allure.story("Pipes")
-def test_pipe_reader_echoes_answers_and_ends_at_end_of_input(presence, consoles):
+def test_piped_lines_print_only_answers_and_end_at_end_of_input(presence, consoles):
     out, err = consoles
-    reader = client.PipeReader(io.StringIO("1\nalice\nHello\n2\nalice\n"), out)
+    reader = client.PipeReader(io.StringIO("1\nalice\nHello\n2\nalice\n"))
     dispatcher = client.Dispatcher(presence, out, err, read=reader)
-    assert client.run_loop(dispatcher) == client.EXIT_OK
+    assert client.run_script(dispatcher) == client.EXIT_OK
     text = text_of(out)
-    assert "presence> 1\nclient id: alice\nmessage (hello/goodbye): Hello\n" in text
-    assert "Client alice marked as connected." in text
+    assert "presence>" not in text and "client id" not in text and "Presence client" not in text
+    assert text.startswith("Client alice marked as connected.")
     assert text.count("│ alice ") == 2, "the send answer and the status answer"
     assert text_of(err) == ""
 
@@ -469,7 +458,6 @@ def test_pipe_reader_echoes_answers_and_ends_at_end_of_input(presence, consoles)
 # --- prompt_toolkit without a terminal ----------------------------------------------------
 
 
-@allure.feature("Client")
 @allure.story("REPL")
 def test_prompt_toolkit_session_runs_the_menu(presence, consoles, stub):
     out, err = consoles
@@ -479,7 +467,7 @@ def test_prompt_toolkit_session_runs_the_menu(presence, consoles, stub):
         try:
             pipe.send_text("1\ralice\rhello\rstatus alice\rexit\r")
             dispatcher = client.Dispatcher(presence, out, err, read=reader)
-            assert client.run_loop(dispatcher) == client.EXIT_OK
+            assert client.run_repl(dispatcher) == client.EXIT_OK
         finally:
             reader.close()
     assert dispatcher.stopped
@@ -488,7 +476,6 @@ def test_prompt_toolkit_session_runs_the_menu(presence, consoles, stub):
     assert answer.statuses["alice"] == "connected"
 
 
-@allure.feature("Client")
 @allure.story("REPL")
 def test_history_goes_to_a_file_or_memory_when_it_cannot(tmp_path):
     assert isinstance(client.open_history(tmp_path / "history"), FileHistory)
@@ -499,14 +486,12 @@ def test_history_goes_to_a_file_or_memory_when_it_cannot(tmp_path):
 # --- main(): arguments and exit codes ------------------------------------------------------
 
 
-@allure.feature("Client")
 @allure.story("One-shot commands")
 def test_one_shot_send_prints_the_answer_and_exits_zero(address, capsys):
     assert client.main(["--server", address, "send", "alice", "hello"]) == client.EXIT_OK
     assert "Client alice marked as connected." in capsys.readouterr().out
 
 
-@allure.feature("Client")
 @allure.story("One-shot commands")
 def test_one_shot_json_status_is_one_object(address, capsys, stub):
     stub.SendMessage(pb.MessageRequest(client_id="alice", message="hello"))
@@ -516,7 +501,6 @@ def test_one_shot_json_status_is_one_object(address, capsys, stub):
     assert answer["client"]["status"] == "connected"
 
 
-@allure.feature("Client")
 @allure.story("One-shot commands")
 def test_server_address_comes_from_the_environment(address, capsys, monkeypatch):
     monkeypatch.setenv("PRESENCE_SERVER", address)
@@ -524,7 +508,6 @@ def test_server_address_comes_from_the_environment(address, capsys, monkeypatch)
     assert json.loads(capsys.readouterr().out)["client"]["status"] == "disconnected"
 
 
-@allure.feature("Client")
 @allure.story("One-shot commands")
 @pytest.mark.parametrize("argv, code, stderr", [
     (["status", "zed"], client.EXIT_SERVER_ERROR, "error: Client zed not found (NOT_FOUND)\n"),
@@ -546,7 +529,6 @@ def test_exit_codes_say_what_went_wrong(address, capsys, argv, code, stderr):
         assert captured.err == stderr
 
 
-@allure.feature("Client")
 @allure.story("Unreachable server")
 def test_unreachable_server_exits_three_with_one_line(capsys):
     address = free_address()
@@ -555,7 +537,6 @@ def test_unreachable_server_exits_three_with_one_line(capsys):
     assert capsys.readouterr().err == expected
 
 
-@allure.feature("Client")
 @allure.story("One-shot commands")
 def test_help_explains_commands_json_exit_codes_and_examples(capsys):
     assert client.main(["--help"]) == client.EXIT_OK
@@ -565,7 +546,6 @@ def test_help_explains_commands_json_exit_codes_and_examples(capsys):
         assert part in text
 
 
-@allure.feature("Client")
 @allure.story("Pipes")
 def test_main_reads_the_menu_from_piped_stdin(address, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("send alice hello\nstatus\n"))
@@ -578,13 +558,12 @@ def test_main_reads_the_menu_from_piped_stdin(address, capsys, monkeypatch):
 # --- watch and sessions ------------------------------------------------------------------
 
 
-@allure.feature("Client")
 @allure.story("Rendering")
 def test_watch_table_puts_the_latest_changes_first_and_says_when_it_is_cut():
     clients = {f"c{n}": record(f"c{n}", revision=n,
                                status=pb.STATUS_CONNECTED if n % 2 else pb.STATUS_DISCONNECTED)
                for n in range(1, 6)}
-    text = rendered(client.render_watch(clients, 5, NOW, max_rows=3))
+    text = rendered(client.render_watch(clients, 5, NOW, height=10))
     rows = [line.split("│")[1].strip() for line in text.splitlines()
             if re.match(r"│ c\d", line)]
     assert rows == ["c5", "c4", "c3"]
@@ -592,7 +571,6 @@ def test_watch_table_puts_the_latest_changes_first_and_says_when_it_is_cut():
     assert "3 connected · 2 disconnected · revision 5" in text
 
 
-@allure.feature("Client")
 @allure.story("Rendering")
 @pytest.mark.parametrize(("sessions", "shown"), [
     ([], "—"), ([""], "default"), (["laptop", "phone"], "laptop, phone")])
@@ -601,7 +579,6 @@ def test_sessions_column_names_each_live_session(sessions, shown):
     assert client.sessions_text(message.sessions) == shown
 
 
-@allure.feature("Client")
 @allure.story("One-shot commands")
 def test_watch_json_gives_a_line_per_snapshot_entry_then_per_event():
     snapshot = pb.WatchResponse(snapshot=[record("a"), record("b")], snapshot_complete=True,
@@ -619,7 +596,6 @@ def test_watch_json_gives_a_line_per_snapshot_entry_then_per_event():
     assert (lines[2]["session_id"], lines[3]["reason"]) == ("tty2", "lease expired")
 
 
-@allure.feature("Client")
 @allure.story("One-shot commands")
 def test_as_does_not_go_with_a_one_shot_command(capsys):
     assert client.main(["--as", "alice", "status"]) == client.EXIT_USAGE

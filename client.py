@@ -471,7 +471,9 @@ def render_toolbar(address, reachable, counts, user=None, width=None):
         if width is None or sum(cell_len(text) for _, text in form) <= width:
             return form
     rest = sum(cell_len(text) for _, text in form[1:])
-    return [("", " …" + fit_end(address, max(1, width - rest - 4)) + "  "), *form[1:]]
+    if width - rest - 4 < len(address.rpartition(":")[2]) + 1:
+        return [("", " "), *form[1:]]
+    return [("", " …" + fit_end(address, width - rest - 4) + "  "), *form[1:]]
 
 
 def toolbar_text(fragments):

@@ -955,3 +955,209 @@ def test_client_as_a_name_the_server_refuses_is_one_line_and_exit_1(address):
     assert re.fullmatch(r"error: cannot connect as tab\s+here: client_id must not contain "
                         r"control characters, found U\+0009 at position 3 "
                         r"\(INVALID_ARGUMENT\)\n", result.stderr), result.stderr
+
+
+# --- narrow terminals and long ids -------------------------------------------------------------
+
+LONG_IDS = ["user15", "user150", "user1500", "bob",
+            "x" * 120 + "user15", "x" * 120 + "user16",
+            "a" * 60 + "1" + "b" * 60, "a" * 60 + "2" + "b" * 60]
+ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]|\r")
+
+
+def could_be(shown, client_id):
+    """Whether a table cell could show client_id: whole, or cut where "…" stands."""
+    pieces = shown.split("…")
+    if len(pieces) == 1:
+        return shown == client_id
+    at = 0
+    for number, piece in enumerate(pieces):
+        found = client_id.find(piece, at) if number else (0 if client_id.startswith(piece) else -1)
+        if found < 0:
+            return False
+        at = found + len(piece)
+    return pieces[-1] == "" or client_id.endswith(pieces[-1])
+
+
+def id_cells(text, ids):
+    """The id cell of each client row of a rendered table (the first word of the row)."""
+    words = ("connected", "disconnected", "on", "off")
+    rows = [line for line in text.splitlines()
+            if set(line.replace("│", " ").split()[1:2]) & set(words)]
+    return [row.replace("│", " ").split()[0] for row in rows], rows
+
+
+def assert_fits(text, ids, width):
+    """Every client on one line within width, each id whole or cut so it names only itself."""
+    shown, rows = id_cells(text, ids)
+    assert len(rows) == len(ids), text
+    assert all(cell_len(row) <= width for row in rows), text
+    for cell in shown:
+        assert [client_id for client_id in ids if could_be(cell, client_id)] != [], cell
+        assert sum(could_be(cell, client_id) for client_id in ids) == 1, f"{cell} is ambiguous"
+    assert "connec…" not in text and "disconn…" not in text
+
+
+@allure.story("Narrow terminals")
+@pytest.mark.parametrize("width", [40, 60, 80, 120, 200])
+def test_tables_fit_the_width_one_line_per_client_and_no_two_ids_look_alike(width):
+    clients = [record(client_id, pb.STATUS_CONNECTED if index % 2 else pb.STATUS_DISCONNECTED)
+               for index, client_id in enumerate(LONG_IDS)]
+    text = rendered(client.render_clients(clients, NOW, width), width)
+    assert_fits(text, LONG_IDS, width)
+    if width >= 200:
+        assert all(client_id in text for client_id in LONG_IDS), "wide enough: every id whole"
+
+
+@allure.story("Narrow terminals")
+@pytest.mark.parametrize("width, kept, gone", [
+    (120, ["sessions", "changed", "last seen", "revision", "╭", "laptop"], []),
+    (60, ["changed", "last seen", "revision", "2 min ago", "╭"], ["sessions"]),
+    (45, ["changed", "seen", "rev", "2m", "connected"], ["sessions", "╭", "last seen"]),
+    (35, ["seen", "rev", "connected"], ["changed", "╭"]),
+    (25, ["client", " on "], ["rev", "connected"]),
+])
+def test_columns_drop_and_shorten_in_order_as_the_terminal_narrows(width, kept, gone):
+    clients = [record("alice"), record("bob", pb.STATUS_CONNECTED)]
+    clients[0].sessions.add(session_id="laptop")
+    text = rendered(client.render_clients(clients, NOW, width), width)
+    for part in kept:
+        assert part in text, text
+    for part in gone:
+        assert part not in text, text
+
+
+@allure.story("Narrow terminals")
+def test_one_client_whose_id_is_too_wide_is_a_card_with_the_whole_id():
+    long_id = "x" * 120 + "user15"
+    text = rendered(client.render_client(record(long_id), NOW, 80), 80)
+    assert long_id in text.replace("\n", "").replace(" ", ""), "the id can be read in full"
+    assert "connected" in text and "revision" in text and "2 min ago" in text
+
+
+@allure.story("Narrow terminals")
+@pytest.mark.parametrize("width, shown, absent", [
+    (200, "● reachable  as alice  3 online of 7   Tab completes", "…"),
+    (60, "● reachable  as alice  3 online of 7", "Tab completes"),
+    (50, "● up  as alice  3/7 online", "reachable"),
+    (40, " db1.example.org:50051  ● up  3/7 online", "alice"),
+    (26, " …:50051  ● up  3/7 online", "db1.example.org"),
+    (18, " ● up  3/7 online", "50051"),
+])
+def test_toolbar_shortens_to_the_width(width, shown, absent):
+    fragments = client.render_toolbar("db1.example.org:50051", True, counts(3, 4), "alice", width)
+    text = "".join(fragment for _, fragment in fragments)
+    assert shown in text and cell_len(text) <= width
+    assert absent not in text
+
+
+@allure.story("Narrow terminals")
+@pytest.mark.parametrize("columns", [60, 80, 200])
+def test_status_in_a_terminal_fits_its_width(repl, address, stub, columns):
+    for index, client_id in enumerate(LONG_IDS):
+        (hello if index % 2 else goodbye)(stub, client_id)
+    child = repl(address, dimensions=(40, columns))
+    child.expect_exact(PROMPT)
+    child.send("status\r")
+    child.expect(rf"\d connected{ANSI} · {ANSI}\d disconnected{ANSI} · 8 total")
+    assert_fits(ESCAPES.sub("", child.before), LONG_IDS, columns)
+
+
+@allure.story("Narrow terminals")
+def test_toolbar_in_a_60_column_terminal_shows_its_short_form(repl, address, stub):
+    hello(stub, "alice")
+    child = repl(address, dimensions=(24, 60), answer_cpr=True)
+    child.expect_exact("\x1b[6n")
+    child.send("\x1b[12;1R")
+    child.expect(rf"{re.escape(address)}\s+{ANSI}● reachable{ANSI}\s+1 online of 1")
+    assert "Tab completes" not in child.before + child.after
+
+
+# --- big registries: filters, pages, the pager ------------------------------------------------
+
+
+def register(stub, count, prefix="user", start=0):
+    """count clients prefix00000... in one call per thousand, the odd ones disconnected."""
+    for first in range(start, start + count, 1000):
+        stub.SendMessages(pb.SendMessagesRequest(requests=[
+            pb.MessageRequest(client_id=f"{prefix}{index:05}",
+                              message="goodbye" if index % 2 else "hello")
+            for index in range(first, min(first + 1000, start + count))]))
+
+
+@allure.story("Big registries")
+def test_more_walks_the_pages_and_says_where_it_stands(presence, consoles, stub):
+    register(stub, 450)
+    dispatcher = make_dispatcher(presence, consoles)
+    out = consoles[0]
+    with allure.step("status: the first 200 and how many there are"):
+        assert dispatcher.onecmd("status") == client.EXIT_OK
+        assert "user00000" in text_of(out) and "user00199" in text_of(out)
+        assert "user00200" not in text_of(out)
+        assert "showing 1–200 of 450; more shows the next page" in text_of(out)
+    for first, last, notice in ((200, 399, "showing 201–400 of 450; more"),
+                                (400, 449, "showing 401–450 of 450\n")):
+        with allure.step(f"more: {first + 1} to {last + 1}"):
+            out.file.truncate(0)
+            out.file.seek(0)
+            assert dispatcher.onecmd("more") == client.EXIT_OK
+            text = text_of(out)
+            assert f"user{first:05}" in text and f"user{last:05}" in text
+            assert f"user{first - 1:05}" not in text and notice in text
+    with allure.step("past the end, more says so"):
+        assert dispatcher.onecmd("more") == client.EXIT_USAGE
+        assert "nothing more to show" in text_of(consoles[1])
+
+
+@allure.story("Big registries")
+@pytest.mark.parametrize("line, expected", [
+    ("list online user0000", ["user00000", "user00002", "user00004", "user00006", "user00008"]),
+    ("list offline user0000", ["user00001", "user00003", "user00005", "user00007", "user00009"]),
+    ("list user0001", [f"user{index:05}" for index in range(10, 20)]),
+    ("status user0001*", [f"user{index:05}" for index in range(10, 20)]),
+    ("list all user0002", [f"user{index:05}" for index in range(20, 30)]),
+    ("5\nonline\nuser0000", ["user00000", "user00002", "user00004", "user00006", "user00008"]),
+])
+def test_lists_filter_by_status_and_id_prefix(presence, consoles, stub, line, expected):
+    register(stub, 40)
+    first, *answers = line.split("\n")
+    dispatcher = make_dispatcher(presence, consoles, *answers, json_output=True)
+    assert dispatcher.onecmd(first) == client.EXIT_OK
+    answer = json.loads(text_of(consoles[0]))
+    assert [entry["client_id"] for entry in answer["clients"]] == expected
+
+
+@allure.story("Big registries")
+def test_a_prefix_list_pages_without_knowing_the_total_and_counts_the_rest(presence, consoles,
+                                                                           stub):
+    register(stub, 30)
+    dispatcher = client.Dispatcher(presence, *consoles, read=Script(), clock=lambda: NOW,
+                                   page_rows=8)
+    dispatcher.onecmd("list online user0000")
+    assert "showing 1–5 of 5" not in text_of(consoles[0]), "one page holds all 5: no notice"
+    dispatcher.onecmd("list user0")
+    assert "showing 1–8; more shows the next page" in text_of(consoles[0])
+    dispatcher.onecmd("list online")
+    assert "showing 1–8 of 15; more shows the next page" in text_of(consoles[0])
+    assert dispatcher.onecmd("list sideways user") == client.EXIT_USAGE
+    assert "'sideways' is not online, offline or all" in text_of(consoles[1])
+
+
+@allure.story("Big registries")
+def test_a_listing_taller_than_the_terminal_opens_less(repl, address, stub):
+    register(stub, 60)
+    child = repl(address, dimensions=(24, 100), env={"PAGER": "", "LESS": ""})
+    child.expect_exact(PROMPT)
+    child.send("status\r")
+    child.expect_exact("user00000")
+    with allure.step("less shows the first screen and waits"):
+        child.expect_exact(":")
+        assert "user00059" not in ESCAPES.sub("", child.before)
+    with allure.step("G goes to the end, where the counts are; q returns to the prompt"):
+        child.send("G")
+        child.expect_exact("user00059")
+        child.expect(rf"30 connected{ANSI} · {ANSI}30 disconnected{ANSI} · 60 total")
+        child.send("q")
+        child.expect_exact(PROMPT)
+        child.send("status user00001\r")
+        child.expect(rf"│ user00001\s+│ {ANSI}disconnected")

@@ -1161,3 +1161,195 @@ def test_a_listing_taller_than_the_terminal_opens_less(repl, address, stub):
         child.expect_exact(PROMPT)
         child.send("status user00001\r")
         child.expect(rf"│ user00001\s+│ {ANSI}disconnected")
+
+
+# --- scripts through real pipes ------------------------------------------------------------------
+
+
+def shell(command, **kwargs):
+    """Run a shell pipeline in the repository; its result."""
+    return subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True,
+                          timeout=DEADLINE, **kwargs)
+
+
+PYTHON_CLIENT = f"{shlex.quote(sys.executable)} client.py"
+
+
+@allure.story("Pipes")
+def test_piped_json_script_prints_only_json_lines_that_jq_reads(address, stub):
+    hello(stub, "alice")
+    script = "send bob hello\\nstatus alice\\nhelp\\nlist online\\n5\\n\\n\\nstatus zed\\n"
+    result = shell(f"printf '{script}' | {PYTHON_CLIENT} --server {address} --json "
+                   f"| jq -c .client.client_id")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n") == ['"bob"', '"alice"', "null", "null", "null", ""]
+    assert result.stderr == "error: Client zed not found (NOT_FOUND)\n"
+
+
+@allure.story("Pipes")
+@pytest.mark.parametrize("flags, env, code, bob", [
+    ([], {}, client.EXIT_USAGE, "connected"),
+    (["--stop-on-error"], {}, client.EXIT_SERVER_ERROR, None),
+    ([], {"PRESENCE_STOP_ON_ERROR": "1"}, client.EXIT_SERVER_ERROR, None),
+], ids=["go-on-report-the-worst", "stop-at-the-first", "stop-by-environment"])
+def test_a_piped_scripts_exit_code_says_whether_a_command_failed(address, stub, flags, env,
+                                                                 code, bob):
+    script = "status zed\nsend alice hello\ndance\nsend bob hello\n"
+    result = subprocess.run([sys.executable, CLIENT, "--server", address, *flags], cwd=ROOT,
+                            input=script, capture_output=True, text=True, timeout=DEADLINE,
+                            env={**os.environ, **env})
+    assert result.returncode == code
+    statuses = stub.GetClientStatus(pb.ClientStatusRequest()).statuses
+    assert statuses.get("bob") == bob
+    assert result.stderr.startswith("error: Client zed not found (NOT_FOUND)\n")
+
+
+@allure.story("Pipes")
+def test_a_script_that_ends_inside_a_command_fails_as_a_usage_error(address):
+    result = run_client("--server", address, stdin="send alice\n")
+    assert result.returncode == client.EXIT_USAGE
+    assert result.stderr == "error: the input ended before send's MESSAGE\n"
+
+
+@allure.story("Pipes")
+def test_json_watch_into_head_exits_quietly_with_zero(address, stub):
+    hello(stub, "henry")
+    watcher = subprocess.Popen([sys.executable, CLIENT, "--server", address, "--json", "watch"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = subprocess.Popen(["head", "-1"], stdin=watcher.stdout, stdout=subprocess.PIPE)
+    watcher.stdout.close()  # head holds the only reading end
+    first, _ = head.communicate(timeout=DEADLINE)
+    assert json.loads(first)["client"]["client_id"] == "henry"
+    with allure.step("the next change finds the reader gone: the watch ends, exit 0"):
+        hello(stub, "ingrid")
+        assert watcher.wait(DEADLINE) == 0
+        assert watcher.stderr.read() == b""
+
+
+@allure.story("Pipes")
+def test_a_table_whose_reader_is_gone_ends_quietly_with_zero(address, stub):
+    hello(stub, "alice")
+    reading, writing = os.pipe()
+    os.close(reading)
+    try:
+        result = subprocess.run([sys.executable, CLIENT, "--server", address, "status"], cwd=ROOT,
+                                stdout=writing, stderr=subprocess.PIPE, timeout=DEADLINE)
+    finally:
+        os.close(writing)
+    assert (result.returncode, result.stderr) == (0, b"")
+
+
+# --- settings: flags, environment twins, the config file, the version ---------------------------
+
+
+def settings(tmp_path, argv=(), environ=None, config=None):
+    """What parse_settings makes of argv and environ with HOME at tmp_path, whose config file
+    holds config (TOML text) when given."""
+    if config is not None:
+        folder = tmp_path / ".config" / "presence"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.toml").write_text(config)
+    return client.parse_settings(list(argv), environ or {})[1]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return tmp_path
+
+
+@allure.story("Settings")
+@pytest.mark.parametrize("flag, env, file, expected", [
+    (None, None, None, "localhost:50051"),
+    (None, None, "file:1", "file:1"),
+    (None, "env:1", "file:1", "env:1"),
+    ("flag:1", "env:1", "file:1", "flag:1"),
+    ("flag:1", None, "file:1", "flag:1"),
+    (None, "", "file:1", "file:1"),
+], ids=["default", "file", "env-over-file", "flag-over-all", "flag-over-file", "empty-env"])
+def test_settings_come_from_flag_then_environment_then_file_then_default(home, flag, env, file,
+                                                                         expected):
+    argv = ["--server", flag] if flag else []
+    environ = {} if env is None else {"PRESENCE_SERVER": env}
+    config = f'server = "{file}"\n' if file else None
+    assert settings(home, argv, environ, config).server == expected
+
+
+@allure.story("Settings")
+def test_the_config_file_sets_server_token_file_tls_files_user_and_lease(home):
+    args = settings(home, config='server = "db1:50051"\ntoken-file = "token"\n'
+                                 'tls-ca = "/etc/ca.pem"\ntls-cert = "me.pem"\n'
+                                 'tls-key = "~/me.key"\nas = "alice"\nlease = 30\n'
+                                 'timeout = 2.5\ntls = true\nstop-on-error = true\n')
+    folder = home / ".config" / "presence"
+    assert (args.server, args.user, args.lease, args.timeout) == ("db1:50051", "alice", 30, 2.5)
+    assert args.token_file == str(folder / "token"), "relative to the config file's folder"
+    assert (args.tls_ca, args.tls_cert) == ("/etc/ca.pem", str(folder / "me.pem"))
+    assert args.tls_key == str(home / "me.key")
+    assert args.tls and args.stop_on_error
+
+
+@allure.story("Settings")
+def test_config_named_by_flag_or_environment(home):
+    named = home / "elsewhere.toml"
+    named.write_text('server = "named:1"\n')
+    assert settings(home, ["--config", str(named)]).server == "named:1"
+    assert settings(home, environ={"PRESENCE_CONFIG": str(named)}).server == "named:1"
+
+
+@allure.story("Settings")
+@pytest.mark.parametrize("argv, environ, config, message", [
+    ([], {}, 'sever = "x"\n', "unknown setting 'sever'"),
+    ([], {}, "lease = 0\n", "config.toml: lease: must be a whole number of seconds"),
+    ([], {}, 'tls = "yes"\n', "config.toml: tls: must be true or false"),
+    ([], {}, "server = [\n", "config.toml: "),
+    ([], {"PRESENCE_TIMEOUT": "soon"}, None, "PRESENCE_TIMEOUT: must be a number of seconds"),
+    ([], {"PRESENCE_TLS": "maybe"}, None, "PRESENCE_TLS: must be 1 or 0"),
+    (["--config", "/nonexistent/presence.toml"], {}, None,
+     "config file /nonexistent/presence.toml not found"),
+], ids=["unknown-key", "bad-lease", "bad-switch", "bad-toml", "bad-env", "bad-env-switch",
+        "missing-named-file"])
+def test_a_bad_setting_is_one_usage_line_naming_where_it_came_from(home, capsys, monkeypatch,
+                                                                   argv, environ, config,
+                                                                   message):
+    if config is not None:
+        (home / ".config" / "presence").mkdir(parents=True)
+        (home / ".config" / "presence" / "config.toml").write_text(config)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert client.main(argv + ["status"]) == client.EXIT_USAGE
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("client.py: error: ") and message in error
+
+
+@allure.story("Settings")
+def test_a_config_file_is_enough_to_reach_the_server(address, tmp_path):
+    (tmp_path / ".config" / "presence").mkdir(parents=True)
+    (tmp_path / ".config" / "presence" / "config.toml").write_text(f'server = "{address}"\n')
+    result = subprocess.run([sys.executable, CLIENT, "--json", "send", "ada", "hello"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=DEADLINE,
+                            env={**os.environ, "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["client"]["client_id"] == "ada"
+
+
+@allure.story("Settings")
+def test_version_names_the_program_and_its_version(capsys):
+    assert client.main(["--version"]) == client.EXIT_OK
+    assert capsys.readouterr().out == f"client.py {client.__version__}\n"
+    assert client.__version__ == "1.1.0"
+
+
+@allure.story("Settings")
+def test_help_names_the_environment_twin_and_config_key_of_every_flag(capsys):
+    parser = client.build_parser()
+    flags = [action for action in parser._actions
+             if action.option_strings and action.dest not in ("help", "version")]
+    assert client.main(["--help"]) == client.EXIT_OK
+    text = capsys.readouterr().out
+    twins = re.findall(r"\[(PRESENCE_\w+)\]", text)
+    assert len(twins) == len(flags) == len(client.OPTIONS) == 15
+    for option in client.OPTIONS:
+        assert re.search(rf"^  {option.env}\s+{option.flag}$", text, re.MULTILINE), option.env
+        if option.in_file:
+            assert re.search(rf"\b{option.key}\b", text.split("its keys")[1]), option.key

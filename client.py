@@ -782,6 +782,7 @@ class ServerMonitor:
         if self._ids is not None:
             for event in message.events:
                 self._ids.learn(event.client.client_id)
+                logger.debug("completion knows %s from the watch stream", event.client.client_id)
         if message.events:
             self.refresh()
 
@@ -1171,18 +1172,18 @@ class TerminalReader:
         common = dict(bottom_toolbar=self.monitor.toolbar, auto_suggest=AutoSuggestFromHistory(),
                       complete_in_thread=True, complete_while_typing=False, refresh_interval=1.0,
                       input=input, output=output)
-        self._sessions = {"command": PromptSession(history=history,
+        self.sessions = {"command": PromptSession(history=history,
                                                    completer=MenuCompleter(sources), **common)}
         for kind, source in sources.items():
-            self._sessions[kind] = PromptSession(history=InMemoryHistory(),
+            self.sessions[kind] = PromptSession(history=InMemoryHistory(),
                                                  completer=AnswerCompleter(source), **common)
 
     def __call__(self, prompt, kind):
         if kind == "command":
             self.monitor.refresh()
-            return self._sessions[kind].prompt(prompt)
+            return self.sessions[kind].prompt(prompt)
         try:
-            return self._sessions[kind].prompt(prompt)
+            return self.sessions[kind].prompt(prompt)
         except EOFError:
             raise Cancelled from None
 

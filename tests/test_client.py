@@ -24,7 +24,7 @@ from rich.cells import cell_len
 from rich.console import Console
 
 import client
-import server as presence
+import server as presence_server
 from conftest import (ANSI, CLIENT, DEADLINE, PROMPT, ROOT, Lines, Watch, complete, connect,
                       free_address, run_client)
 from generated import connection_pb2 as pb
@@ -1353,3 +1353,192 @@ def test_help_names_the_environment_twin_and_config_key_of_every_flag(capsys):
         assert re.search(rf"^  {option.env}\s+{option.flag}$", text, re.MULTILINE), option.env
         if option.in_file:
             assert re.search(rf"\b{option.key}\b", text.split("its keys")[1]), option.key
+
+
+# --- the live watch ------------------------------------------------------------------------------
+
+
+@allure.story("Watch")
+def test_watch_view_fits_the_height_with_its_notice_counts_note_and_toolbar_on_screen():
+    clients = {f"c{n:02}": record(f"c{n:02}", revision=n) for n in range(1, 41)}
+    note = client.Text("the server went away; resuming from revision 40")
+    toolbar = client.toolbar_text(client.render_toolbar("db1:50051", True, counts(40, 0)))
+    text = rendered(client.render_watch(clients, 40, NOW, 80, 20, note, toolbar), 80)
+    lines = text.splitlines()
+    assert len(lines) < 20, "the whole view fits above the cursor's line"
+    assert "showing the 11 most recently changed of 40" in text
+    assert lines[-1].startswith(" db1:50051  ● reachable  40 online of 40")
+    assert lines[-2] == "the server went away; resuming from revision 40"
+
+
+@pytest.fixture
+def server_58_seconds_behind():
+    """An in-process server whose clock runs 58 s behind, so its clients changed 58 s ago."""
+    server = presence_server.create_server("127.0.0.1:0", presence_server.MemoryStore(),
+                                    clock=lambda: time.time() - 58)
+    server.start()
+    yield f"127.0.0.1:{server.port}"
+    server.stop(0)
+
+
+@allure.story("Watch")
+def test_watch_times_tick_while_nothing_changes_and_the_toolbar_stays(repl,
+                                                                      server_58_seconds_behind):
+    with connect(server_58_seconds_behind) as channel:
+        hello(pb_grpc.ClientServiceStub(channel), "gina")
+    child = repl(server_58_seconds_behind)
+    child.expect_exact(PROMPT)
+    child.send("watch\r")
+    child.expect(rf"│ gina\s+│ {ANSI}connected{ANSI}\s+│ default\s+│ 5\d s ago")
+    with allure.step("no change arrives, yet the minute turns"):
+        child.expect(rf"│ gina\s+│ {ANSI}connected{ANSI}\s+│ default\s+│ 1 min ago")
+    with allure.step("the toolbar is drawn under the live table"):
+        child.expect(r"● reachable\S*\s+1 online of 1")
+    child.sendcontrol("c")
+    child.expect_exact("watch stopped")
+
+
+@allure.story("Watch")
+def test_keys_typed_during_watch_neither_show_nor_reach_the_next_prompt(repl, address, stub):
+    hello(stub, "gina")
+    child = repl(address)
+    child.expect_exact(PROMPT)
+    child.send("4\r")
+    child.expect(rf"│ gina\s+│ {ANSI}connected")
+    child.expect_exact("live, Ctrl-C to stop")
+    start = len(child.logfile_read.getvalue())
+    child.send("qqq zzz")
+    goodbye(stub, "gina")
+    child.expect(rf"│ gina\s+│ {ANSI}disconnected")
+    child.sendcontrol("c")
+    child.expect_exact("watch stopped")
+    child.expect_exact(PROMPT)
+    child.send("status gina\r")
+    child.expect(rf"│ gina\s+│ {ANSI}disconnected")
+    transcript = child.logfile_read.getvalue()[start:]
+    assert "zzz" not in transcript, "typed keys were not echoed into the view"
+    assert "unknown command" not in transcript, "nor left over for the prompt"
+
+
+@allure.story("Watch")
+def test_watch_says_why_the_server_ended_it_and_resumes_by_itself(repl, server_processes,
+                                                                  sqlite_url):
+    server = server_processes("--store", sqlite_url)
+    with connect(server.address) as channel:
+        hello(pb_grpc.ClientServiceStub(channel), "gina")
+    child = repl(server.address)
+    child.expect_exact(PROMPT)
+    child.send("watch\r")
+    child.expect(rf"│ gina\s+│ {ANSI}connected")
+    with allure.step("the server stops: the view says so and what it resumes from"):
+        assert server.terminate() == 0
+        child.expect("the server closed the stream .*; resuming from revision 1")
+    with allure.step("a server comes back on the same port: changes show again"):
+        port = server.address.rsplit(":", 1)[1]
+        again = server_processes("--port", port, "--store", sqlite_url)
+        with connect(again.address) as channel:
+            goodbye(pb_grpc.ClientServiceStub(channel), "gina")
+        child.expect(rf"│ gina\s+│ {ANSI}disconnected")
+    child.sendcontrol("c")
+    child.expect_exact("watch stopped")
+    assert "Traceback" not in child.logfile_read.getvalue()
+
+
+@allure.story("Watch")
+def test_json_watch_resumes_after_the_server_cuts_it_and_says_why_on_stderr(server_processes,
+                                                                           sqlite_url):
+    server = server_processes("--store", sqlite_url)
+    with connect(server.address) as channel:
+        hello(pb_grpc.ClientServiceStub(channel), "henry")
+    watcher = subprocess.Popen([sys.executable, CLIENT, "--server", server.address, "--json",
+                                "watch"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    lines, errors = Lines(watcher.stdout), Lines(watcher.stderr)
+    assert json.loads(lines.next())["kind"] == "snapshot"
+    assert server.terminate() == 0
+    assert errors.next() == ("watch: the server closed the stream (it may be stopping or "
+                             "restarting); resuming from revision 1\n")
+    port = server.address.rsplit(":", 1)[1]
+    again = server_processes("--port", port, "--store", sqlite_url)
+    with connect(again.address) as channel:
+        goodbye(pb_grpc.ClientServiceStub(channel), "henry")
+    change = json.loads(lines.next())
+    assert (change["kind"], change["revision"]) in {("disconnected", 2), ("snapshot", 2)}
+    watcher.send_signal(signal.SIGINT)
+    assert watcher.wait(DEADLINE) == client.EXIT_INTERRUPTED
+
+
+# --- history and keys ---------------------------------------------------------------------------
+
+
+@allure.story("History and keys")
+def test_only_commands_go_into_the_command_history(presence, consoles, tmp_path):
+    history = FileHistory(str(tmp_path / "history"))
+    with create_pipe_input() as pipe:
+        reader = client.TerminalReader(presence, history, input=pipe, output=DummyOutput())
+        try:
+            pipe.send_text("1\ralice\rhello\rsend bob\rgoodbye\rexit\r")
+            client.run_repl(client.Dispatcher(presence, *consoles, read=reader))
+        finally:
+            reader.close()
+    assert list(FileHistory(str(tmp_path / "history")).load_history_strings()) == [
+        "exit", "send bob", "1"]
+    assert list(reader.sessions["id"].history.get_strings()) == ["alice"]
+    assert list(reader.sessions["message"].history.get_strings()) == ["hello", "goodbye"]
+
+
+@allure.story("History and keys")
+def test_ctrl_d_at_an_argument_prompt_cancels_the_command_not_the_client(presence, consoles,
+                                                                         stub):
+    with create_pipe_input() as pipe:
+        reader = client.TerminalReader(presence, InMemoryHistory(), input=pipe,
+                                       output=DummyOutput())
+        try:
+            pipe.send_text("1\r\x04send alice\r\x04send bob hello\rexit\r")
+            dispatcher = client.Dispatcher(presence, *consoles, read=reader)
+            assert client.run_repl(dispatcher) == client.EXIT_OK
+        finally:
+            reader.close()
+    assert text_of(consoles[0]).count("send cancelled") == 2
+    assert "Client bob marked as connected." in text_of(consoles[0])
+    assert dispatcher.stopped, "exit, not Ctrl-D, ended it"
+    assert stub.GetClientStatus(pb.ClientStatusRequest()).statuses == {"bob": "connected"}
+
+
+@allure.story("History and keys")
+def test_ctrl_d_at_an_argument_prompt_in_a_terminal_returns_to_the_menu(repl, address):
+    child = repl(address)
+    child.expect_exact(PROMPT)
+    child.send("send\r")
+    child.expect_exact("client id:")
+    child.sendcontrol("d")
+    child.expect_exact("send cancelled")
+    child.expect_exact(PROMPT)
+    child.send("send alice hello\r")
+    child.expect_exact("Client alice marked as connected.")
+    assert child.isalive()
+
+
+@allure.story("History and keys")
+def test_history_suggests_the_rest_of_a_command_as_fish_does(repl, address, tmp_path):
+    (tmp_path / ".presence_history").write_text("\n# earlier\n+send alice hello\n")
+    child = repl(address)
+    child.expect_exact(PROMPT)
+    child.send("se")
+    child.expect_exact("nd alice hello")  # the suggestion, drawn after the cursor
+    child.send("\x1b[C\r")  # right arrow takes it
+    child.expect_exact("Client alice marked as connected.")
+
+
+@allure.story("Completion")
+def test_id_completion_follows_the_watch_stream(repl, address, stub):
+    hello(stub, "alice")
+    child = repl(address, "--log-level", "DEBUG")
+    child.expect_exact(PROMPT)
+    with allure.step("every id is cached now; a new one arrives by the watch stream"):
+        complete(child, "status ", "status alice")
+        child.sendcontrol("c")
+        hello(stub, "bob")
+        child.expect_exact("completion knows bob from the watch stream")
+    with allure.step("it completes at once, before the cached page goes stale"):
+        complete(child, "status b", "status bob")

@@ -12,7 +12,6 @@ import sys
 import time
 
 import allure
-import grpc
 import pexpect
 import pytest
 from prompt_toolkit.completion import CompleteEvent

@@ -186,6 +186,18 @@ class ManualClock:
         self.now += seconds
 
 
+def hello(stub, client_id, session_id="", lease=0):
+    """Say hello for client_id (a session and a lease when given); the server's answer."""
+    return stub.SendMessage(pb.MessageRequest(client_id=client_id, message="hello",
+                                              session_id=session_id, lease_seconds=lease))
+
+
+def goodbye(stub, client_id, session_id=""):
+    """Say goodbye for client_id (one session, or all when none is named); the answer."""
+    return stub.SendMessage(pb.MessageRequest(client_id=client_id, message="goodbye",
+                                              session_id=session_id))
+
+
 class Watch:
     """A Watch stream read by a background thread, so the test waits with a deadline."""
 

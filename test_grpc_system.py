@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import server as presence
-from conftest import DEADLINE, ROOT, Watch, connect, run_client
+from conftest import DEADLINE, ROOT, Watch, connect, goodbye, hello, run_client
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
 
@@ -533,16 +533,6 @@ def test_port_in_use_fails_at_start_with_a_clear_error(tmp_path):
 
 
 # --- leases and sessions ----------------------------------------------------------------
-
-
-def hello(stub, client_id, session_id="", lease=0):
-    return stub.SendMessage(pb.MessageRequest(client_id=client_id, message="hello",
-                                              session_id=session_id, lease_seconds=lease))
-
-
-def goodbye(stub, client_id, session_id=""):
-    return stub.SendMessage(pb.MessageRequest(client_id=client_id, message="goodbye",
-                                              session_id=session_id))
 
 
 def status_of(stub, client_id):

@@ -25,7 +25,7 @@ from rich.console import Console
 import client
 import server as presence_server
 from conftest import (ANSI, CLIENT, DEADLINE, PROMPT, ROOT, Lines, Watch, complete, connect,
-                      free_address, run_client)
+                      free_address, goodbye, hello, run_client)
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
 
@@ -595,16 +595,6 @@ def test_as_does_not_go_with_a_one_shot_command(capsys):
 
 
 # --- the client as people run it: helpers -----------------------------------------------
-
-
-def hello(stub, client_id, session_id="", lease=0):
-    return stub.SendMessage(pb.MessageRequest(client_id=client_id, message="hello",
-                                              session_id=session_id, lease_seconds=lease))
-
-
-def goodbye(stub, client_id, session_id=""):
-    return stub.SendMessage(pb.MessageRequest(client_id=client_id, message="goodbye",
-                                              session_id=session_id))
 
 
 def next_event(watch):

@@ -154,12 +154,13 @@ class Query:
 
     @property
     def filtered(self):
+        """Whether the query leaves some clients out, so an empty answer says so."""
         return bool(self.status or self.prefix)
 
 
 @dataclass(frozen=True)
 class Page:
-    """A run of clients in id order, where it starts (from 1), how many match, whether more follow."""
+    """A run of clients in id order: where it starts (from 1), how many match, if more follow."""
 
     clients: list
     first: int
@@ -220,7 +221,7 @@ def timestamp_seconds(timestamp):
 
 
 def relative_time(then, now, short=False):
-    """How long before now `then` was, in words read at a glance ("2m" when short); None is "—"."""
+    """How long before now `then` was, read at a glance ("2m" when short); None is "—"."""
     if then is None:
         return "—"
     seconds = now - then
@@ -324,6 +325,7 @@ def row_cells(client, now, steps):
 
 
 def header(name, steps):
+    """A column's header, shortened with the times so the header is no wider than its cells."""
     return SHORT_HEADERS.get(name, name) if "short times" in steps else name
 
 
@@ -450,7 +452,8 @@ def render_page(page, now, width=TABLE_WIDTH, hint=""):
 
 def toolbar_forms(address, reachable, counts, user):
     """The toolbar from its longest form to its shortest, as prompt_toolkit fragments."""
-    long_state = {True: "● reachable", False: "● unreachable", None: "● connecting"}[reachable]
+    long_state = {True: "● reachable", False: "● unreachable",
+                  None: "● connecting"}[reachable]
     short_state = {True: "● up", False: "● down", None: "● …"}[reachable]
     colour = {True: "fg:ansigreen", False: "fg:ansired", None: "fg:ansiyellow"}[reachable]
     long_online = f"{counts.connected:,} online of {counts.total:,}" if counts else "online: —"
@@ -526,6 +529,7 @@ def listing_json(clients, counts, query=None):
 
 
 def help_json():
+    """The menu as data, so a --json script asking for help still reads only JSON."""
     return {"commands": [{"number": command.number, "usage": command.usage,
                           "summary": command.summary} for command in COMMANDS]}
 
@@ -779,6 +783,7 @@ class ServerMonitor:
             self._stopped.wait(self._interval)
 
     def _learn(self, message):
+        """Tell the id cache of each client the stream names, then ask for a recount."""
         if self._ids is not None:
             for event in message.events:
                 self._ids.learn(event.client.client_id)
@@ -996,6 +1001,7 @@ class Dispatcher:
             self.out.file.flush()
 
     def write_json(self, data):
+        """One JSON line, flushed at once so a reader of a pipe sees each answer as it comes."""
         self.out.file.write(json.dumps(data, ensure_ascii=False) + "\n")
         self.out.file.flush()
 
@@ -1009,6 +1015,7 @@ class Dispatcher:
         return Answer(render_send(response, self.clock(), self.out.width), send_json(response))
 
     def do_status(self, client_id):
+        """One client by id; with PREFIX* or no id, a page of clients (all with --json)."""
         if client_id.endswith("*"):
             return self._browse(Query(prefix=client_id[:-1]))
         if client_id:
@@ -1019,6 +1026,7 @@ class Dispatcher:
         return self._browse(Query(), listed=False)
 
     def do_list(self, state, prefix):
+        """Clients by status and prefix; a lone word that is no status is the prefix."""
         if state.lower() not in STATES:
             if prefix:
                 raise UsageError(f"{state!r} is not online, offline or all — usage: "
@@ -1027,6 +1035,7 @@ class Dispatcher:
         return self._browse(Query(STATES[state.lower()], prefix))
 
     def do_more(self):
+        """The page after the last one shown by list or status."""
         if self._next_page is None:
             raise UsageError("nothing more to show — list or status shows the first page")
         query, token, first = self._next_page
@@ -1041,6 +1050,7 @@ class Dispatcher:
         return self._show_page(query, "", 1)
 
     def _show_page(self, query, token, first):
+        """A page from token on; what follows is kept for more."""
         page, token = self.client.browse(query, token, first, self.page_rows)
         self._next_page = (query, token, first + len(page.clients)) if token else None
         hint = ("; more shows the next page" if self.read else
@@ -1055,6 +1065,7 @@ class Dispatcher:
             self._show_watch_live()
 
     def _print_watch_json(self):
+        """Each snapshot entry and change as a JSON line; why a stream broke on stderr."""
         def on_break(reason, revision):
             self.err.print(Text(f"watch: {reason}; resuming from revision {revision}",
                                 style="yellow"), soft_wrap=True)
@@ -1063,6 +1074,7 @@ class Dispatcher:
                 self.write_json(change)
 
     def _show_watch_live(self):
+        """The live table, redrawn as changes come and as its times tick."""
         view = WatchView(self.out, self.clock, self.toolbar)
         try:
             with keys_held(sys.stdin), Live(get_renderable=view, console=self.out,
@@ -1095,6 +1107,7 @@ class WatchView:
         self.note = None
 
     def apply(self, message):
+        """Take in a watch message: a resync starts over, then its clients replace ours."""
         with self._lock:
             if message.resync:
                 self.clients.clear()
@@ -1105,6 +1118,7 @@ class WatchView:
             self.note = None
 
     def broke(self, reason, revision):
+        """Say, until the next message arrives, why the stream ended and where it resumes."""
         with self._lock:
             self.note = f"{reason}; resuming from revision {revision}"
 
@@ -1237,6 +1251,7 @@ class Output(Console):
     instead of rich's own exit 1."""
 
     def on_broken_pipe(self):
+        """Leave as any broken pipe does, for main() to end quietly."""
         self.quiet = True
         raise BrokenPipeError
 
@@ -1262,6 +1277,7 @@ def _whole_seconds(text):
 
 
 def _log_level(text):
+    """A --log-level value in any case, checked here so a bad one is a usage error."""
     if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise argparse.ArgumentTypeError(f"must be DEBUG, INFO, WARNING or ERROR, got {text!r}")
     return text.upper()
@@ -1294,10 +1310,12 @@ class Option:
 
     @property
     def name(self):
+        """The attribute of the parsed arguments that holds the setting."""
         return self.dest or self.key.replace("-", "_")
 
     @property
     def key(self):
+        """The setting's key in the config file: the flag without its dashes."""
         return self.flag.removeprefix("--")
 
 

@@ -15,11 +15,11 @@ client: $(STAMP)  ## open the interactive client
 test: $(STAMP) tools  ## run every test, results for Allure in allure-results/
 	$(BIN)/python -m pytest test_grpc_system.py tests --alluredir=allure-results
 
-bench: $(STAMP)  ## benchmark beside the ceiling (DESIGN section 7); more: make bench ARGS=--full
-	$(BIN)/python bench.py $(ARGS)
+bench: $(STAMP)  ## benchmark beside grpcio alone (python -m bench --help); more: make bench ARGS=--full
+	$(BIN)/python -m bench $(ARGS)
 
-proto: $(STAMP)  ## regenerate generated/ from connection.proto
-	$(BIN)/python -m grpc_tools.protoc --proto_path=generated=. --python_out=. --grpc_python_out=. connection.proto
+proto: $(STAMP)  ## regenerate generated/ from connection.proto and notifications.proto
+	$(BIN)/python -m grpc_tools.protoc --proto_path=generated=. --python_out=. --grpc_python_out=. connection.proto notifications.proto
 
 tools:  ## the commands the tests use (openssl makes TLS certificates), from apt when missing
 	@missing=$$(for tool in openssl setsid prlimit; do command -v $$tool >/dev/null || echo $$tool; done); \

@@ -6,13 +6,10 @@ import queue
 import struct
 import termios
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -21,12 +18,12 @@ import ptyprocess
 import pytest
 
 import server as presence
+from bench.processes import LISTENING, ServerProcess  # noqa: F401 (tests import both from here)
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent
 DEADLINE = 15.0
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
 CLIENT = str(ROOT / "client.py")
 PROMPT = "presence>"  # prompt_toolkit draws the trailing space as a cursor move
 ANSI = r"(?:\x1b\[[0-9;]*m)*"
@@ -45,63 +42,6 @@ def connect(address):
     return channel
 
 
-class ServerProcess:
-    """The real `python server.py` in a subprocess, its log read as it comes."""
-
-    def __init__(self, *args, env=None, prefix=()):
-        """Start server.py with args; prefix is a command to run it under (prlimit, say)."""
-        self.args = [*prefix, sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1",
-                     "--port", "0", *args]
-        self.log = []
-        self._eof = False
-        self._lines = threading.Condition()
-        self.process = subprocess.Popen(
-            self.args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
-        )
-        threading.Thread(target=self._read_log, daemon=True).start()
-        match = self.wait_for_log(LISTENING)
-        self.address = f"{match.group(1)}:{match.group(2)}"
-
-    def _read_log(self):
-        for line in self.process.stderr:
-            with self._lines:
-                self.log.append(line.rstrip("\n"))
-                self._lines.notify_all()
-        with self._lines:
-            self._eof = True
-            self._lines.notify_all()
-
-    def wait_for_log(self, pattern, timeout=DEADLINE):
-        """The first match of pattern in the log, waiting for it up to timeout."""
-        pattern = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._lines:
-            while True:
-                for line in self.log:
-                    if match := pattern.search(line):
-                        return match
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._eof:
-                    raise AssertionError(f"no log line matching {pattern.pattern!r}:\n"
-                                         + "\n".join(self.log))
-                self._lines.wait(min(remaining, 0.5))
-
-    def kill(self):
-        """kill -9: no chance to flush anything."""
-        self.process.send_signal(signal.SIGKILL)
-        return self.process.wait(timeout=DEADLINE)
-
-    def terminate(self, signum=signal.SIGTERM):
-        """A polite stop; returns the exit code."""
-        self.process.send_signal(signum)
-        return self.process.wait(timeout=DEADLINE)
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.kill()
-
-
 @pytest.fixture
 def memory_server():
     """A started in-process server on a free port with the memory store."""
@@ -109,6 +49,23 @@ def memory_server():
     server.start()
     yield server
     server.stop(0)
+
+
+@pytest.fixture
+def make_server():
+    """Start in-process servers with `make_server(store, **create_server options)` (memory://
+    when no store is given) on free ports; all are stopped afterwards."""
+    started = []
+
+    def make(store=None, **options):
+        server = presence.create_server("127.0.0.1:0", store or presence.MemoryStore(), **options)
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop(0)
 
 
 @pytest.fixture

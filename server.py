@@ -4,7 +4,8 @@ Run `python server.py --help` for the flags. The rules live in `Registry`, which
 keeps every client in memory behind one lock; a store (`memory://` or the
 default `sqlite:///connections.db`) makes each change durable before it is
 acknowledged, and a `ChangeLog` hands durable changes to watchers in revision
-order. `ClientService` only translates between protobuf and the registry.
+order. `ClientService`, and `NotificationService` for an older contract, only
+translate between protobuf and the registry.
 """
 
 import argparse
@@ -13,6 +14,7 @@ import binascii
 import collections
 import contextlib
 import functools
+import gc
 import heapq
 import hmac
 import itertools
@@ -29,21 +31,26 @@ import urllib.parse
 from concurrent import futures
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Iterable, NamedTuple, Protocol, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from google.protobuf.message import DecodeError
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from sortedcontainers import SortedList
 
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
+from generated import notifications_pb2 as notifications_pb
 
 logger = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ClientService"]
 SERVICE_NAME = SERVICE.full_name
+NOTIFICATION_SERVICE = notifications_pb.DESCRIPTOR.services_by_name["NotificationService"]
+NOTIFICATION_SERVICE_NAME = NOTIFICATION_SERVICE.full_name
+REFLECTION_V1_NAME = "grpc.reflection.v1.ServerReflection"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
 DEFAULT_STORE = "sqlite:///connections.db"
@@ -55,10 +62,14 @@ DEFAULT_MAX_LEASE = 3600
 DEFAULT_MAX_WATCHERS = 1000
 DEFAULT_WATCH_BUFFER = 10_000
 DEFAULT_WATCH_HISTORY = 100_000
+DEFAULT_MAX_SESSIONS = 64
 MAX_ID_LENGTH = 128
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_BATCH = 1000
+# A default gRPC client takes messages up to 4 MiB: every answer but the old all-clients map
+# is cut to fit, with room to spare, whatever ids and sessions the limits allow.
+MAX_ANSWER_BYTES = 4 * 1024 * 1024 - 256 * 1024
 # Error details travel in gRPC metadata (16 KB at most); longer echoes are cut.
 MAX_ECHO = 200
 SNAPSHOT_CHUNK = 1000
@@ -76,7 +87,11 @@ WATCH_SENDERS = 4
 WATCH_STUCK_SECONDS = 0.5
 REAPER_MAX_SLEEP = 1.0
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
+# Bidirectional overrides and isolates reorder what a terminal shows: one id could pose as another.
+_BIDI_CONTROL = re.compile("[\u202a-\u202e\u2066-\u2069]")
 WRITE_METHODS = frozenset({"SendMessage", "SendMessages"})
+# With a token set, writes to these always need it, and reads unless --public-reads.
+GUARDED_SERVICES = frozenset({SERVICE_NAME, NOTIFICATION_SERVICE_NAME})
 # Load balancers and generic tools must reach these without a token.
 OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME)
 
@@ -180,6 +195,10 @@ class InvalidArgument(ValueError):
     """A request broke a rule; the message says which."""
 
 
+class LimitExceeded(ValueError):
+    """A request asked for more than a limit allows; the message says which."""
+
+
 class StoreError(RuntimeError):
     """The store could not make a change durable."""
 
@@ -188,7 +207,8 @@ class StoreError(RuntimeError):
 
 
 def validate_client_id(client_id, field="client_id", allow_empty=False):
-    """Check DESIGN's id rule: 1 to 128 characters, no control characters."""
+    """Check the id rule (README, Rules): 1 to 128 characters, not only white space, no control
+    characters, no bidirectional overrides or isolates."""
     if not client_id:
         if allow_empty:
             return
@@ -203,6 +223,14 @@ def validate_client_id(client_id, field="client_id", allow_empty=False):
             f"{field} must not contain control characters, "
             f"found U+{ord(control.group()):04X} at position {control.start()}"
         )
+    bidi = _BIDI_CONTROL.search(client_id)
+    if bidi:
+        raise InvalidArgument(
+            f"{field} must not contain bidirectional override or isolate characters, "
+            f"found U+{ord(bidi.group()):04X} at position {bidi.start()}"
+        )
+    if client_id.isspace() and not allow_empty:
+        raise InvalidArgument(f"{field} must not be only white space")
 
 
 def parse_message(message):
@@ -224,11 +252,15 @@ def encode_page_token(client_id):
 
 
 def decode_page_token(token):
-    """Read back a token made by encode_page_token, or say it is not one."""
+    """Read back a token made by encode_page_token, or say it is not one: only the exact
+    text this server issues is accepted, not whatever base64 would also read."""
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
+        client_id = base64.urlsafe_b64decode(token.encode("ascii")).decode()
     except (binascii.Error, UnicodeError, ValueError):
-        raise InvalidArgument("page_token is not a token this server issued") from None
+        client_id = None
+    if client_id is None or not client_id or encode_page_token(client_id) != token:
+        raise InvalidArgument("page_token is not a token this server issued")
+    return client_id
 
 
 # --- sessions -----------------------------------------------------------------
@@ -264,9 +296,11 @@ class ChangeLog:
     """The recent changes in revision order, shared by every watcher.
 
     Each watcher keeps only a cursor (the last revision it sent), so publishing
-    costs the same for one watcher or a thousand. Changes become visible once
-    the store says they are durable (`advance`); the oldest are dropped past
-    `capacity`, and a watcher asking for those is told so (`read` gives None).
+    costs the same for one watcher or a thousand. Only durable changes are
+    appended, under the registry's lock; they become visible when the registry
+    advances the log after letting go of that lock (waking watchers takes a
+    while). The oldest are dropped past `capacity`, and a watcher asking for
+    those is told so (`read` gives None).
     """
 
     def __init__(self, revision, capacity):
@@ -282,7 +316,7 @@ class ChangeLog:
         self.closed = False
 
     def append(self, changes):
-        """Hold new changes, not yet visible; called in revision order."""
+        """Hold new durable changes, visible once advanced to; called in revision order."""
         with self._lock:
             self._changes.extend(changes)
             excess = len(self._changes) - self._capacity
@@ -291,7 +325,7 @@ class ChangeLog:
                 self._first += excess
 
     def advance(self, revision):
-        """Make every change up to revision visible: the store has it."""
+        """Make every change up to revision visible to watchers."""
         if revision <= self.durable:  # only ever grows, so a stale read just takes the lock
             return
         with self._lock:
@@ -316,11 +350,6 @@ class ChangeLog:
         finally:
             self._waiting -= 1
 
-    def discard_after(self, revision):
-        """Forget held changes after revision: the store never saved them."""
-        with self._lock:
-            del self._changes[max(revision + 1 - self._first, 0):]
-
     def pause(self, seconds):
         """Wait a moment, less if the log closes meanwhile."""
         self._closing.wait(seconds)
@@ -334,100 +363,130 @@ class ChangeLog:
 
 
 class Registry:
-    """Every client's status and sessions in memory, behind one briefly held lock.
+    """Every client's record in memory, behind one briefly held lock; readers see only what
+    the store has confirmed.
 
-    A change is applied in memory, given the next revision, and handed to the
-    store under the lock, so the store and the change log see changes in
-    revision order; the caller then waits, outside the lock, until the store
-    says the change is durable. Looking up one record needs no lock: records
-    are immutable and a dict lookup is atomic. Leases sit in a heap ordered by
-    expiry, so finding the due ones never scans the clients.
+    A writer works out its change from the latest records (`_pending`, the changes handed to
+    the store and not yet confirmed, over `_clients`, the confirmed ones), gives it the next
+    revision and hands it to the store, all under the lock, so the store sees changes in
+    revision order. Outside the lock it waits until the store says how far it has made
+    changes durable, then publishes every change up to there: into `_clients`, the status
+    index, the counts and the change log, the only state readers see. A change the store
+    refuses is dropped with everything after it, so memory stays exactly as the store has
+    it. Looking up one record needs no lock: records are immutable and a dict lookup is
+    atomic. Leases sit in a heap ordered by expiry, so finding the due ones never scans.
     """
 
-    def __init__(self, store, clock=time.time, history=DEFAULT_WATCH_HISTORY):
+    def __init__(self, store, clock=time.time, history=DEFAULT_WATCH_HISTORY,
+                 max_sessions=DEFAULT_MAX_SESSIONS):
         self._store = store
         self._clock = clock
+        self._max_sessions = max_sessions
         self._lock = threading.Lock()
-        self._clients = {}
+        self._clients = {}  # client id -> its durable record: what readers see
+        self._pending = {}  # client id -> its latest record the store has yet to confirm
+        # (position, records, changes) of each hand-over the store has yet to confirm, in order
+        self._unpublished = collections.deque()
+        self._handed_over = 0  # the position of the last hand-over to the store
+        self._published = 0  # the position of the last hand-over readers can see
         self._ids = {Status.CONNECTED: SortedList(), Status.DISCONNECTED: SortedList()}
         # One heap entry per leased session, at or before its expiry: a renewal only moves
         # the session's expiry, and an entry that comes due early is pushed back then.
         self._leases = []
         self._lease_entries = {}  # (client id, session id) -> the time of its heap entry
         self._live_sessions = 0
-        self.revision = 0
+        self.revision = 0  # the last revision given to a change, durable or not
+        self.durable_revision = 0  # the last revision readers can see
         self._load(store.load())
+        self.durable_revision = self.revision
         self.log = ChangeLog(self.revision, history)
-        # (revision, client id, record before) of each change the store has yet to confirm,
-        # to undo them if it fails; a store that cannot fail needs none.
-        self._journal = collections.deque() if store.can_fail else None
-        store.attach(self._durable)
 
     def _load(self, records):
-        by_status = {status: [] for status in self._ids}
+        """Take the store's records at start: a million of them in about a second."""
+        clients, connected, disconnected = self._clients, [], []
+        revision = live_sessions = 0
         for record in records:
-            self._clients[record.client_id] = record
-            by_status[record.status].append(record.client_id)
-            self.revision = max(self.revision, record.revision)
-            self._live_sessions += len(record.sessions)
-            for session in record.sessions:
-                if session.expires_at:
-                    self._add_lease_locked(session.expires_at, record.client_id,
-                                           session.session_id)
-        for status, ids in by_status.items():
-            self._ids[status] = SortedList(ids)
+            client_id, _, _, record_revision, _, sessions = record
+            clients[client_id] = record
+            if record_revision > revision:
+                revision = record_revision
+            if not sessions:
+                disconnected.append(client_id)
+                continue
+            connected.append(client_id)
+            live_sessions += len(sessions)
+            if sessions is not DEFAULT_SESSIONS:
+                self._add_leases_locked(record)
+        self.revision, self._live_sessions = revision, live_sessions
+        self._ids = {Status.CONNECTED: SortedList(connected),
+                     Status.DISCONNECTED: SortedList(disconnected)}
 
     # -- changes
-
-    def apply(self, client_id, status, session_id="", lease=0):
-        """Apply one Hello or Goodbye; return the record after it and whether it changed."""
-        record, change = self.apply_one(Message(client_id, status, session_id, lease))
-        return record, change is not None
 
     def apply_one(self, message):
         """Apply one message and wait until it is durable: (record, change or None)."""
         now = self._clock()
         with self._lock:
-            record, change = self._apply_locked(message, now)
-            ticket = self._submit_locked((record,), (change,) if change else ())
-        self._wait_durable(ticket)
+            record, change = self._decide_locked(message, now)
+            ticket = self._hand_over_locked((record,), (change,) if change else ())
+        self._await(ticket)
         if change and logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s", describe_change(change))
         return record, change
 
-    def apply_many(self, messages):
-        """Apply messages in order, durable together; a (record, change or None) for each."""
+    def apply_many(self, messages, check=None):
+        """Apply messages in order, durable together; a (record, change or None) for each.
+
+        Nothing is applied when one of them breaks a limit, or when check(results) raises."""
         now = self._clock()
         with self._lock:
-            results = [self._apply_locked(message, now) for message in messages]
-            ticket = self._submit_results_locked(results)
-        self._wait_durable(ticket)
+            revision = self.revision
+            try:
+                results = self._decide_all_locked(messages, now)
+                if check is not None:
+                    check(results)
+            except BaseException:
+                self.revision = revision  # nothing was handed over: the revisions are free
+                raise
+            ticket = self._hand_over_results_locked(results)
+        self._await(ticket)
         if logger.isEnabledFor(logging.DEBUG):
             for _, change in results:
                 if change:
                     logger.debug("%s", describe_change(change))
         return results
 
+    def _decide_all_locked(self, messages, now):
+        """Each message's outcome, later ones seeing what earlier ones did."""
+        overlay, results = {}, []
+        for index, message in enumerate(messages):
+            record, change = self._decide_locked(message, now, overlay, index)
+            overlay[record.client_id] = record
+            results.append((record, change))
+        return results
+
     def expire_due(self):
         """End every session whose lease has run out; return the changes made."""
         now = self._clock()
         with self._lock:
-            results = []
+            results, overlay = [], {}
             while self._leases and self._leases[0][0] <= now:
                 _, client_id, session_id = heapq.heappop(self._leases)
                 del self._lease_entries[client_id, session_id]
-                record = self._clients.get(client_id)
+                record = overlay.get(client_id) or self._latest_locked(client_id)
                 session = record and find_session(record.sessions, session_id)
                 if not session or not session.expires_at:
                     continue  # ended, or no longer leased
                 if session.expires_at > now:  # renewed since the entry was made
                     self._add_lease_locked(session.expires_at, client_id, session_id)
                     continue
-                results.append(self._end_locked(record, session_id, False, now, LEASE_EXPIRED))
+                result = self._end_locked(record, session_id, False, now, LEASE_EXPIRED)
+                overlay[client_id] = result[0]
+                results.append(result)
             if not results:
                 return []
-            ticket = self._submit_results_locked(results)
-        self._wait_durable(ticket)
+            ticket = self._hand_over_results_locked(results)
+        self._await(ticket)
         changes = [change for _, change in results if change]
         for change in changes[:10]:
             logger.info("%s", describe_change(change))
@@ -440,80 +499,124 @@ class Registry:
         with self._lock:
             return self._leases[0][0] - self._clock() if self._leases else float("inf")
 
-    def _submit_results_locked(self, results):
-        return self._submit_locked([record for record, _ in results],
-                                   [change for _, change in results if change])
+    # -- handing changes to the store and publishing what it confirms
 
-    def _submit_locked(self, records, changes):
-        """Hand records to the store and changes to the log, in revision order."""
-        if changes:
-            self.log.append(changes)
+    def _hand_over_results_locked(self, results):
+        return self._hand_over_locked([record for record, _ in results],
+                                      [change for _, change in results if change])
+
+    def _hand_over_locked(self, records, changes):
+        """Give records to the store in revision order; a ticket to await, None if published.
+
+        A store that is durable as soon as it has the records (memory://) is published at
+        once, under this same lock; the others are published by `_await`."""
+        self._handed_over += 1
+        position = self._handed_over
+        if self._store.immediate:
+            self._install_locked(position, records, changes)
+            return None
         try:
-            return self._store.submit_many(records, self.revision)
+            ticket = self._store.submit(records, position)
         except StoreError:
             self._roll_back_locked()
             raise
+        for record in records:
+            self._pending[record.client_id] = record
+        self._unpublished.append((position, records, changes))
+        return ticket
 
-    def _wait_durable(self, ticket):
-        try:
-            self._store.wait(ticket)
-        except StoreError:
-            with self._lock:
-                self._roll_back_locked()
-            raise
+    def _await(self, ticket):
+        """Wait until the store has the ticket's records, then publish all it has confirmed."""
+        if ticket is not None:
+            try:
+                durable = self._store.wait(ticket)
+            except StoreError:
+                with self._lock:
+                    self._roll_back_locked()
+                raise
+            if durable > self._published:  # else a writer of the same commit published it
+                with self._lock:
+                    self._publish_locked(durable)
+        self.log.advance(self.durable_revision)  # wakes watchers: outside the registry lock
 
-    def _durable(self, revision):
-        """The store has every change up to revision: show them to watchers, forget their undo."""
-        self.log.advance(revision)
-        if self._journal is not None:
-            with self._lock:
-                while self._journal and self._journal[0][0] <= revision:
-                    self._journal.popleft()
+    def _publish_locked(self, durable):
+        """Show readers every hand-over up to position durable, in order."""
+        while self._unpublished and self._unpublished[0][0] <= durable:
+            position, records, changes = self._unpublished.popleft()
+            self._install_locked(position, records, changes)
+            for record in records:
+                if self._pending.get(record.client_id) is record:
+                    del self._pending[record.client_id]
+
+    def _install_locked(self, position, records, changes):
+        """Make durable records what readers see: the records, the index, the counts, the log."""
+        clients, ids = self._clients, self._ids
+        for record in records:
+            client_id = record.client_id
+            old = clients.get(client_id)
+            clients[client_id] = record
+            if old is None:
+                ids[record.status].add(client_id)
+                self._live_sessions += len(record.sessions)
+                continue
+            if old.sessions is not record.sessions:
+                self._live_sessions += len(record.sessions) - len(old.sessions)
+                if old.status != record.status:
+                    ids[old.status].remove(client_id)
+                    ids[record.status].add(client_id)
+        if changes:
+            self.log.append(changes)
+            self.durable_revision = changes[-1].revision
+        self._published = position
 
     def _roll_back_locked(self):
-        """The store failed: undo what it never confirmed, so readers see only durable state."""
-        if not self._journal:
+        """The store refused: publish what it did confirm and drop the rest, so memory is
+        exactly as the store has it."""
+        self._publish_locked(self._store.durable)
+        if not self._unpublished and self.revision == self.durable_revision:
             return
-        for _, client_id, old in reversed(self._journal):
-            current = self._clients[client_id]
-            self._live_sessions -= len(current.sessions) - (len(old.sessions) if old else 0)
-            if old is None or old.status != current.status:
-                self._ids[current.status].remove(client_id)
-                if old is not None:
-                    self._ids[old.status].add(client_id)
-            if old is None:
-                del self._clients[client_id]
-            else:
-                self._clients[client_id] = old
-        logger.error("undid %d changes the store did not save; back at revision %d",
-                     len(self._journal), self.log.durable)
-        self._journal.clear()
-        self.revision = self.log.durable
-        self.log.discard_after(self.revision)
+        dropped = self._unpublished
+        self._unpublished = collections.deque()
+        self._pending.clear()
+        self.revision = self.durable_revision
+        for client_id in {record.client_id for _, records, _ in dropped for record in records}:
+            record = self._clients.get(client_id)
+            if record is not None:  # an expiry dropped with the rest must come due again
+                self._add_leases_locked(record)
+        logger.error("dropped %d changes the store did not save; back at revision %d",
+                     sum(len(records) for _, records, _ in dropped), self.durable_revision)
 
-    def _apply_locked(self, message, now):
-        old = self._clients.get(message.client_id)
+    # -- the rules: what a message does to a record
+
+    def _latest_locked(self, client_id):
+        """The newest record of a client, confirmed or not; None when it is unknown."""
+        return self._pending.get(client_id) or self._clients.get(client_id)
+
+    def _decide_locked(self, message, now, overlay=None, index=None):
+        """The record after message and the change it makes (None when it changes nothing)."""
+        client_id = message.client_id
+        old = (overlay and overlay.get(client_id)) or self._latest_locked(client_id)
         if message.status is Status.CONNECTED:
-            return self._hello_locked(old, message, now)
+            return self._hello_locked(old, message, now, index)
         if old is None:
-            return self._record_locked(None, message.client_id, (), EventKind.DISCONNECTED,
+            return self._record_locked(None, client_id, (), EventKind.DISCONNECTED,
                                        message.session_id, GOODBYE, now)
         return self._end_locked(old, message.session_id, not message.session_id, now, GOODBYE)
 
-    def _add_lease_locked(self, expires_at, client_id, session_id):
-        """Give a leased session its heap entry, unless it has one already (due no later)."""
-        if (client_id, session_id) not in self._lease_entries:
-            self._lease_entries[client_id, session_id] = expires_at
-            heapq.heappush(self._leases, (expires_at, client_id, session_id))
-
-    def _hello_locked(self, old, message, now):
+    def _hello_locked(self, old, message, now, index):
+        sessions = old.sessions if old else ()
+        known = find_session(sessions, message.session_id)
+        if not known and len(sessions) >= self._max_sessions:
+            where = f"requests[{index}]: " if index is not None else ""
+            raise LimitExceeded(
+                f"{where}client {echo(message.client_id)} already has {len(sessions)} sessions, "
+                f"the most a client may have (--max-sessions); end one first")
         expires_at = now + message.lease if message.lease else 0.0
         if expires_at:
             self._add_lease_locked(expires_at, message.client_id, message.session_id)
-        sessions = old.sessions if old else ()
         new_sessions = put_session(sessions, Session(message.session_id, expires_at))
-        if find_session(sessions, message.session_id):
-            return self._unchanged_locked(old, new_sessions, now), None
+        if known:
+            return self._unchanged(old, new_sessions, now), None
         kind = EventKind.SESSION_STARTED if sessions else EventKind.CONNECTED
         return self._record_locked(old, message.client_id, new_sessions, kind,
                                    message.session_id, HELLO, now)
@@ -522,48 +625,45 @@ class Registry:
         new_sessions = () if every_session else drop_session(old.sessions, session_id)
         seen = now if reason != LEASE_EXPIRED else old.last_seen
         if len(new_sessions) == len(old.sessions):
-            return self._unchanged_locked(old, new_sessions, seen), None
+            return self._unchanged(old, new_sessions, seen), None
         kind = EventKind.SESSION_ENDED if new_sessions else EventKind.DISCONNECTED
         return self._record_locked(old, old.client_id, new_sessions, kind, session_id, reason, now,
                                    seen)
 
-    def _unchanged_locked(self, old, sessions, seen):
-        record = Client(old.client_id, old.changed_at, seen, old.revision, old.reason, sessions)
-        self._install_locked(old, record)
-        return record
+    @staticmethod
+    def _unchanged(old, sessions, seen):
+        """The same record with renewed sessions and last_seen: no revision of its own."""
+        return Client(old.client_id, old.changed_at, seen, old.revision, old.reason, sessions)
 
     def _record_locked(self, old, client_id, sessions, kind, session_id, reason, now, seen=None):
         self.revision += 1
         status = Status.CONNECTED if sessions else Status.DISCONNECTED
-        old_status = old and old.status
-        if old_status != status:
-            changed_at = now
-            if old_status:
-                self._ids[old_status].remove(client_id)
-            self._ids[status].add(client_id)
-        else:
-            changed_at = old.changed_at
-        self._live_sessions += len(sessions) - (len(old.sessions) if old else 0)
+        changed_at = now if old is None or old.status != status else old.changed_at
         record = Client(client_id, changed_at, now if seen is None else seen, self.revision, reason,
                         sessions)
-        self._install_locked(old, record)
         return record, Change(kind, record, session_id)
 
-    def _install_locked(self, old, record):
-        self._clients[record.client_id] = record
-        if self._journal is not None:
-            self._journal.append((self.revision, record.client_id, old))
+    def _add_leases_locked(self, record):
+        for session in record.sessions:
+            if session.expires_at:
+                self._add_lease_locked(session.expires_at, record.client_id, session.session_id)
 
-    # -- reads
+    def _add_lease_locked(self, expires_at, client_id, session_id):
+        """Give a leased session its heap entry, unless it has one already (due no later)."""
+        if (client_id, session_id) not in self._lease_entries:
+            self._lease_entries[client_id, session_id] = expires_at
+            heapq.heappush(self._leases, (expires_at, client_id, session_id))
+
+    # -- reads: only what the store has confirmed
 
     def get(self, client_id):
-        """The client's record, or None when it is unknown."""
+        """The client's durable record, or None when it is unknown."""
         return self._clients.get(client_id)
 
     def snapshot(self):
-        """Every record and the revision they are at, for a watcher's first answer."""
+        """Every durable record and the revision they are at, for a watcher's first answer."""
         with self._lock:
-            return list(self._clients.values()), self.revision
+            return list(self._clients.values()), self.durable_revision
 
     def page(self, limit, after="", status=None, prefix=""):
         """Up to limit records ordered by id, after `after`; also whether more follow."""
@@ -572,7 +672,7 @@ class Registry:
             ids = heapq.merge(*(self._ids_from(ids, after, prefix) for ids in lists))
             wanted = itertools.takewhile(lambda client_id: client_id.startswith(prefix), ids)
             page = [self._clients[client_id] for client_id in itertools.islice(wanted, limit + 1)]
-            revision = self.revision
+            revision = self.durable_revision
         return page[:limit], len(page) > limit, revision
 
     @staticmethod
@@ -584,7 +684,7 @@ class Registry:
         """Clients per status and live sessions, without listing them."""
         with self._lock:
             return Counts(len(self._ids[Status.CONNECTED]), len(self._ids[Status.DISCONNECTED]),
-                          self._live_sessions, self.revision)
+                          self._live_sessions, self.durable_revision)
 
 
 def describe_change(change):
@@ -626,39 +726,68 @@ class LeaseReaper:
 # --- stores -------------------------------------------------------------------
 
 
+class Store(Protocol):
+    """What the registry needs of a store: its records at start, and each change made durable.
+
+    The registry hands over records under its lock, in revision order, each hand-over with
+    the next position (1, 2, 3, ...); `wait` returns once a hand-over is durable, with the
+    position of the last durable one, which may be later (writers share commits). Durability
+    flows one way: the store never calls back into the registry.
+    """
+
+    immediate: bool  # durable once handed over (nothing to wait for)
+    durable: int  # the position of the last durable hand-over
+
+    def load(self) -> Iterable["Client"]:
+        """Every record saved, at start."""
+
+    def submit(self, records: Sequence["Client"], position: int) -> object:
+        """Take records to save; a ticket for wait. StoreError if it can no longer save."""
+
+    def wait(self, ticket: object) -> int:
+        """Return once the ticket's records are durable: the last durable position."""
+
+    def close(self) -> None:
+        """Save what was handed over, then refuse more."""
+
+
 class MemoryStore:
     """No persistence: for tests and throwaway runs."""
 
-    can_fail = False
-
-    def attach(self, on_durable):
-        self._on_durable = on_durable
+    immediate = True
+    durable = 0
 
     def load(self):
         return []
 
-    def submit_many(self, records, revision):
-        return revision
+    def submit(self, records, position):
+        return position
 
-    def wait(self, revision):
-        """Publish at once, but outside the registry's lock: waking watchers takes a while."""
-        self._on_durable(revision)
+    def wait(self, ticket):
+        return ticket
 
     def close(self):
         pass
 
 
+DEFAULT_SESSIONS_TEXT = '[["", 0.0]]'
+
+
 def encode_sessions(sessions):
     """Sessions as the JSON text of the sessions column; the two commonest without json."""
     if sessions is DEFAULT_SESSIONS:
-        return '[["", 0.0]]'
+        return DEFAULT_SESSIONS_TEXT
     if not sessions:  # every disconnected client
         return "[]"
     return json.dumps(sessions)
 
 
 def decode_sessions(text):
-    """The sessions column back into sessions, sharing the common default."""
+    """The sessions column back into sessions; the two commonest without json, shared."""
+    if text == "[]":
+        return ()
+    if text == DEFAULT_SESSIONS_TEXT:
+        return DEFAULT_SESSIONS
     sessions = tuple(Session(*session) for session in json.loads(text))
     return DEFAULT_SESSIONS if sessions == DEFAULT_SESSIONS else sessions
 
@@ -670,13 +799,13 @@ def _upsert_statement(rows):
 
 
 class _Batch:
-    """Changes to commit together; `done` once a commit saved them or failed (`error`)."""
+    """Hand-overs to commit together; `done` once a commit saved them or failed (`error`)."""
 
-    __slots__ = ("records", "revision", "done", "error")
+    __slots__ = ("records", "position", "done", "error")
 
     def __init__(self):
         self.records = []
-        self.revision = 0
+        self.position = 0
         self.done = False
         self.error = None
 
@@ -684,15 +813,16 @@ class _Batch:
 class SqliteStore:
     """Durable store: each writer commits in its own thread, and writers that meet share one.
 
-    `submit_many` adds records to the batch now gathering and returns it; `wait`
-    takes the commit lock and, unless the holder before it already saved that
-    batch, commits everything gathered so far (group commit). A lone writer thus
-    commits with no hand-off to another thread (a hand-off costs more here than
-    the commit), and writers arriving while a commit runs share the next one.
-    After each commit the registry's change log is told how far is durable.
+    `submit` adds records to the batch now gathering and returns it; `wait` takes the
+    commit lock and, unless the holder before it already saved that batch, commits
+    everything gathered so far (group commit). A lone writer thus commits with no hand-off
+    to another thread (a hand-off costs more here than the commit), and writers arriving
+    while a commit runs share the next one. After every commit the database file and its
+    WAL must still be the files it opened: one removed or replaced under the server would
+    take every later commit with it, so the store refuses them instead.
     """
 
-    can_fail = True
+    immediate = False
     SCHEMA_VERSION = 1
     _COLUMNS = ("client_id", "status", "changed_at", "last_seen", "revision", "reason", "sessions")
     _SCHEMA = """
@@ -707,6 +837,7 @@ class SqliteStore:
         ) WITHOUT ROWID
     """
     _ROWS_PER_STATEMENT = 64
+    _ROWS_PER_FETCH = 10_000
 
     SYNC_LEVELS = ("normal", "full")
 
@@ -724,50 +855,74 @@ class SqliteStore:
             self._check_schema()
         except sqlite3.Error as error:
             raise StoreError(f"cannot open SQLite database {path}: {error}") from error
+        self._files = {name: self._identity(name) for name in (path, f"{path}-wal")}
         self._mutex = threading.Lock()  # guards _pending and _error
         self._commit_lock = threading.Lock()  # one commit at a time, in revision order
         self._pending = _Batch()
+        self.durable = 0
         self.commits = 0
         self._error = None
-        self._on_durable = None
         self.commit_timer = None
 
     def _check_schema(self):
+        """Refuse a database of another schema rather than misread it."""
         columns = tuple(row[1] for row in self._db.execute("PRAGMA table_info(clients)"))
-        if columns != self._COLUMNS:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if columns != self._COLUMNS or version not in (0, self.SCHEMA_VERSION):
             raise StoreError(f"{self.path} holds a clients table this server does not know "
-                             f"(columns {', '.join(columns)})")
-        self._db.execute(f"PRAGMA user_version={self.SCHEMA_VERSION}")
+                             f"(columns {', '.join(columns)}; schema version {version})")
+        if version != self.SCHEMA_VERSION:
+            self._db.execute(f"PRAGMA user_version={self.SCHEMA_VERSION}")
 
-    def attach(self, on_durable):
-        """on_durable(revision) is called after each commit."""
-        self._on_durable = on_durable
+    @staticmethod
+    def _identity(name):
+        """The file's device and inode, or None when there is no such file."""
+        try:
+            status = os.stat(name)
+        except FileNotFoundError:
+            return None
+        return status.st_dev, status.st_ino
 
     def load(self):
+        """Every saved record, read in slices so that loading holds little beyond the records.
+
+        Records share what a running server shares: the reason texts, the common sessions,
+        and one time object when changed_at equals last_seen (a million clients' worth)."""
+        records = []
+        reasons = {reason: reason for reason in (HELLO, GOODBYE, LEASE_EXPIRED)}
         try:
-            rows = self._db.execute("SELECT * FROM clients").fetchall()
-            records = [Client(row[0], *row[2:6], decode_sessions(row[6])) for row in rows]
+            cursor = self._db.execute(
+                "SELECT client_id, changed_at, last_seen, revision, reason, sessions FROM clients")
+            while rows := cursor.fetchmany(self._ROWS_PER_FETCH):
+                records.extend(Client(client_id, changed_at,
+                                      changed_at if last_seen == changed_at else last_seen,
+                                      revision, reasons.setdefault(reason, reason),
+                                      decode_sessions(sessions))
+                               for client_id, changed_at, last_seen, revision, reason, sessions
+                               in rows)
         except (sqlite3.Error, ValueError, TypeError) as error:
             raise StoreError(f"cannot read {self.path}: {error}") from error
         logger.info("loaded %d clients from %s", len(records), self.path)
         return records
 
-    def submit_many(self, records, revision):
+    def submit(self, records, position):
         with self._mutex:
             if self._error is not None:
                 raise self._error
             batch = self._pending
             batch.records.extend(records)
-            batch.revision = revision
+            batch.position = position
             return batch
 
     def wait(self, batch):
-        """Return once batch is saved: by this thread, or by the one that held the lock before."""
+        """Return once batch is saved, by this thread or by the one that held the lock before:
+        the last durable position."""
         with self._commit_lock:
             if not batch.done:
                 self._commit_pending()
         if batch.error is not None:
             raise batch.error
+        return self.durable
 
     def _commit_pending(self):
         """Save the batch gathering now; called holding the commit lock."""
@@ -778,12 +933,15 @@ class SqliteStore:
             started = time.perf_counter()
             try:
                 self._save(batch.records)
+                self._check_files()
             except sqlite3.Error as failure:
-                error = self._fail(failure)
+                error = self._fail(f"the store could not save the change: {failure}")
+            except StoreError as failure:
+                error = self._fail(str(failure))
             else:
                 if self.commit_timer:
                     self.commit_timer.observe(time.perf_counter() - started)
-                self._on_durable(batch.revision)
+                self.durable = batch.position
                 self.commits += 1
         batch.error = error
         batch.done = True
@@ -810,11 +968,21 @@ class SqliteStore:
     def _upsert(self, rows):
         self._db.execute(_upsert_statement(len(rows)), list(itertools.chain.from_iterable(rows)))
 
-    def _fail(self, failure):
+    def _check_files(self):
+        """The commit reached the files this store opened, not ones removed or replaced."""
+        for name, identity in self._files.items():
+            now = self._identity(name)
+            if now != identity:
+                what = "removed" if now is None else "replaced"
+                raise StoreError(f"the store could not save the change: {name} was {what} "
+                                 "while the server ran, so nothing written since is durable; "
+                                 "restart the server")
+
+    def _fail(self, reason):
         """Refuse this batch and every later write: memory is ahead of disk."""
-        logger.error("SQLite commit failed, refusing further writes: %s", failure)
+        logger.error("SQLite commit failed, refusing further writes: %s", reason)
         with self._mutex:
-            self._error = StoreError(f"the store could not save the change: {failure}")
+            self._error = StoreError(reason)
             return self._error
 
     def close(self):
@@ -825,8 +993,6 @@ class SqliteStore:
             with self._mutex:
                 self._error = self._error or StoreError("the store is closed")
             self._db.close()
-        if self._on_durable:  # attached: it served, so say it stopped cleanly
-            logger.info("store %s flushed and closed", self.path)
 
 
 def open_store(url):
@@ -879,6 +1045,22 @@ def fill_client(message, record):
         added = message.sessions.add(session_id=session.session_id)
         if session.expires_at:
             _set_timestamp(added.expires_at, session.expires_at)
+
+
+def messages_of(changes):
+    """The changes as WatchResponse bytes of at most EVENTS_PER_MESSAGE events that fit one
+    answer each, with the revision each message reaches."""
+    parts, size = [], 0
+    for change in changes:
+        wire = change_wire(change)
+        if parts and (len(parts) == EVENTS_PER_MESSAGE or size + len(wire) > MAX_ANSWER_BYTES):
+            yield b"".join(parts), last
+            parts, size = [], 0
+        parts.append(wire)
+        size += len(wire)
+        last = change.revision
+    if parts:
+        yield b"".join(parts), last
 
 
 def change_to_pb(change):
@@ -989,18 +1171,57 @@ def same_kind(wrapper, behavior):
     return wrapper
 
 
-def method_handlers(service):
+def method_handlers(service, descriptor=SERVICE):
     """The service's handlers, as the generated code makes them but with serialize_response."""
     handlers = {}
-    for method in SERVICE.methods:
+    for method in descriptor.methods:
         make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
                 else grpc.unary_unary_rpc_method_handler)
         handlers[method.name] = make(
             refuse_malformed(getattr(service, method.name)),
-            request_deserializer=parse_request_bytes(getattr(pb, method.input_type.name)),
+            request_deserializer=parse_request_bytes(
+                message_factory.GetMessageClass(method.input_type)),
             response_serializer=serialize_response,
         )
     return handlers
+
+
+def client_wire_bound(record):
+    """At most how many bytes a record takes on the wire: 4 bytes a character at most, and
+    a generous allowance for the tags, lengths and timestamps."""
+    size = 64 + 4 * (len(record.client_id) + len(record.reason))
+    if record.sessions and record.sessions is not DEFAULT_SESSIONS:
+        size += sum(32 + 4 * len(session.session_id) for session in record.sessions)
+    return size
+
+
+def fitting(records, budget=MAX_ANSWER_BYTES):
+    """How many of records, from the first, fit in one answer of budget bytes (at least one)."""
+    used = 0
+    for count, record in enumerate(records):
+        used += client_wire_bound(record)
+        if used > budget:
+            return max(count, 1)
+    return len(records)
+
+
+def split_to_fit(records, count):
+    """records in slices of at most count records that each fit in one answer."""
+    start = 0
+    while start < len(records):
+        size = fitting(records[start:start + count])
+        yield records[start:start + size]
+        start += size
+
+
+def answer_fits(results):
+    """Refuse a batch whose answer a default gRPC client could not take, before it applies."""
+    if fitting([record for record, _ in results]) < len(results):
+        raise LimitExceeded(
+            f"the answer to these {len(results)} messages would pass the "
+            f"{MAX_ANSWER_BYTES // 1024} KiB a default gRPC client accepts (their clients have "
+            f"many or long sessions); nothing was applied: send at most "
+            f"{fitting([record for record, _ in results])} of them per call")
 
 
 def message_response(message, record, change):
@@ -1009,6 +1230,19 @@ def message_response(message, record, change):
                                   changed=change is not None)
     fill_client(response.client, record)
     return response
+
+
+@contextlib.contextmanager
+def refusals(context):
+    """Answer our own exceptions with their status code and their sentence."""
+    try:
+        yield
+    except InvalidArgument as error:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    except LimitExceeded as error:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+    except StoreError as error:
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
 
 
 class ClientService(pb_grpc.ClientServiceServicer):
@@ -1025,41 +1259,29 @@ class ClientService(pb_grpc.ClientServiceServicer):
         self._fanout = Fanout(registry.log, watch_buffer)
 
     def SendMessage(self, request, context):
-        try:
+        with refusals(context):
             message = parse_request(request, self._max_lease)
             record, change = self._registry.apply_one(message)
-        except InvalidArgument as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except StoreError as error:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         return message_response(message, record, change)
 
     def SendMessages(self, request, context):
-        if len(request.requests) > MAX_BATCH:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"at most {MAX_BATCH} requests per call, got {len(request.requests)}")
-        return pb.SendMessagesResponse(responses=self._send(request.requests, context, batch=True))
-
-    def _send(self, requests, context, batch=False):
-        try:
-            messages = [parse_request(request, self._max_lease, index if batch else None)
-                        for index, request in enumerate(requests)]
-            results = self._registry.apply_many(messages)
-        except InvalidArgument as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except StoreError as error:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-        return [message_response(message, record, change)
-                for message, (record, change) in zip(messages, results)]
+        with refusals(context):
+            if len(request.requests) > MAX_BATCH:
+                raise InvalidArgument(f"at most {MAX_BATCH} requests per call, "
+                                      f"got {len(request.requests)}")
+            messages = [parse_request(request, self._max_lease, index)
+                        for index, request in enumerate(request.requests)]
+            results = self._registry.apply_many(messages, check=answer_fits)
+        return pb.SendMessagesResponse(responses=[
+            message_response(message, record, change)
+            for message, (record, change) in zip(messages, results)])
 
     def GetClientStatus(self, request, context):
         client_id = request.client_id
         if not client_id:
             return serialize_statuses(self._registry.snapshot()[0])
-        try:
+        with refusals(context):
             validate_client_id(client_id)
-        except InvalidArgument as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         record = self._registry.get(client_id)
         if record is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"Client {client_id} not found")
@@ -1068,16 +1290,17 @@ class ClientService(pb_grpc.ClientServiceServicer):
         )
 
     def ListClients(self, request, context):
-        try:
+        with refusals(context):
             if request.page_size < 0:
                 raise InvalidArgument(f"page_size must not be negative, got {request.page_size}")
             validate_client_id(request.id_prefix, "id_prefix", allow_empty=True)
             status = _status_filter(request.status)
             after = decode_page_token(request.page_token) if request.page_token else ""
-        except InvalidArgument as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         records, more, revision = self._registry.page(limit, after, status, request.id_prefix)
+        fit = fitting(records)
+        if fit < len(records):  # the rest would pass a default client's message limit
+            records, more = records[:fit], True
         return pb.ListClientsResponse(
             clients=[client_to_pb(record) for record in records],
             next_page_token=encode_page_token(records[-1].client_id) if more else "",
@@ -1110,7 +1333,8 @@ class ClientService(pb_grpc.ClientServiceServicer):
             return
         since = request.since_revision
         log = self._registry.log
-        resync = bool(since) and (since > self._registry.revision or log.read(since) is None)
+        resync = bool(since) and (since > self._registry.durable_revision
+                                  or log.read(since) is None)
         if resync or not since:
             since = self._send_snapshot(context, send, resync)
         watcher.since = since
@@ -1127,8 +1351,7 @@ class ClientService(pb_grpc.ClientServiceServicer):
     def _send_snapshot(self, context, send, resync):
         """Send every client as of one revision, in chunks; return that revision."""
         records, revision = self._registry.snapshot()
-        chunks = [records[start:start + SNAPSHOT_CHUNK]
-                  for start in range(0, len(records), SNAPSHOT_CHUNK)] or [[]]
+        chunks = list(split_to_fit(records, SNAPSHOT_CHUNK)) or [[]]
         for number, chunk in enumerate(chunks):
             if not context.is_active():
                 break
@@ -1136,6 +1359,38 @@ class ClientService(pb_grpc.ClientServiceServicer):
                                   snapshot_complete=number == len(chunks) - 1,
                                   resync=resync and number == 0, revision=revision))
         return revision
+
+
+class NotificationService:
+    """The second earlier contract, user_notifications.NotificationService, on our registry.
+
+    Requests follow our rules (the id rules, the message words, INVALID_ARGUMENT); answers
+    are the ones its clients expect: "Success", and "unknown" (still OK) for an id never seen.
+    The all-clients map has the same bytes as ours, so it is serialized by the same code.
+    """
+
+    def __init__(self, registry):
+        self._registry = registry
+
+    def SendMessage(self, request, context):
+        with refusals(context):
+            status = parse_message(request.message)
+            validate_client_id(request.client_id)
+            self._registry.apply_one(Message(request.client_id, status))
+        return notifications_pb.MessageResponse(status="Success")
+
+    def GetClientStatus(self, request, context):
+        client_id = request.client_id
+        if not client_id:
+            return self.GetAllClientStatuses(request, context)
+        with refusals(context):
+            validate_client_id(client_id)
+        record = self._registry.get(client_id)
+        return notifications_pb.ClientStatusResponse(
+            statuses={client_id: STATUS_WORDS[record.status] if record else "unknown"})
+
+    def GetAllClientStatuses(self, request, context):
+        return serialize_statuses(self._registry.snapshot()[0])
 
 
 class Watcher:
@@ -1282,10 +1537,9 @@ class Fanout:
         changes = log.read(watcher.since) if watcher.since < log.durable else []
         if changes is None:
             return self._cut_off(watcher, "fell behind the changes this server keeps")
-        for start in range(0, len(changes), EVENTS_PER_MESSAGE):
-            chunk = changes[start:start + EVENTS_PER_MESSAGE]
-            watcher.send(b"".join(change_wire(change) for change in chunk))
-            watcher.since = chunk[-1].revision
+        for message, last in messages_of(changes):
+            watcher.send(message)
+            watcher.since = last
             if watcher.ended:
                 return
         if log.durable - watcher.since > self._buffer:
@@ -1397,8 +1651,8 @@ class TokenCheck(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, details):
         service, _, method = details.method.lstrip("/").rpartition("/")
-        needs_token = service == SERVICE_NAME and (method in WRITE_METHODS
-                                                   or not self._public_reads)
+        needs_token = service in GUARDED_SERVICES and (method in WRITE_METHODS
+                                                       or not self._public_reads)
         handler = continuation(details)
         if handler is None or not needs_token or self._authorized(details.invocation_metadata):
             return handler
@@ -1516,6 +1770,84 @@ class Metrics(grpc.ServerInterceptor):
 # --- wiring -------------------------------------------------------------------
 
 
+class HealthService(health.HealthServicer):
+    """Standard health checking whose Watch streams end once they are told NOT_SERVING.
+
+    grpcio's servicer keeps them open, so without this one open health watcher made
+    every stop wait the whole grace period and end in UNAVAILABLE.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._sends_lock = threading.Lock()
+        self._sends = set()  # the send functions of open Watch streams
+        self._closing = False
+
+    def Watch(self, request, context, send):
+        """Send the status now and at every change, as grpcio's does; end at shutdown."""
+        with self._sends_lock:
+            super().Watch(request, context, send)
+            if self._closing:
+                send(None)
+                return
+            self._sends.add(send)
+        if not context.add_callback(lambda: self._forget(send)):
+            self._forget(send)
+
+    def _forget(self, send):
+        with self._sends_lock:
+            self._sends.discard(send)
+
+    def enter_graceful_shutdown(self):
+        """Tell every watcher NOT_SERVING, then end its stream cleanly."""
+        super().enter_graceful_shutdown()
+        with self._sends_lock:
+            self._closing = True
+            sends, self._sends = self._sends, set()
+        for send in sends:
+            send(None)
+
+
+@functools.cache
+def add_reflection_v1_descriptor():
+    """Put grpc.reflection.v1's file in the descriptor pool: v1alpha's, renamed.
+
+    grpcio-reflection ships only v1alpha; the two have the same messages on the wire, and
+    tools that speak only v1 need its descriptor to describe the reflection service itself.
+    """
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(REFLECTION_V1_NAME)
+    except KeyError:
+        proto = descriptor_pb2.FileDescriptorProto()
+        reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+        text = text_format.MessageToString(proto).replace("v1alpha", "v1")
+        pool.AddSerializedFile(
+            text_format.Parse(text, descriptor_pb2.FileDescriptorProto()).SerializeToString())
+
+
+def add_reflection(grpc_server, service_names):
+    """Serve reflection under grpc.reflection.v1 and v1alpha, by one servicer."""
+    add_reflection_v1_descriptor()
+    names = (*service_names, REFLECTION_V1_NAME, reflection.SERVICE_NAME)
+    servicer = reflection.ReflectionServicer(names)
+    handlers = {"ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}
+    grpc_server.add_generic_rpc_handlers(tuple(
+        grpc.method_handlers_generic_handler(name, handlers)
+        for name in (REFLECTION_V1_NAME, reflection.SERVICE_NAME)))
+
+
+def add_service(grpc_server, descriptor, servicer):
+    """Serve servicer's methods as the service descriptor names them."""
+    handlers = method_handlers(servicer, descriptor)
+    grpc_server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+    grpc_server.add_registered_method_handlers(descriptor.full_name, handlers)
+
+
 @dataclass
 class PresenceServer:
     """A built, not yet started server: the gRPC server, the port it bound, its parts."""
@@ -1523,7 +1855,7 @@ class PresenceServer:
     grpc_server: grpc.Server
     port: int
     registry: Registry
-    health: health.HealthServicer
+    health: HealthService
     reaper: LeaseReaper
     metrics: Metrics | None = None
 
@@ -1541,6 +1873,20 @@ class PresenceServer:
             self.metrics.close()
 
 
+@contextlib.contextmanager
+def loading():
+    """Load without the cyclic garbage collector, then keep it off what was loaded.
+
+    A million records are a million new objects: the collector would pass over them again
+    and again while they load (half the time of a restart), and at every later full pass."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.freeze()
+
+
 def create_server(
     address,
     store,
@@ -1549,6 +1895,7 @@ def create_server(
     max_concurrent_rpcs=DEFAULT_MAX_CONCURRENT_RPCS,
     max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
     max_lease=DEFAULT_MAX_LEASE,
+    max_sessions=DEFAULT_MAX_SESSIONS,
     max_watchers=DEFAULT_MAX_WATCHERS,
     watch_buffer=DEFAULT_WATCH_BUFFER,
     watch_history=DEFAULT_WATCH_HISTORY,
@@ -1570,7 +1917,8 @@ def create_server(
     interceptors = [metrics] if metrics else []
     if security.token:
         interceptors.append(TokenCheck(security.token, security.public_reads))
-    registry = Registry(store, clock, watch_history)
+    with loading():
+        registry = Registry(store, clock, watch_history, max_sessions)
     expired = registry.expire_due()
     if expired:
         logger.info("%d sessions' leases ran out while the server was down", len(expired))
@@ -1584,17 +1932,13 @@ def create_server(
     if metrics:
         metrics.watch(registry, service)
         store.commit_timer = metrics.commit
-    handlers = method_handlers(service)
-    grpc_server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    grpc_server.add_registered_method_handlers(SERVICE_NAME, handlers)
-    health_servicer = health.HealthServicer()
+    add_service(grpc_server, SERVICE, service)
+    add_service(grpc_server, NOTIFICATION_SERVICE, NotificationService(registry))
+    health_servicer = HealthService()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    for service_name in ("", SERVICE_NAME):
+    for service_name in ("", SERVICE_NAME, NOTIFICATION_SERVICE_NAME):
         health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
-    )
+    add_reflection(grpc_server, (SERVICE_NAME, NOTIFICATION_SERVICE_NAME, health.SERVICE_NAME))
     if credentials:
         port = grpc_server.add_secure_port(address, credentials)
     else:
@@ -1654,6 +1998,7 @@ def serve(args):
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_request_bytes=args.max_request_bytes,
             max_lease=args.max_lease,
+            max_sessions=args.max_sessions,
             max_watchers=args.max_watchers,
             watch_buffer=args.watch_buffer,
             watch_history=args.watch_history,
@@ -1675,6 +2020,7 @@ def serve(args):
                 args.grace)
     server.stop(args.grace)
     store.close()
+    logger.info("store %s flushed and closed", args.store)
     logger.info("stopped")
 
 
@@ -1732,6 +2078,10 @@ def build_parser():
                         default=_env("MAX_LEASE", DEFAULT_MAX_LEASE),
                         help="longest lease a Hello may ask for, in seconds; longer ones are "
                         "refused with INVALID_ARGUMENT [PRESENCE_MAX_LEASE]")
+    parser.add_argument("--max-sessions", type=_positive_int,
+                        default=_env("MAX_SESSIONS", DEFAULT_MAX_SESSIONS),
+                        help="live sessions one client may have at once; a Hello for one more "
+                        "is refused with RESOURCE_EXHAUSTED [PRESENCE_MAX_SESSIONS]")
     parser.add_argument("--max-watchers", type=_positive_int,
                         default=_env("MAX_WATCHERS", DEFAULT_MAX_WATCHERS),
                         help="watch streams open at once; more are refused with "

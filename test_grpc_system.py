@@ -45,11 +45,11 @@ def rpc_error(call, *args):
     return caught.value
 
 
-def protoc(proto_path, out_dir, proto_file, cwd=ROOT):
+def protoc(proto_path, out_dir, *proto_files, cwd=ROOT):
     """Run the bundled protoc the way `make proto` does."""
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", f"--proto_path={proto_path}",
-         f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", proto_file],
+         f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", *proto_files],
         check=True, cwd=cwd, timeout=DEADLINE * 4,
     )
 
@@ -152,13 +152,15 @@ def test_program_built_on_the_original_proto_works_unchanged(tmp_path, address):
 @allure.feature("Wire contract")
 @allure.story("Generated code")
 def test_generated_code_matches_a_fresh_protoc_run(tmp_path):
-    protoc("generated=.", str(tmp_path), "connection.proto")
+    protos = sorted(path.name for path in ROOT.glob("*.proto"))
+    assert protos == ["connection.proto", "notifications.proto"]
+    protoc("generated=.", str(tmp_path), *protos)
     fresh = sorted(path.name for path in (tmp_path / "generated").glob("*.py"))
-    assert fresh == ["connection_pb2.py", "connection_pb2_grpc.py"]
+    assert fresh == sorted(path.name for path in (ROOT / "generated").glob("*_pb2*.py"))
     for name in fresh:
         fresh_text = (tmp_path / "generated" / name).read_text()
         assert fresh_text == (ROOT / "generated" / name).read_text(), (
-            f"generated/{name} differs from connection.proto: run `make proto`")
+            f"generated/{name} differs from its .proto: run `make proto`")
 
 
 # --- validation -----------------------------------------------------------------------
@@ -186,6 +188,18 @@ BAD_REQUESTS = [
     ("GetClientStatus", pb.ClientStatusRequest(client_id="tab\there"), "U+0009"),
     ("ListClients", pb.ListClientsRequest(page_size=-1), "page_size must not be negative"),
     ("ListClients", pb.ListClientsRequest(page_token="not a token!"), "page_token"),
+    ("ListClients", pb.ListClientsRequest(page_token="!!!"), "page_token is not a token"),
+    ("ListClients", pb.ListClientsRequest(page_token="é字"), "page_token is not a token"),
+    ("ListClients", pb.ListClientsRequest(page_token="YQ==YQ=="), "page_token is not a token"),
+    ("SendMessage", pb.MessageRequest(client_id="   ", message="hello"),
+     "client_id must not be only white space"),
+    ("SendMessage", pb.MessageRequest(client_id="\u3000", message="hello"),
+     "client_id must not be only white space"),
+    ("SendMessage", pb.MessageRequest(client_id="admin\u202etxt.exe", message="hello"),
+     "bidirectional override or isolate characters, found U+202E at position 5"),
+    ("SendMessage", pb.MessageRequest(client_id="a", message="hello", session_id="\u2066x"),
+     "session_id must not contain bidirectional"),
+    ("GetClientStatus", pb.ClientStatusRequest(client_id="bob\u2069"), "U+2069 at position 3"),
     ("ListClients", pb.ListClientsRequest(status=7), "status must be one of"),
     ("ListClients", pb.ListClientsRequest(id_prefix="\x1b["), "id_prefix must not contain"),
     ("SendMessages", pb.SendMessagesRequest(requests=[
@@ -225,13 +239,16 @@ def test_any_printable_unicode_id_up_to_128_characters_is_accepted(stub, client_
 
 
 @pytest.fixture
-def clocked_stub(clock):
+def clocked_server(make_server, clock):
+    """A started memory server whose time the test moves."""
+    return make_server(clock=clock)
+
+
+@pytest.fixture
+def clocked_stub(clocked_server):
     """A stub on a memory server whose time the test moves."""
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), clock=clock)
-    server.start()
-    with connect(f"127.0.0.1:{server.port}") as channel:
+    with connect(f"127.0.0.1:{clocked_server.port}") as channel:
         yield pb_grpc.ClientServiceStub(channel)
-    server.stop(0)
 
 
 @allure.feature("Semantics")
@@ -417,6 +434,27 @@ def test_signal_stops_cleanly_with_exit_zero_and_state_survives(server_processes
         assert stub.GetClientStatus(pb.ClientStatusRequest()).statuses == {"alice": "connected"}
 
 
+@allure.feature("Durability")
+@allure.story("Graceful stop")
+def test_signal_ends_health_watchers_with_not_serving_instead_of_waiting_out_the_grace(
+        server_processes):
+    server = server_processes("--store", "memory://", "--grace", "60")
+    with connect(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=DEADLINE)
+                   for service in ("", "client_service.ClientService")]
+        for watch in watches:
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        server.process.send_signal(signal.SIGTERM)
+        with allure.step("each watcher is told NOT_SERVING, then its stream ends with OK"):
+            for watch in watches:
+                assert [reply.status for reply in watch] == [
+                    health_pb2.HealthCheckResponse.NOT_SERVING]
+                assert watch.code() == grpc.StatusCode.OK
+        with allure.step("the server exits 0 long before its 60 s grace is over"):
+            assert server.process.wait(timeout=DEADLINE) == 0
+
+
 # --- operations -------------------------------------------------------------------------
 
 
@@ -444,18 +482,19 @@ def test_request_over_the_size_limit_is_resource_exhausted(stub):
 
 @allure.feature("Operations")
 @allure.story("Limits")
-def test_calls_past_the_concurrency_limit_are_resource_exhausted():
+def test_calls_past_the_concurrency_limit_are_resource_exhausted(make_server):
     limit = 3  # max_concurrent_rpcs=2 plus the room kept for max_watchers=1
-    release, entered = threading.Event(), threading.Semaphore(0)
+    armed, release, entered = threading.Event(), threading.Event(), threading.Semaphore(0)
 
     def stalled_clock():
-        entered.release()
-        release.wait(DEADLINE)
+        """Once armed, hold each SendMessage that asks the time until the test releases it."""
+        if armed.is_set():
+            entered.release()
+            release.wait(DEADLINE)
         return 1_800_000_000.0
 
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), clock=stalled_clock,
-                                    max_concurrent_rpcs=2, max_watchers=1)
-    server.start()
+    server = make_server(clock=stalled_clock, max_concurrent_rpcs=2, max_watchers=1)
+    armed.set()  # not before: building the server asks the time too (for due leases)
     try:
         with connect(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ClientServiceStub(channel)
@@ -471,7 +510,6 @@ def test_calls_past_the_concurrency_limit_are_resource_exhausted():
             assert stub.CountClients(pb.CountClientsRequest()).connected == limit
     finally:
         release.set()
-        server.stop(0)
 
 
 @allure.feature("Operations")
@@ -539,15 +577,6 @@ def status_of(stub, client_id):
     return stub.GetClientStatus(pb.ClientStatusRequest(client_id=client_id)).clients[0]
 
 
-@pytest.fixture
-def clocked_server(clock):
-    """A started memory server whose time the test moves."""
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), clock=clock)
-    server.start()
-    yield server
-    server.stop(0)
-
-
 @allure.feature("Leases")
 @allure.story("Expiry on a moved clock")
 def test_lease_keeps_client_connected_while_renewed_and_expires_after(clocked_server, clock):
@@ -580,8 +609,8 @@ def test_expiry_finds_due_leases_without_touching_the_rest(clock):
     registry = presence.Registry(presence.MemoryStore(), clock=clock)
     registry.apply_many([presence.Message(f"quiet{n}", presence.Status.CONNECTED)
                          for n in range(10_000)])
-    registry.apply("short", presence.Status.CONNECTED, lease=5)
-    registry.apply("long", presence.Status.CONNECTED, lease=500)
+    registry.apply_one(presence.Message("short", presence.Status.CONNECTED, lease=5))
+    registry.apply_one(presence.Message("long", presence.Status.CONNECTED, lease=500))
     assert registry.seconds_to_next_expiry() == 5
     clock.advance(6)
     assert [change.record.client_id for change in registry.expire_due()] == ["short"]
@@ -624,6 +653,138 @@ def test_goodbye_for_a_session_that_is_not_live_changes_nothing(stub):
     reply = goodbye(stub, "dan", "other")
     assert (reply.changed, reply.client.revision, reply.client.status) == (
         False, revision, pb.STATUS_CONNECTED)
+
+
+@allure.feature("Sessions")
+@allure.story("Sessions per client are capped")
+def test_sessions_past_the_cap_are_resource_exhausted_and_renewals_still_pass(make_server):
+    server = make_server(max_sessions=3)
+    with connect(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        for session in ("a", "b", "c"):
+            hello(stub, "erin", session)
+        with allure.step("a fourth session is refused, naming the limit"):
+            error = rpc_error(stub.SendMessage, pb.MessageRequest(
+                client_id="erin", message="hello", session_id="d"))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "already has 3 sessions" in error.details()
+            assert "--max-sessions" in error.details()
+        with allure.step("a live session still renews; a batch past the cap applies nothing"):
+            assert hello(stub, "erin", "a", lease=30).changed is False
+            revision = stub.CountClients(pb.CountClientsRequest()).revision
+            error = rpc_error(stub.SendMessages, pb.SendMessagesRequest(requests=[
+                pb.MessageRequest(client_id="frank", message="hello"),
+                pb.MessageRequest(client_id="erin", message="hello", session_id="e")]))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "requests[1]" in error.details()
+            assert stub.CountClients(pb.CountClientsRequest()).revision == revision
+            assert rpc_error(stub.GetClientStatus, pb.ClientStatusRequest(
+                client_id="frank")).code() == grpc.StatusCode.NOT_FOUND
+        with allure.step("once one ends, another may start"):
+            goodbye(stub, "erin", "b")
+            assert hello(stub, "erin", "d").changed
+
+
+# The largest records the limits allow: 128-character ids of 4-byte characters, each client
+# with the 64 sessions of the default cap, session ids as long.
+WIDE = "\U0001d54f"  # 𝕏, 4 bytes in UTF-8
+BIG_IDS = [f"{n:03d}" + WIDE * 125 for n in range(130)]
+BIG_SESSIONS = [f"{n:02d}" + WIDE * 126 for n in range(presence.DEFAULT_MAX_SESSIONS)]
+
+
+def big_messages(client_ids, session_ids, message="hello"):
+    return pb.SendMessagesRequest(requests=[
+        pb.MessageRequest(client_id=client_id, message=message, session_id=session_id)
+        for session_id in session_ids for client_id in client_ids])
+
+
+@pytest.fixture(scope="module")
+def big_registry():
+    """A memory server holding 130 of the largest records the limits allow (4.5 MB of them)."""
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(),
+                                    max_request_bytes=4 << 20)
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[
+            ("grpc.max_send_message_length", 8 << 20)]) as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        for client_id in BIG_IDS:
+            stub.SendMessages(big_messages([client_id], BIG_SESSIONS), timeout=DEADLINE)
+    yield server
+    server.stop(0)
+
+
+@pytest.fixture
+def default_stub(big_registry):
+    """A stub on a channel with gRPC's default limits: it takes messages up to 4 MiB."""
+    with connect(f"127.0.0.1:{big_registry.port}") as channel:
+        yield pb_grpc.ClientServiceStub(channel)
+
+
+@allure.feature("Limits")
+@allure.story("Every answer fits a default client")
+def test_pages_of_the_largest_records_are_cut_to_fit_and_still_walk_everything(default_stub):
+    seen, token, pages = [], "", 0
+    while True:
+        page = default_stub.ListClients(pb.ListClientsRequest(page_size=1000, page_token=token),
+                                        timeout=DEADLINE)
+        assert page.ByteSize() <= 4 * 1024 * 1024
+        seen += [client.client_id for client in page.clients]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == sorted(BIG_IDS) and pages > 1
+
+
+@allure.feature("Limits")
+@allure.story("Every answer fits a default client")
+def test_a_snapshot_of_the_largest_records_comes_in_chunks_that_fit(default_stub):
+    clients, revision, _ = Watch(default_stub).snapshot()
+    assert sorted(clients) == sorted(BIG_IDS)
+    assert all(len(client.sessions) >= presence.DEFAULT_MAX_SESSIONS - 2  # the watch test
+               for client in clients.values())                          # ends two each
+    assert revision == len(BIG_IDS) * presence.DEFAULT_MAX_SESSIONS
+
+
+@allure.feature("Limits")
+@allure.story("Every answer fits a default client")
+def test_a_batch_whose_answer_would_not_fit_is_refused_before_it_applies(default_stub):
+    before = default_stub.CountClients(pb.CountClientsRequest())
+    renewals = pb.SendMessagesRequest(requests=[
+        pb.MessageRequest(client_id=client_id, message="hello", session_id=BIG_SESSIONS[0],
+                          lease_seconds=60) for client_id in BIG_IDS])
+    error = rpc_error(default_stub.SendMessages, renewals)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "nothing was applied" in error.details()
+    fit = int(re.search(r"send at most (\d+)", error.details()).group(1))
+    assert 0 < fit < len(BIG_IDS)
+    assert default_stub.CountClients(pb.CountClientsRequest()) == before
+    record = status_of(default_stub, BIG_IDS[0])
+    assert not record.sessions[0].HasField("expires_at"), "a refused batch renewed a lease"
+    del renewals.requests[fit:]
+    answer = default_stub.SendMessages(renewals, timeout=DEADLINE)
+    assert len(answer.responses) == fit
+
+
+@allure.feature("Limits")
+@allure.story("Every answer fits a default client")
+def test_a_watcher_behind_by_many_large_changes_gets_them_in_messages_that_fit(default_stub):
+    watch = Watch(default_stub, since_revision=1, read=False)
+    ending = [BIG_SESSIONS[-1], BIG_SESSIONS[-2]]
+    halves = [BIG_IDS[:65], BIG_IDS[65:]]
+    for session_id in ending:
+        for client_ids in halves:  # each batch's answer fits; together they are 9 MB of events
+            default_stub.SendMessages(big_messages(client_ids, [session_id], "goodbye"),
+                                      timeout=DEADLINE)
+    watch.resume_reading()
+    changes = len(BIG_IDS) * presence.DEFAULT_MAX_SESSIONS + 2 * len(BIG_IDS)
+    events = []
+    while not events or events[-1].revision < changes:
+        message = watch.next()
+        assert isinstance(message, pb.WatchResponse), f"the stream failed: {message}"
+        events += message.events
+    assert [event.revision for event in events] == list(range(2, changes + 1))
+    watch.call.cancel()
 
 
 # --- the watch stream -------------------------------------------------------------------
@@ -678,92 +839,80 @@ def test_watch_resumed_from_a_revision_gets_exactly_the_changes_after_it(stub):
 @allure.feature("Watch")
 @allure.story("Resume from a revision no longer held")
 @pytest.mark.parametrize("since", [1, 999], ids=["too-old", "from-the-future"])
-def test_watch_resumed_from_an_unheld_revision_is_told_to_resync(since):
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), watch_history=8)
-    server.start()
-    try:
-        with connect(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.ClientServiceStub(channel)
-            for n in range(40):
-                hello(stub, f"user{n}")
-            watch = Watch(stub, since_revision=since)
-            clients, revision, resync = watch.snapshot()
-            assert (resync, revision, len(clients)) == (True, 40, 40)
-            hello(stub, "next")
-            assert [event.revision for event in watch.events(1)] == [41]
-            watch.call.cancel()
-    finally:
-        server.stop(0)
+def test_watch_resumed_from_an_unheld_revision_is_told_to_resync(make_server, since):
+    server = make_server(watch_history=8)
+    with connect(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        for n in range(40):
+            hello(stub, f"user{n}")
+        watch = Watch(stub, since_revision=since)
+        clients, revision, resync = watch.snapshot()
+        assert (resync, revision, len(clients)) == (True, 40, 40)
+        hello(stub, "next")
+        assert [event.revision for event in watch.events(1)] == [41]
+        watch.call.cancel()
 
 
 @allure.feature("Watch")
 @allure.story("A slow watcher is cut off")
-def test_slow_watcher_is_cut_off_while_others_get_everything():
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), watch_buffer=1000)
-    server.start()
-    try:
-        address = f"127.0.0.1:{server.port}"
-        small_window = grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)])
-        with connect(address) as channel, small_window:
-            stub = pb_grpc.ClientServiceStub(channel)
-            slow = Watch(pb_grpc.ClientServiceStub(small_window), read=False)
-            # Two fast watchers per sender thread: senders get watchers evenly, so the slow
-            # one shares its sender with a fast one.
-            fast = [Watch(stub) for _ in range(2 * presence.WATCH_SENDERS)]
-            assert [watch.snapshot()[1] for watch in fast] == [0] * len(fast)
-            with allure.step("10,000 changes that the fast watchers keep up with"):
-                for batch in range(10):
-                    stub.SendMessages(pb.SendMessagesRequest(requests=[
-                        pb.MessageRequest(client_id=f"c{batch}-{n}", message="hello")
-                        for n in range(1000)]))
-                    expected = list(range(batch * 1000 + 1, batch * 1000 + 1001))
-                    for watch in fast:
-                        assert [event.revision for event in watch.events(1000)] == expected
-            with allure.step("the slow watcher, which stopped reading, is cut off"):
-                slow.resume_reading()
-                received, message = 0, slow.next()
-                while isinstance(message, pb.WatchResponse):
-                    received += len(message.events)
-                    message = slow.next()
-                assert isinstance(message, grpc.RpcError)
-                assert message.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "fell more than 1000 changes behind" in message.details()
-                assert received < 10_000
-            assert hello(stub, "still-serving").success
-            hello(stub, "one-more")
-            for watch in fast:
-                assert [event.client.client_id for event in watch.events(2)] == [
-                    "still-serving", "one-more"]
-                watch.call.cancel()
-    finally:
-        server.stop(0)
+def test_slow_watcher_is_cut_off_while_others_get_everything(make_server):
+    server = make_server(watch_buffer=1000)
+    address = f"127.0.0.1:{server.port}"
+    small_window = grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)])
+    with connect(address) as channel, small_window:
+        stub = pb_grpc.ClientServiceStub(channel)
+        slow = Watch(pb_grpc.ClientServiceStub(small_window), read=False)
+        # Two fast watchers per sender thread: senders get watchers evenly, so the slow
+        # one shares its sender with a fast one.
+        fast = [Watch(stub) for _ in range(2 * presence.WATCH_SENDERS)]
+        assert [watch.snapshot()[1] for watch in fast] == [0] * len(fast)
+        with allure.step("10,000 changes that the fast watchers keep up with"):
+            for batch in range(10):
+                stub.SendMessages(pb.SendMessagesRequest(requests=[
+                    pb.MessageRequest(client_id=f"c{batch}-{n}", message="hello")
+                    for n in range(1000)]))
+                expected = list(range(batch * 1000 + 1, batch * 1000 + 1001))
+                for watch in fast:
+                    assert [event.revision for event in watch.events(1000)] == expected
+        with allure.step("the slow watcher, which stopped reading, is cut off"):
+            slow.resume_reading()
+            received, message = 0, slow.next()
+            while isinstance(message, pb.WatchResponse):
+                received += len(message.events)
+                message = slow.next()
+            assert isinstance(message, grpc.RpcError)
+            assert message.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "fell more than 1000 changes behind" in message.details()
+            assert received < 10_000
+        assert hello(stub, "still-serving").success
+        hello(stub, "one-more")
+        for watch in fast:
+            assert [event.client.client_id for event in watch.events(2)] == [
+                "still-serving", "one-more"]
+            watch.call.cancel()
 
 
 @allure.feature("Watch")
 @allure.story("Limits")
-def test_watchers_past_the_limit_are_resource_exhausted():
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), max_watchers=2)
-    server.start()
-    try:
-        with connect(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.ClientServiceStub(channel)
-            watches = [Watch(stub), Watch(stub)]
-            for watch in watches:
-                watch.snapshot()
-            refused = Watch(stub).next()
-            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "too many watchers (limit 2)" in refused.details()
-            watches[0].call.cancel()
-            assert watches[0].next().code() == grpc.StatusCode.CANCELLED
+def test_watchers_past_the_limit_are_resource_exhausted(make_server):
+    server = make_server(max_watchers=2)
+    with connect(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        watches = [Watch(stub), Watch(stub)]
+        for watch in watches:
+            watch.snapshot()
+        refused = Watch(stub).next()
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "too many watchers (limit 2)" in refused.details()
+        watches[0].call.cancel()
+        assert watches[0].next().code() == grpc.StatusCode.CANCELLED
+        third = Watch(stub)
+        for attempt in range(50):  # the slot frees when the server sees the cancel
+            message = third.next()
+            if isinstance(message, pb.WatchResponse):
+                break
             third = Watch(stub)
-            for attempt in range(50):  # the slot frees when the server sees the cancel
-                message = third.next()
-                if isinstance(message, pb.WatchResponse):
-                    break
-                third = Watch(stub)
-            assert isinstance(message, pb.WatchResponse)
-    finally:
-        server.stop(0)
+        assert isinstance(message, pb.WatchResponse)
 
 
 @allure.feature("Watch")
@@ -782,9 +931,10 @@ def test_leases_that_ran_out_while_down_expire_at_start_as_ordinary_changes(tmp_
     with allure.step("before the restart: one leased session, one without a lease"):
         store = presence.SqliteStore(path)
         server = presence.create_server("127.0.0.1:0", store, clock=clock)
-        server.registry.apply("leased", presence.Status.CONNECTED, "tty1", lease=60)
-        server.registry.apply("leased", presence.Status.CONNECTED, "tty2", lease=600)
-        server.registry.apply("forever", presence.Status.CONNECTED)
+        server.registry.apply_many([
+            presence.Message("leased", presence.Status.CONNECTED, "tty1", lease=60),
+            presence.Message("leased", presence.Status.CONNECTED, "tty2", lease=600),
+            presence.Message("forever", presence.Status.CONNECTED)])
         server.stop(0)
         store.close()
     with allure.step("down for 61 s, then restarted on the same file"):
@@ -898,41 +1048,32 @@ def test_tls_server_with_a_token_shows_each_client_exactly_what_it_may_do(server
 
 @allure.feature("Security")
 @allure.story("Access token")
-def test_public_reads_let_reads_through_without_the_token_but_not_writes():
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(),
-                                    security=presence.Security(token="t0ken", public_reads=True))
-    server.start()
-    try:
-        with connect(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.ClientServiceStub(channel)
-            write = rpc_error(send, stub, "eve", "hello")
-            assert write.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert "authorization: Bearer <token>" in write.details()
-            token = (("authorization", "Bearer t0ken"),)
-            stub.SendMessage(pb.MessageRequest(client_id="eve", message="hello"), metadata=token)
-            assert stub.CountClients(pb.CountClientsRequest()).connected == 1
-            assert stub.GetClientStatus(pb.ClientStatusRequest()).statuses == {"eve": "connected"}
-            watch = Watch(stub)
-            assert list(watch.snapshot()[0]) == ["eve"]
-            watch.call.cancel()
-    finally:
-        server.stop(0)
+def test_public_reads_let_reads_through_without_the_token_but_not_writes(make_server):
+    server = make_server(security=presence.Security(token="t0ken", public_reads=True))
+    with connect(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        write = rpc_error(send, stub, "eve", "hello")
+        assert write.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "authorization: Bearer <token>" in write.details()
+        token = (("authorization", "Bearer t0ken"),)
+        stub.SendMessage(pb.MessageRequest(client_id="eve", message="hello"), metadata=token)
+        assert stub.CountClients(pb.CountClientsRequest()).connected == 1
+        assert stub.GetClientStatus(pb.ClientStatusRequest()).statuses == {"eve": "connected"}
+        watch = Watch(stub)
+        assert list(watch.snapshot()[0]) == ["eve"]
+        watch.call.cancel()
 
 
 @allure.feature("Operations")
 @allure.story("Limits")
-def test_leases_longer_than_max_lease_are_refused(tmp_path):
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(), max_lease=60)
-    server.start()
-    try:
-        with connect(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.ClientServiceStub(channel)
-            error = rpc_error(hello, stub, "a", "s", 61)
-            assert (error.code(), error.details()) == (
-                grpc.StatusCode.INVALID_ARGUMENT, "lease_seconds must be at most 60, got 61")
-            assert hello(stub, "a", "s", 60).client.sessions[0].HasField("expires_at")
-    finally:
-        server.stop(0)
+def test_leases_longer_than_max_lease_are_refused(make_server, tmp_path):
+    server = make_server(max_lease=60)
+    with connect(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        error = rpc_error(hello, stub, "a", "s", 61)
+        assert (error.code(), error.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT, "lease_seconds must be at most 60, got 61")
+        assert hello(stub, "a", "s", 60).client.sessions[0].HasField("expires_at")
 
 
 # --- metrics ------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""bench.py end to end at a tiny size: every mode runs, stops what it started, and writes
-figures that add up. Speed itself is never asserted here (DESIGN section 7: the benchmark
-measures it, as ratios, on its own).
+"""The benchmark (python -m bench) end to end at a tiny size: every mode and load shape runs,
+stops what it started, and writes figures that add up. Speed itself is never asserted here:
+the benchmark measures it, as ratios, on its own.
 """
 
 import json
@@ -17,20 +17,27 @@ import allure
 import grpc
 import pytest
 
-import bench
 import server as presence
-from conftest import DEADLINE, ROOT
+from bench.baselines import FloorService
+from bench.scale import MILLION, scale_goals
+from bench.watchers import WatchTally
+from conftest import DEADLINE, ROOT, ServerProcess, connect
 from generated import connection_pb2 as pb
+from generated import connection_pb2_grpc as pb_grpc
 
+pytestmark = [allure.feature("Benchmark")]
+
+TARGETS = ["ceiling", "ceiling+protobuf", "floor", "asyncio-dict", "memory", "sqlite"]
 SMOKE = ["--only", "throughput", "scale", "connections", "watch", "soak",
-         "--targets", "floor", "memory", "sqlite", "--rounds", "1", "--window", "0.5",
+         "--targets", *TARGETS[1:], "--load", "asyncio", "threads", "--rounds", "1",
+         "--window", "0.5",
          "--warmup", "0.2", "--scale", "2000", "--connections", "20",
          "--connections-seconds", "1", "--watchers", "5", "--watch-seconds", "1",
          "--soak-seconds", "2", "--soak-clients", "20", "--soak-watchers", "2"]
 
 
 def processes_marked(mark):
-    """The live processes whose environment holds mark: bench.py's descendants, whatever
+    """The live processes whose environment holds mark: the benchmark's descendants, whatever
     session they run in (a process inherits its parent's environment)."""
     found = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
@@ -45,7 +52,8 @@ def processes_marked(mark):
 def processes_ended(mark):
     """Wait, up to DEADLINE, for the marked processes to end; those still alive.
 
-    multiprocessing's resource tracker ends a moment after bench.py, once it sees its pipe close.
+    multiprocessing's resource tracker ends a moment after the benchmark, once it sees its pipe
+    close.
     A pidfd turns readable when its process ends, so each is waited for, not polled.
     """
     deadline = time.monotonic() + DEADLINE
@@ -71,7 +79,7 @@ def smoke(tmp_path_factory):
     output = tmp_path_factory.mktemp("bench") / "results.json"
     token = uuid.uuid4().hex
     bench_process = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench.py"), *SMOKE, "--output", str(output)],
+        [sys.executable, "-m", "bench", *SMOKE, "--output", str(output)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PRESENCE_BENCH_SMOKE": token})
     try:
@@ -86,40 +94,76 @@ def smoke(tmp_path_factory):
     return bench_process.returncode, text, results, left
 
 
-@allure.feature("Benchmark")
 @allure.story("Every mode runs")
 def test_every_mode_runs_stops_what_it_started_and_writes_its_figures(smoke):
     returncode, output, results, left = smoke
     assert returncode == 0, output[-3000:]
-    assert left == [], "bench.py left processes running"
+    assert left == [], "the benchmark left processes running"
     for mode in ("throughput", "scale", "connections", "watch", "soak"):
         assert mode in results, f"no {mode} figures in {sorted(results)}"
     assert "SendMessage throughput" in output
     assert "other processes on the machine used" in output
 
 
-@allure.feature("Benchmark")
+@allure.story("Every mode runs")
+def test_help_lists_every_mode_and_both_load_shapes():
+    result = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=DEADLINE)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for mode in ("throughput:", "scale:", "connections:", "watch:", "soak:"):
+        assert mode in text
+    assert "asyncio (grpc.aio" in text and "threads (threads" in text
+
+
 @allure.story("Throughput")
-def test_throughput_compares_every_target_with_the_ceiling(smoke):
-    medians = smoke[2]["throughput"]["median"]
-    assert list(medians) == ["ceiling", "floor", "memory", "sqlite"]
+@pytest.mark.parametrize("shape", ["asyncio", "threads"])
+def test_throughput_compares_every_target_with_the_ceiling_of_the_same_round(smoke, shape):
+    throughput = smoke[2]["throughput"]
+    medians = throughput["shapes"][shape]["median"]
+    assert list(medians) == TARGETS
     for name, figures in medians.items():
         assert figures["calls"] > 0, name
         assert figures["errors"] == {}, (name, figures["errors"])
         assert figures["cpu_us_per_call"] > 0, name
-    assert medians["ceiling"]["cpu_ratio"] == 1.0
+    for entry in throughput["shapes"][shape]["rounds"]:
+        rows = entry["targets"]
+        for name, figures in rows.items():
+            assert figures["cpu_ratio"] == pytest.approx(
+                figures["cpu_us_per_call"] / rows["ceiling"]["cpu_us_per_call"]), name
+            assert figures["throughput_ratio"] == pytest.approx(
+                figures["calls_per_s"] / rows["ceiling"]["calls_per_s"]), name
+        assert rows["memory"]["cpu_vs_asyncio_dict"] == pytest.approx(
+            rows["memory"]["cpu_us_per_call"] / rows["asyncio-dict"]["cpu_us_per_call"])
     assert medians["memory"]["cpu_ratio"] == pytest.approx(
         medians["memory"]["cpu_us_per_call"] / medians["ceiling"]["cpu_us_per_call"])
-    assert set(smoke[2]["throughput"]["verdicts"]) == {"memory", "sqlite"}
+    assert set(throughput["verdicts"]) == {"memory", "sqlite"}
 
 
-@allure.feature("Benchmark")
+@allure.story("Throughput")
+def test_the_goals_are_judged_under_the_first_load_shape_and_compared_with_the_other(smoke):
+    throughput = smoke[2]["throughput"]
+    shapes = throughput["shapes"]
+    for name in ("memory", "sqlite"):
+        verdict = throughput["verdicts"][name]
+        assert verdict["cpu_ratio"]["value"] == shapes["asyncio"]["median"][name]["cpu_ratio"]
+        assert verdict["cpu_ratio_shape_gap"]["value"] == pytest.approx(abs(
+            shapes["threads"]["median"][name]["cpu_ratio"]
+            - shapes["asyncio"]["median"][name]["cpu_ratio"]))
+    assert throughput["verdicts"]["memory"]["cpu_vs_asyncio_dict"]["target"] == "< 1×"
+
+
 @allure.story("Scale, connections, watch, soak")
 def test_the_other_modes_lose_nothing(smoke):
     results = smoke[2]
     (scale,) = results["scale"]["runs"]
     assert scale["registered"] == 2000
     assert scale["map_answered"] == 1 and scale["others_errors"] == {}
+    assert scale["restart_registered"] == 2000 and scale["restart_writer_exit"] == 0
+    assert 0 < scale["restart_listening_s"] <= scale["restart_serving_s"]
+    assert scale["restart_rss_ratio"] == pytest.approx(
+        scale["restart_rss_mib"] / scale["restart_writer_rss_mib"])
+    assert "restart_serving_s" not in scale["verdicts"], "judged at a million clients only"
     assert results["connections"]["calls"] > 0
     assert results["connections"]["errors"] == {}
     watch = results["watch"]
@@ -150,12 +194,11 @@ def answers(service, request):
     return reply.SerializeToString()
 
 
-@allure.feature("Benchmark")
 @allure.story("Throughput")
 def test_the_floor_answers_plain_calls_as_our_server_does(clock):
     """The floor is only a floor if it does what we do: the same bytes for every plain call,
     the same refusals."""
-    floor = bench.FloorService(clock)
+    floor = FloorService(clock)
     ours = presence.ClientService(presence.Registry(presence.MemoryStore(), clock))
     calls = [("alice", "hello"), ("alice", "hello"), ("alice", "goodbye"), ("alice", " Hello "),
              ("bob", "goodbye"), ("bob", "goodbye"), ("bob", "bye"), ("", "hello"),
@@ -166,3 +209,104 @@ def test_the_floor_answers_plain_calls_as_our_server_does(clock):
         assert answers(floor, request) == answers(ours, request), (client_id, text)
     session = pb.MessageRequest(client_id="carol", message="hello", session_id="laptop")
     assert answers(floor, session)[0] == grpc.StatusCode.UNIMPLEMENTED
+
+
+@allure.story("Scale, connections, watch, soak")
+def test_memory_per_client_and_the_restart_are_judged_at_a_million_only():
+    million_only = {"bytes_per_client", "restart_serving_s", "restart_rss_ratio"}
+    assert million_only <= {goal.key for goal in scale_goals(MILLION)}
+    assert not million_only & {goal.key for goal in scale_goals(MILLION - 1)}
+
+
+@pytest.fixture
+def baseline():
+    """Start one of the benchmark's baselines with `baseline(kind)`; all are stopped after."""
+    started = []
+
+    def start(kind):
+        started.append(ServerProcess(program=("-m", "bench", "_baseline", kind), name=kind))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def send(address, client_id, message):
+    """One SendMessage to address: the reply, or the RpcError it was refused with."""
+    with connect(address) as channel:
+        try:
+            return pb_grpc.ClientServiceStub(channel).SendMessage(
+                pb.MessageRequest(client_id=client_id, message=message), timeout=DEADLINE)
+        except grpc.RpcError as error:
+            return error
+
+
+@allure.story("Throughput")
+def test_both_ceilings_answer_the_same_constant_reply_the_size_of_ours(baseline):
+    pure, parsed = baseline("ceiling"), baseline("ceiling+protobuf")
+    for server in (pure, parsed):
+        with allure.step(f"{server.name}: whatever is asked, one constant reply"):
+            first, second = (send(server.address, client_id, message)
+                             for client_id, message in (("alice", "hello"), ("bob", "unparsed")))
+            assert first == second
+            assert first.client.client_id == "bench" and first.client.changed_at.seconds
+    with allure.step("the same reply from both but for the moment each was made"):
+        replies = [send(server.address, "alice", "hello") for server in (pure, parsed)]
+        for reply in replies:
+            reply.client.ClearField("changed_at")
+            reply.client.ClearField("last_seen")
+        assert replies[0] == replies[1]
+
+
+@allure.story("Throughput")
+def test_asyncio_dict_answers_as_the_original_service_does(baseline):
+    """The simplest earlier implementation: the original reply, and its refusal."""
+    server = baseline("asyncio-dict")
+    reply = send(server.address, "alice", " Hello ")
+    assert (reply.success, reply.info) == (True, "Client alice marked as connected.")
+    assert not reply.HasField("client"), "it keeps no record to answer with"
+    assert send(server.address, "alice", "goodbye").info == "Client alice marked as disconnected."
+    refusal = send(server.address, "alice", "bye")
+    assert (refusal.code(), refusal.details()) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                  "Invalid message type: bye")
+
+
+def events(*revisions):
+    """A Watch message carrying changes with these revisions."""
+    return pb.WatchResponse(events=[pb.Event(revision=revision, reason="hello")
+                                    for revision in revisions])
+
+
+@allure.story("Scale, connections, watch, soak")
+def test_the_watch_tally_counts_repeats_gaps_and_who_reached_the_last_revision():
+    tally = WatchTally(2, keep=True)
+    with allure.step("both streams have their snapshot, at revision 10"):
+        tally.receive(0, pb.WatchResponse(snapshot_complete=True, revision=10))
+        assert not tally.all_settled.is_set()
+        tally.receive(1, pb.WatchResponse(snapshot_complete=True, revision=10))
+        assert tally.all_settled.is_set()
+    with allure.step("stream 0 sees 11, 11 again and 13; stream 1 ends"):
+        for message in (events(11), events(11, 13)):
+            tally.receive(0, message)
+        tally.end(1, "CANCELLED")
+    tally.reach(13)
+    assert tally.all_reached.is_set()
+    report = tally.report()
+    assert (report["received"], report["duplicates"], report["gaps"]) == ([3, 0], [1, 0], [1, 0])
+    assert report["last"] == [13, 10] and report["ended"] == [None, "CANCELLED"]
+    assert list(report["revisions"][0]) == [11, 13] and report["reasons"] == {"hello": 3}
+
+
+@allure.story("Scale, connections, watch, soak")
+def test_the_watch_tally_waits_for_every_stream_to_reach_the_last_revision():
+    tally = WatchTally(2, keep=False)
+    for index in range(2):
+        tally.receive(index, pb.WatchResponse(snapshot_complete=True, revision=5))
+    tally.reach(6)
+    tally.receive(0, events(6))
+    tally.receive(0, events(7))
+    assert not tally.all_reached.is_set(), "a stream counts once, however much it receives"
+    tally.receive(1, events(6))
+    assert tally.all_reached.is_set()
+    assert tally.report()["revisions"] is None

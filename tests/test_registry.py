@@ -30,6 +30,13 @@ def registry():
     ("x" * 129, "at most 128 characters, got 129"),
     ("bell\x07", "U+0007 at position 4"),
     ("\x9f", "U+009F at position 0"),
+    (" ", "must not be only white space"),
+    ("\t\u2003 ", "U+0009 at position 0"),
+    ("\u2003\u3000", "must not be only white space"),
+    ("\u202aalice", "bidirectional override or isolate characters, found U+202A at position 0"),
+    ("ali\u202ece", "found U+202E at position 3"),
+    ("bob\u2066", "found U+2066 at position 3"),
+    ("\u2069", "found U+2069 at position 0"),
 ])
 def test_client_id_rule_names_what_broke(client_id, reason):
     with pytest.raises(presence.InvalidArgument, match=reason.replace("+", r"\+")):
@@ -76,9 +83,9 @@ def test_prefix_stops_at_the_first_id_outside_it(registry):
 @allure.feature("Semantics")
 @allure.story("Counts")
 def test_counts_move_between_statuses(registry):
-    registry.apply("a", CONNECTED)
-    registry.apply("b", CONNECTED)
-    registry.apply("a", DISCONNECTED)
+    registry.apply_one(Message("a", CONNECTED))
+    registry.apply_one(Message("b", CONNECTED))
+    registry.apply_one(Message("a", DISCONNECTED))
     assert registry.counts() == presence.Counts(connected=1, disconnected=1, live_sessions=1,
                                                 revision=3)
     assert statuses(registry) == {"a": DISCONNECTED, "b": CONNECTED}
@@ -89,9 +96,9 @@ def test_counts_move_between_statuses(registry):
 def test_sqlite_store_reloads_every_record_and_the_revision(tmp_path):
     store = presence.SqliteStore(str(tmp_path / "db.sqlite"))
     registry = Registry(store)
-    registry.apply("a", CONNECTED)
-    registry.apply("b", CONNECTED)
-    registry.apply("a", DISCONNECTED)
+    registry.apply_one(Message("a", CONNECTED))
+    registry.apply_one(Message("b", CONNECTED))
+    registry.apply_one(Message("a", DISCONNECTED))
     store.close()
     reopened = presence.SqliteStore(str(tmp_path / "db.sqlite"))
     again = Registry(reopened)
@@ -108,8 +115,8 @@ class SubmitCountingStore(presence.SqliteStore):
         self._left = expected
         self.all_submitted = threading.Event()
 
-    def submit_many(self, records, revision):
-        batch = super().submit_many(records, revision)
+    def submit(self, records, position):
+        batch = super().submit(records, position)
         self._left -= 1  # the registry calls this under its lock, one writer at a time
         if not self._left:
             self.all_submitted.set()
@@ -126,7 +133,7 @@ def test_writers_arriving_during_a_commit_are_saved_by_one_commit(tmp_path):
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # holds the write lock: the store's first commit waits
     with futures.ThreadPoolExecutor(16) as pool:
-        writes = [pool.submit(registry.apply, f"w{n}", CONNECTED) for n in range(16)]
+        writes = [pool.submit(registry.apply_one, Message(f"w{n}", CONNECTED)) for n in range(16)]
         assert store.all_submitted.wait(10), "the writers never reached the store"
         other.execute("ROLLBACK")
         for write in writes:
@@ -173,7 +180,7 @@ def test_renewals_keep_one_heap_entry_per_session_and_still_expire_on_time():
     now = [1_800_000_000.0]
     registry = Registry(presence.MemoryStore(), clock=lambda: now[0])
     for _ in range(100):
-        registry.apply("alice", CONNECTED, "tty", lease=30)
+        registry.apply_one(Message("alice", CONNECTED, "tty", lease=30))
         now[0] += 10
         assert registry.expire_due() == []
     assert len(registry._leases) == 1, "a renewal must not add heap entries"
@@ -181,3 +188,150 @@ def test_renewals_keep_one_heap_entry_per_session_and_still_expire_on_time():
     assert [change.reason for change in registry.expire_due()] == ["lease expired"]
     assert registry.get("alice").status is DISCONNECTED
     assert registry._leases == [] and registry._lease_entries == {}
+
+
+# --- only durable state is ever read --------------------------------------------------------
+
+
+class ControlledSqliteStore(presence.SqliteStore):
+    """The real SQLite store with two seams: its commits can be held open, and made to fail."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.released = threading.Event()
+        self.released.set()
+        self.holding = threading.Event()  # set once a commit waits for `released`
+        self.failing = False  # commits that are not held fail, as a broken disk would
+        self.submitted = threading.Semaphore(0)  # one permit per hand-over
+
+    def hold(self):
+        self.released.clear()
+
+    def submit(self, records, position):
+        batch = super().submit(records, position)
+        self.submitted.release()
+        return batch
+
+    def _save(self, records):
+        if not self.released.is_set():
+            self.holding.set()
+            self.released.wait()
+        elif self.failing:
+            raise sqlite3.OperationalError("disk I/O error (made by the test)")
+        super()._save(records)
+
+
+def in_background(pool, call, *args):
+    """call(*args) in another thread; its future."""
+    return pool.submit(call, *args)
+
+
+def reads(registry):
+    """Everything a reader can learn from the registry, for comparing before and after."""
+    return (registry.snapshot(), registry.counts(),
+            registry.page(1000), [registry.get(cid) for cid in ("alice", "bob", "new")])
+
+
+@allure.feature("Durability")
+@allure.story("Reads show only durable state")
+def test_readers_see_a_change_only_once_its_commit_is_done(tmp_path):
+    store = ControlledSqliteStore(str(tmp_path / "db.sqlite"))
+    registry = Registry(store)
+    registry.apply_one(Message("alice", CONNECTED))
+    before = reads(registry)
+    store.hold()
+    with futures.ThreadPoolExecutor(1) as pool:
+        goodbye = in_background(pool, registry.apply_one, Message("alice", DISCONNECTED))
+        assert store.holding.wait(10), "the goodbye never reached a commit"
+        with allure.step("while the commit is held, every read shows the state before it"):
+            assert reads(registry) == before
+            assert registry.get("alice").status is CONNECTED
+            assert (registry.counts().revision, registry.log.durable) == (1, 1)
+        store.released.set()
+        record, change = goodbye.result(timeout=10)
+    with allure.step("once committed, every read shows it"):
+        assert registry.get("alice") == record and record.status is DISCONNECTED
+        assert registry.counts() == presence.Counts(0, 1, 0, 2)
+        assert registry.snapshot()[1] == 2 and registry.log.read(1) == [change]
+    store.close()
+
+
+def setup_for_refusal(store, clock):
+    """alice with a leased session 'tty' and a plain one 'desk', bob on the default session."""
+    registry = Registry(store, clock=clock)
+    registry.apply_many([Message("alice", CONNECTED, "tty", lease=30),
+                         Message("alice", CONNECTED, "desk"), Message("bob", CONNECTED)])
+    return registry
+
+
+REFUSED_CHANGES = {
+    "hello of a new client": Message("new", CONNECTED),
+    "hello of a new session": Message("alice", CONNECTED, "phone"),
+    "renewal of a leased session (no revision of its own)": Message("alice", CONNECTED, "tty",
+                                                                    lease=30),
+    "repeated hello (last seen only)": Message("bob", CONNECTED),
+    "goodbye of one session": Message("alice", DISCONNECTED, "tty"),
+    "goodbye of every session": Message("alice", DISCONNECTED),
+    "goodbye of an unknown client": Message("new", DISCONNECTED),
+    "lease expiry": None,
+}
+
+
+@allure.feature("Durability")
+@allure.story("A refused write leaves memory as the store has it")
+@pytest.mark.parametrize("kind", REFUSED_CHANGES)
+def test_a_refused_change_of_any_kind_leaves_memory_exactly_as_the_store_has_it(tmp_path, kind):
+    """The refused change waits for a commit while an earlier one is held, then that earlier
+    one succeeds and the refused one's fails: the success must not keep the refusal."""
+    path = str(tmp_path / "db.sqlite")
+    now = [1_800_000_000.0]
+    store = ControlledSqliteStore(path)
+    registry = setup_for_refusal(store, lambda: now[0])
+    now[0] += 31 if kind == "lease expiry" else 5
+    store.hold()
+    with futures.ThreadPoolExecutor(2) as pool:
+        earlier = in_background(pool, registry.apply_one, Message("carol", CONNECTED))
+        assert store.holding.wait(10) and store.submitted.acquire(timeout=10)
+        message = REFUSED_CHANGES[kind]
+        refused = in_background(pool, registry.expire_due) if message is None else (
+            in_background(pool, registry.apply_one, message))
+        assert store.submitted.acquire(timeout=10), "the change never reached the store"
+        store.failing = True
+        store.released.set()
+        earlier.result(timeout=10)
+        with pytest.raises(presence.StoreError, match="disk I/O error"):
+            refused.result(timeout=10)
+    reopened = presence.SqliteStore(path)
+    on_disk = Registry(reopened, clock=lambda: now[0])
+    assert reads(registry) == reads(on_disk)
+    assert registry.get("carol") is not None, "the earlier change was durable"
+    if kind == "lease expiry":
+        assert registry.seconds_to_next_expiry() <= 0, "the lease must still come due"
+    reopened.close()
+    store.close()
+
+
+@allure.feature("Durability")
+@allure.story("The database removed under the server")
+@pytest.mark.parametrize("what", ["the database", "its WAL", "the database, replaced"])
+def test_a_database_removed_or_replaced_under_the_store_refuses_writes(tmp_path, caplog, what):
+    path = tmp_path / "db.sqlite"
+    store = presence.SqliteStore(str(path))
+    registry = Registry(store)
+    registry.apply_one(Message("alice", CONNECTED))
+    before = reads(registry)
+    if what == "its WAL":
+        (tmp_path / "db.sqlite-wal").unlink()
+    else:
+        path.unlink()
+        if what == "the database, replaced":
+            sqlite3.connect(path).close()
+    with caplog.at_level("ERROR"), pytest.raises(presence.StoreError,
+                                                 match="was (removed|replaced) while the server"):
+        registry.apply_one(Message("bob", CONNECTED))
+    assert any("db.sqlite" in record.message and record.levelname == "ERROR"
+               for record in caplog.records)
+    assert reads(registry) == before, "the refused write must not show"
+    with pytest.raises(presence.StoreError):
+        registry.apply_one(Message("carol", CONNECTED))
+    store.close()

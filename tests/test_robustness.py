@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from typing import NamedTuple
 
@@ -42,7 +43,8 @@ DOCUMENTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
 MAX_REQUEST = presence.DEFAULT_MAX_REQUEST_BYTES
 MAX_LEASE = presence.DEFAULT_MAX_LEASE
 MAX_BATCH = 1000
-CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # DESIGN: ids hold no control characters (Cc)
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # ids hold no control characters (Cc)
+BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")  # nor bidirectional overrides or isolates
 STOPPED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 FUZZ = settings(max_examples=150, deadline=None, print_blob=True,
@@ -161,12 +163,14 @@ def assert_documented(answer, request):
         assert answer.details(), f"{answer.code().name} without details for {brief(request)}"
 
 
-# --- what DESIGN and the proto promise, request by request --------------------------------
+# --- what the README and the proto promise, request by request ------------------------------
 
 
-def id_rule_broken(text):
-    """DESIGN 3: 1 to 128 characters of Unicode, no control characters."""
-    return not text or len(text) > presence.MAX_ID_LENGTH or bool(CONTROL.search(text))
+def id_rule_broken(text, prefix=False):
+    """The id rule (README, Rules): 1 to 128 characters of Unicode, not only white space (a
+    prefix may be), no control characters, no bidirectional overrides or isolates."""
+    return (not text or len(text) > presence.MAX_ID_LENGTH or bool(CONTROL.search(text))
+            or bool(BIDI.search(text)) or (text.isspace() and not prefix))
 
 
 def broken_rules(request):
@@ -273,7 +277,7 @@ def check_list_clients(request, answer):
     broken = []
     if request.page_size < 0:
         broken.append("page_size")
-    if request.id_prefix and id_rule_broken(request.id_prefix):
+    if request.id_prefix and id_rule_broken(request.id_prefix, prefix=True):
         broken.append("id_prefix")
     if request.status not in (pb.STATUS_UNSPECIFIED, pb.STATUS_CONNECTED,
                               pb.STATUS_DISCONNECTED):
@@ -281,6 +285,9 @@ def check_list_clients(request, answer):
     if broken:
         assert_refused(answer, request, grpc.StatusCode.INVALID_ARGUMENT,
                        broken + ["page_token"] if request.page_token else broken)
+        return
+    if request.page_token and not issued_token(request.page_token):
+        assert_refused(answer, request, grpc.StatusCode.INVALID_ARGUMENT, ["page_token"])
         return
     if isinstance(answer, grpc.RpcError):  # only a token this server never issued may fail
         assert request.page_token, brief(answer.details())
@@ -292,6 +299,15 @@ def check_list_clients(request, answer):
     assert all(client_id.startswith(request.id_prefix) for client_id in ids)
     if request.status:
         assert {client.status for client in answer.clients} <= {request.status}
+
+
+def issued_token(token):
+    """Whether token is exactly what the server issues for some id: base64url of its UTF-8."""
+    try:
+        text = base64.urlsafe_b64decode(token.encode("ascii")).decode()
+    except (ValueError, UnicodeError):
+        return False
+    return bool(text) and base64.urlsafe_b64encode(text.encode()).decode() == token
 
 
 def check_watch(request, first):
@@ -319,7 +335,8 @@ ANY_TEXT = st.one_of(
     st.text(st.characters(codec="utf-8", exclude_categories=["Cc"]), min_size=1, max_size=140),
     st.builds(operator.mul, CHARACTERS, st.integers(100, 70_000)),  # very long
     st.sampled_from(["", " ", "\x00", "\t", "\x7f", "\x85", "\u200b", "\ufeff", "\U0010ffff",
-                     "🙂", "a" * 128, "a" * 129, "é" * 128, "é" * 129, "%", "%00", "\\"]),
+                     "🙂", "a" * 128, "a" * 129, "é" * 128, "é" * 129, "%", "%00", "\\",
+                     "\u3000 ", "\u202eevil", "a\u2066b", "\u2069"]),
 )
 KNOWN_IDS = st.sampled_from(["alice", "bob", "Ωmega", "日本", "a" * 128, "canary"])
 CLIENT_IDS = st.one_of(KNOWN_IDS, ANY_TEXT)
@@ -419,6 +436,9 @@ def test_get_client_status_answers_any_id_with_success_or_a_documented_refusal(t
 @given(request=LIST_REQUESTS)
 @example(request=pb.ListClientsRequest(page_size=-2**31, status=2**31 - 1))
 @example(request=pb.ListClientsRequest(page_token="not base64!"))
+@example(request=pb.ListClientsRequest(page_token="!!!"))
+@example(request=pb.ListClientsRequest(page_token="é字"))
+@example(request=pb.ListClientsRequest(page_token="YQ==YQ=="))
 def test_list_clients_answers_any_page_request_with_success_or_a_documented_refusal(target,
                                                                                    request):
     check_list_clients(request, outcome(target.stub.ListClients, request))
@@ -457,7 +477,7 @@ def test_count_clients_stays_consistent_with_the_all_clients_map_between_any_cal
 @allure.feature("Robustness")
 @allure.story("Fuzzed requests to every RPC")
 def test_a_refusal_of_a_long_message_text_stays_invalid_argument(target):
-    """DESIGN 2: any other message is INVALID_ARGUMENT `Invalid message type: <message>`."""
+    """Any other message is INVALID_ARGUMENT `Invalid message type: <message>` (README, wire contract)."""
     request = pb.MessageRequest(client_id="alice", message="é" * 5000)
     assert request.ByteSize() < MAX_REQUEST
     answer = outcome(target.stub.SendMessage, request)
@@ -723,7 +743,7 @@ UNKNOWN = Known(None, 0)
 
 
 def after(sessions, op):
-    """The live sessions after op (DESIGN 3: Goodbye naming no session ends all of them)."""
+    """The live sessions after op (a Goodbye naming no session ends all of them)."""
     current = sessions or frozenset()
     if op.message == "hello":
         return current | {op.session_id}
@@ -1152,3 +1172,84 @@ def test_a_write_the_store_refused_is_not_visible_to_readers(limited_servers, sq
         counts = stub.CountClients(pb.CountClientsRequest(), timeout=CALL_DEADLINE)
         assert counts.revision == acked[-1][1], "a refused write moved the revision"
         assert observe(stub, refused_id) == UNKNOWN, "a refused write is visible"
+
+
+# --- 7. reads while a commit is held, then kill -9; the database removed under the server -----
+
+
+HELD_COMMIT_SERVER = ROOT / "tests" / "held_commit_server.py"
+
+
+def everything_read(stub, watcher_snapshot):
+    """What readers learn of alice by every read, with the revision each reports."""
+    record = stub.GetClientStatus(pb.ClientStatusRequest(client_id="alice"),
+                                  timeout=CALL_DEADLINE).clients[0]
+    counts = stub.CountClients(pb.CountClientsRequest(), timeout=CALL_DEADLINE)
+    page = stub.ListClients(pb.ListClientsRequest(), timeout=CALL_DEADLINE)
+    clients, revision, _ = watcher_snapshot
+    return {"status": (record.status, record.revision),
+            "count": (counts.connected, counts.disconnected, counts.revision),
+            "list": ([(c.client_id, c.status, c.revision) for c in page.clients], page.revision),
+            "watch": ({cid: (c.status, c.revision) for cid, c in clients.items()}, revision)}
+
+
+@allure.feature("Faults")
+@allure.story("Reads show only durable state")
+def test_nothing_read_while_a_commit_is_held_is_contradicted_after_kill_9(sqlite_url,
+                                                                        server_processes):
+    held = ServerProcess("--store", sqlite_url, program=(str(HELD_COMMIT_SERVER),),
+                         env={"HOLD_AFTER_COMMITS": "1"})
+    try:
+        with connect(held.address) as channel, ThreadPoolExecutor(1) as pool:
+            stub = pb_grpc.ClientServiceStub(channel)
+            stub.SendMessage(pb.MessageRequest(client_id="alice", message="hello"),
+                             timeout=CALL_DEADLINE)
+            watch = Watch(stub)
+            first_snapshot = watch.snapshot()
+            with allure.step("a goodbye whose commit is held open"):
+                goodbye = pool.submit(stub.SendMessage, pb.MessageRequest(
+                    client_id="alice", message="goodbye"), timeout=DEADLINE)
+                held.wait_for_log("holding commit 2")
+            with allure.step("every read while it is held"):
+                before = everything_read(stub, Watch(stub).snapshot())
+                assert before["status"] == (pb.STATUS_CONNECTED, 1)
+            held.kill()
+            with pytest.raises(grpc.RpcError):
+                goodbye.result(timeout=DEADLINE)  # never acknowledged
+    finally:
+        held.stop()
+    with allure.step("restarted: nothing read before is contradicted, no revision reused"):
+        restarted = server_processes("--store", sqlite_url)
+        with connect(restarted.address) as channel:
+            stub = pb_grpc.ClientServiceStub(channel)
+            assert everything_read(stub, Watch(stub).snapshot()) == before
+            resumed = Watch(stub, since_revision=first_snapshot[1])
+            reply = stub.SendMessage(pb.MessageRequest(client_id="bob", message="hello"),
+                                     timeout=CALL_DEADLINE)
+            assert reply.client.revision == 2
+            message = resumed.next()
+            assert not message.resync and [(e.revision, e.client.client_id)
+                                            for e in message.events] == [(2, "bob")]
+
+
+@allure.feature("Faults")
+@allure.story("The database removed under the server")
+@pytest.mark.parametrize("suffix", ["", "-wal"])
+def test_deleting_the_database_under_a_running_server_refuses_writes_and_says_why(
+        server_processes, tmp_path, suffix):
+    path = tmp_path / "connections.db"
+    server = server_processes("--store", f"sqlite:///{path}")
+    with connect(server.address) as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        stub.SendMessage(pb.MessageRequest(client_id="alice", message="hello"),
+                         timeout=CALL_DEADLINE)
+        (tmp_path / f"connections.db{suffix}").unlink()
+        refusal = outcome(stub.SendMessage, pb.MessageRequest(client_id="bob", message="hello"))
+        assert isinstance(refusal, grpc.RpcError)
+        assert refusal.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"connections.db{suffix} was removed while the server ran" in refusal.details()
+        server.wait_for_log(r"ERROR .*connections\.db.* was removed")
+        assert observe(stub, "bob") == UNKNOWN, "the refused write is visible"
+        assert observe(stub, "alice").sessions == frozenset({""})
+        again = outcome(stub.SendMessage, pb.MessageRequest(client_id="carol", message="hello"))
+        assert isinstance(again, grpc.RpcError) and again.code() == grpc.StatusCode.UNAVAILABLE

@@ -31,7 +31,7 @@ import urllib.parse
 from concurrent import futures
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Iterable, NamedTuple, Protocol, Sequence
+from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -44,6 +44,7 @@ from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
 from generated import notifications_pb2 as notifications_pb
 
+__version__ = "1.1.0"
 logger = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ClientService"]
@@ -2027,10 +2028,6 @@ def serve(args):
 # --- command line -------------------------------------------------------------
 
 
-def _env(name, default):
-    return os.environ.get(f"PRESENCE_{name}", default)
-
-
 def _port(text):
     port = int(text)
     if not 0 <= port <= 65535:
@@ -2045,82 +2042,85 @@ def _positive_int(text):
     return value
 
 
-def build_parser():
-    """The command line; every flag has a PRESENCE_* environment twin."""
+class Flag(NamedTuple):
+    """One flag of the command line; its environment twin is PRESENCE_ and its name in capitals.
+
+    A switch is on when given, or when its twin is set to anything but "", 0 or false."""
+
+    name: str
+    default: object
+    help: str
+    type: Callable[[str], object] = str
+    metavar: str | None = None
+    choices: Sequence[str] | None = None
+    switch: bool = False
+
+    @property
+    def env(self):
+        return "PRESENCE_" + self.name.removeprefix("--").upper().replace("-", "_")
+
+
+FLAGS = (
+    Flag("--host", DEFAULT_HOST, "interface to listen on; 0.0.0.0 or :: for every interface"),
+    Flag("--port", DEFAULT_PORT, "TCP port; 0 takes a free one, logged as "
+         "'listening on HOST:PORT'", _port),
+    Flag("--store", DEFAULT_STORE, "where statuses live: sqlite:///PATH (durable; a relative PATH "
+         "is relative to the working directory; add ?sync=full to also survive a power loss, at "
+         "a cost in speed) or memory:// (lost on exit)"),
+    Flag("--workers", DEFAULT_WORKERS, "threads serving calls", _positive_int),
+    Flag("--max-concurrent-rpcs", DEFAULT_MAX_CONCURRENT_RPCS, "calls in progress at once, "
+         "besides the room kept for --max-watchers; more are refused with RESOURCE_EXHAUSTED",
+         _positive_int),
+    Flag("--max-request-bytes", DEFAULT_MAX_REQUEST_BYTES, "largest request accepted; larger "
+         "ones are refused with RESOURCE_EXHAUSTED", _positive_int),
+    Flag("--max-lease", DEFAULT_MAX_LEASE, "longest lease a Hello may ask for, in seconds; longer "
+         "ones are refused with INVALID_ARGUMENT", _positive_int),
+    Flag("--max-sessions", DEFAULT_MAX_SESSIONS, "live sessions one client may have at once; a "
+         "Hello for one more is refused with RESOURCE_EXHAUSTED", _positive_int),
+    Flag("--max-watchers", DEFAULT_MAX_WATCHERS, "watch streams open at once; more are refused "
+         "with RESOURCE_EXHAUSTED", _positive_int),
+    Flag("--watch-buffer", DEFAULT_WATCH_BUFFER, "changes a watcher may fall behind before it is "
+         "cut off with RESOURCE_EXHAUSTED", _positive_int),
+    Flag("--watch-history", DEFAULT_WATCH_HISTORY, "recent changes kept in memory for watchers "
+         "that resume from a revision", _positive_int),
+    Flag("--tls-cert", "", "serve TLS with this certificate chain (PEM); needs --tls-key",
+         metavar="FILE"),
+    Flag("--tls-key", "", "the private key of --tls-cert (PEM)", metavar="FILE"),
+    Flag("--tls-client-ca", "", "mutual TLS: require client certificates signed by this CA "
+         "(PEM)", metavar="FILE"),
+    Flag("--token", "", "access token: calls must send 'authorization: Bearer TOKEN' or get "
+         "UNAUTHENTICATED; health and reflection stay open"),
+    Flag("--token-file", "", "read the access token from this file instead (keeps it out of the "
+         "process list)", metavar="FILE"),
+    Flag("--public-reads", False, "with a token, let status, listing, counts and watch through "
+         "without it; writes still need it", switch=True),
+    Flag("--metrics-port", None, "serve Prometheus metrics on this port of --host (0 takes a "
+         "free one, logged); off when not given", _port),
+    Flag("--grace", DEFAULT_GRACE_SECONDS, "seconds in-flight calls get to finish on "
+         "SIGINT/SIGTERM", float),
+    Flag("--log-level", "INFO", "DEBUG also logs every status change", str.upper,
+         choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+)
+
+
+def build_parser(environ=os.environ):
+    """The command line, from FLAGS; each flag's default comes from its twin when that is set."""
     parser = argparse.ArgumentParser(
         description="Presence server: tracks which clients are connected, over gRPC.",
         epilog="Every flag can also be set by the environment variable named in brackets; "
         "a flag on the command line wins.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--host", default=_env("HOST", DEFAULT_HOST),
-                        help="interface to listen on; 0.0.0.0 or :: for every interface "
-                        "[PRESENCE_HOST]")
-    parser.add_argument("--port", type=_port, default=_env("PORT", DEFAULT_PORT),
-                        help="TCP port; 0 takes a free one, logged as 'listening on HOST:PORT' "
-                        "[PRESENCE_PORT]")
-    parser.add_argument("--store", default=_env("STORE", DEFAULT_STORE),
-                        help="where statuses live: sqlite:///PATH (durable; a relative PATH is "
-                        "relative to the working directory; add ?sync=full to also survive a "
-                        "power loss, at a cost in speed) or memory:// (lost on exit) "
-                        "[PRESENCE_STORE]")
-    parser.add_argument("--workers", type=_positive_int, default=_env("WORKERS", DEFAULT_WORKERS),
-                        help="threads serving calls [PRESENCE_WORKERS]")
-    parser.add_argument("--max-concurrent-rpcs", type=_positive_int,
-                        default=_env("MAX_CONCURRENT_RPCS", DEFAULT_MAX_CONCURRENT_RPCS),
-                        help="calls in progress at once; more are refused with "
-                        "RESOURCE_EXHAUSTED [PRESENCE_MAX_CONCURRENT_RPCS]")
-    parser.add_argument("--max-request-bytes", type=_positive_int,
-                        default=_env("MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES),
-                        help="largest request accepted; larger ones are refused with "
-                        "RESOURCE_EXHAUSTED [PRESENCE_MAX_REQUEST_BYTES]")
-    parser.add_argument("--max-lease", type=_positive_int,
-                        default=_env("MAX_LEASE", DEFAULT_MAX_LEASE),
-                        help="longest lease a Hello may ask for, in seconds; longer ones are "
-                        "refused with INVALID_ARGUMENT [PRESENCE_MAX_LEASE]")
-    parser.add_argument("--max-sessions", type=_positive_int,
-                        default=_env("MAX_SESSIONS", DEFAULT_MAX_SESSIONS),
-                        help="live sessions one client may have at once; a Hello for one more "
-                        "is refused with RESOURCE_EXHAUSTED [PRESENCE_MAX_SESSIONS]")
-    parser.add_argument("--max-watchers", type=_positive_int,
-                        default=_env("MAX_WATCHERS", DEFAULT_MAX_WATCHERS),
-                        help="watch streams open at once; more are refused with "
-                        "RESOURCE_EXHAUSTED [PRESENCE_MAX_WATCHERS]")
-    parser.add_argument("--watch-buffer", type=_positive_int,
-                        default=_env("WATCH_BUFFER", DEFAULT_WATCH_BUFFER),
-                        help="changes a watcher may fall behind before it is cut off with "
-                        "RESOURCE_EXHAUSTED [PRESENCE_WATCH_BUFFER]")
-    parser.add_argument("--watch-history", type=_positive_int,
-                        default=_env("WATCH_HISTORY", DEFAULT_WATCH_HISTORY),
-                        help="recent changes kept in memory for watchers that resume from a "
-                        "revision [PRESENCE_WATCH_HISTORY]")
-    parser.add_argument("--tls-cert", metavar="FILE", default=_env("TLS_CERT", ""),
-                        help="serve TLS with this certificate chain (PEM); needs --tls-key "
-                        "[PRESENCE_TLS_CERT]")
-    parser.add_argument("--tls-key", metavar="FILE", default=_env("TLS_KEY", ""),
-                        help="the private key of --tls-cert (PEM) [PRESENCE_TLS_KEY]")
-    parser.add_argument("--tls-client-ca", metavar="FILE", default=_env("TLS_CLIENT_CA", ""),
-                        help="mutual TLS: require client certificates signed by this CA (PEM) "
-                        "[PRESENCE_TLS_CLIENT_CA]")
-    parser.add_argument("--token", default=_env("TOKEN", ""),
-                        help="access token: calls must send 'authorization: Bearer TOKEN' or get "
-                        "UNAUTHENTICATED; health and reflection stay open [PRESENCE_TOKEN]")
-    parser.add_argument("--token-file", metavar="FILE", default=_env("TOKEN_FILE", ""),
-                        help="read the access token from this file instead (keeps it out of "
-                        "the process list) [PRESENCE_TOKEN_FILE]")
-    parser.add_argument("--public-reads", action="store_true",
-                        default=_env("PUBLIC_READS", "") not in ("", "0", "false"),
-                        help="with a token, let status, listing, counts and watch through "
-                        "without it; writes still need it [PRESENCE_PUBLIC_READS=1]")
-    parser.add_argument("--metrics-port", type=_port, default=_env("METRICS_PORT", None),
-                        help="serve Prometheus metrics on this port of --host (0 takes a free "
-                        "one, logged); off when not given [PRESENCE_METRICS_PORT]")
-    parser.add_argument("--grace", type=float, default=_env("GRACE", DEFAULT_GRACE_SECONDS),
-                        help="seconds in-flight calls get to finish on SIGINT/SIGTERM "
-                        "[PRESENCE_GRACE]")
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
-                        help="DEBUG also logs every status change [PRESENCE_LOG_LEVEL]")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    for flag in FLAGS:
+        help_text = f"{flag.help} [{flag.env}{'=1' if flag.switch else ''}]"
+        if flag.switch:
+            on = environ.get(flag.env, "").lower() not in ("", "0", "false")
+            parser.add_argument(flag.name, action="store_true", default=on, help=help_text)
+            continue
+        parser.add_argument(flag.name, default=environ.get(flag.env, flag.default),
+                            type=flag.type, metavar=flag.metavar, choices=flag.choices,
+                            help=help_text)
     return parser
 
 

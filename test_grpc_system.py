@@ -519,12 +519,39 @@ def test_help_explains_every_flag_and_its_environment_twin():
                             text=True, timeout=DEADLINE)
     assert result.returncode == 0
     help_text = " ".join(result.stdout.split())
-    for flag, env in [("--host", "PRESENCE_HOST"), ("--port", "PRESENCE_PORT"),
-                      ("--store", "PRESENCE_STORE"), ("--workers", "PRESENCE_WORKERS"),
-                      ("--max-concurrent-rpcs", "PRESENCE_MAX_CONCURRENT_RPCS"),
-                      ("--max-request-bytes", "PRESENCE_MAX_REQUEST_BYTES"),
-                      ("--grace", "PRESENCE_GRACE"), ("--log-level", "PRESENCE_LOG_LEVEL")]:
-        assert flag in help_text and env in help_text
+    readme = (ROOT / "README.txt").read_text()
+    server_section = readme[readme.index("The server\n"):readme.index("Leases, sessions")]
+    assert len(presence.FLAGS) >= 20
+    for flag in presence.FLAGS:
+        assert f"{flag.name} " in help_text and f"[{flag.env}" in help_text, flag.name
+        assert flag.name in server_section and flag.env in server_section, (
+            f"README's server section does not name {flag.name} and {flag.env}")
+
+
+def samples(flag):
+    """Two texts the flag accepts, each with what it parses to."""
+    if flag.choices:
+        return [(choice.lower(), choice) for choice in flag.choices[:2]]
+    texts = {float: ("2.5", "9.5"), str: ("some-text", "other-text")}.get(flag.type, ("7", "8"))
+    return [(text, flag.type(text)) for text in texts]
+
+
+@allure.feature("Operations")
+@allure.story("Command line")
+@pytest.mark.parametrize("flag", presence.FLAGS, ids=[flag.name for flag in presence.FLAGS])
+def test_each_environment_twin_sets_its_flag_and_the_flag_wins(flag):
+    attribute = flag.name.removeprefix("--").replace("-", "_")
+    if flag.switch:
+        for text, on in (("1", True), ("0", False), ("false", False), ("yes", True)):
+            assert getattr(presence.build_parser({flag.env: text}).parse_args([]),
+                           attribute) is on
+        assert getattr(presence.build_parser({}).parse_args([flag.name]), attribute) is True
+        return
+    (env_text, env_value), (flag_text, flag_value) = samples(flag)
+    from_env = presence.build_parser({flag.env: env_text}).parse_args([])
+    assert getattr(from_env, attribute) == env_value
+    given = presence.build_parser({flag.env: env_text}).parse_args([flag.name, flag_text])
+    assert getattr(given, attribute) == flag_value
 
 
 @allure.feature("Operations")

@@ -23,7 +23,6 @@ from rich.cells import cell_len
 from rich.console import Console
 
 import client
-import server as presence_server
 from conftest import (ANSI, CLIENT, DEADLINE, PROMPT, ROOT, Lines, Watch, complete, connect,
                       free_address, goodbye, hello, run_client)
 from generated import connection_pb2 as pb
@@ -1361,13 +1360,9 @@ def test_watch_view_fits_the_height_with_its_notice_counts_note_and_toolbar_on_s
 
 
 @pytest.fixture
-def server_58_seconds_behind():
+def server_58_seconds_behind(make_server):
     """An in-process server whose clock runs 58 s behind, so its clients changed 58 s ago."""
-    server = presence_server.create_server("127.0.0.1:0", presence_server.MemoryStore(),
-                                    clock=lambda: time.time() - 58)
-    server.start()
-    yield f"127.0.0.1:{server.port}"
-    server.stop(0)
+    return f"127.0.0.1:{make_server(clock=lambda: time.time() - 58).port}"
 
 
 @allure.story("Watch")

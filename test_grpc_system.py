@@ -1,6 +1,7 @@
 """System tests: the real server over real gRPC on loopback, in-process and as a subprocess."""
 
 import itertools
+import re
 import signal
 import socket
 import subprocess

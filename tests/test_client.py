@@ -1526,3 +1526,16 @@ def test_id_completion_follows_the_watch_stream(repl, address, stub):
         child.expect_exact("completion knows bob from the watch stream")
     with allure.step("it completes at once, before the cached page goes stale"):
         complete(child, "status b", "status bob")
+
+
+@allure.story("Settings")
+def test_readme_names_every_flag_its_twin_and_its_config_key():
+    readme = (ROOT / "README.txt").read_text()
+    section = readme[readme.index("The client\n-------"):readme.index("Performance\n-------")]
+    rows = section[section.index("\n  --server"):].split("\n\n")[0]
+    entries = {entry.split()[0]: entry.split() for entry in rows.split("\n  --") if entry}
+    for option in client.OPTIONS:
+        entry = entries.get(option.key) or entries.get(option.flag)
+        assert entry, f"README's client section has no row for {option.flag}"
+        assert entry[-2].startswith(option.env), (option.flag, entry[-2])
+        assert entry[-1] == (option.key if option.in_file else "(none)"), (option.flag, entry[-1])

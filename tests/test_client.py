@@ -1360,17 +1360,17 @@ def test_watch_view_fits_the_height_with_its_notice_counts_note_and_toolbar_on_s
 
 
 @pytest.fixture
-def server_58_seconds_behind(make_server):
-    """An in-process server whose clock runs 58 s behind, so its clients changed 58 s ago."""
-    return f"127.0.0.1:{make_server(clock=lambda: time.time() - 58).port}"
+def server_50_seconds_behind(make_server):
+    """An in-process server whose clock runs 50 s behind, so its clients changed 50 s ago."""
+    return f"127.0.0.1:{make_server(clock=lambda: time.time() - 50).port}"
 
 
 @allure.story("Watch")
 def test_watch_times_tick_while_nothing_changes_and_the_toolbar_stays(repl,
-                                                                      server_58_seconds_behind):
-    with connect(server_58_seconds_behind) as channel:
+                                                                      server_50_seconds_behind):
+    with connect(server_50_seconds_behind) as channel:
         hello(pb_grpc.ClientServiceStub(channel), "gina")
-    child = repl(server_58_seconds_behind)
+    child = repl(server_50_seconds_behind)
     child.expect_exact(PROMPT)
     child.send("watch\r")
     child.expect(rf"│ gina\s+│ {ANSI}connected{ANSI}\s+│ default\s+│ 5\d s ago")

@@ -1,15 +1,24 @@
 """Presence client: a menu REPL, piped scripts and one-shot commands for the presence service."""
 
+__version__ = "1.1.0"
+
 import argparse
+import bisect
 import json
 import logging
 import os
 import shlex
 import signal
 import socket
+import subprocess
 import sys
+import termios
+import textwrap
 import threading
 import time
+import tomllib
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +28,12 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc  # noqa: E402 (after the verbosity above)
 from prompt_toolkit import PromptSession
+from prompt_toolkit.application import get_app
+from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
 from prompt_toolkit.completion import Completer, Completion
 from prompt_toolkit.history import FileHistory, InMemoryHistory
 from rich import box
+from rich.cells import cell_len, get_character_cell_size
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -42,19 +54,30 @@ EXIT_INTERRUPTED = 130  # Ctrl-C during a one-shot command, as shells report SIG
 DEFAULT_SERVER = "localhost:50051"
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_HISTORY = "~/.presence_history"
+DEFAULT_CONFIG = "~/.config/presence/config.toml"
+DEFAULT_PAGER = "less -R"
 PAGE_SIZE = 1000  # the server's largest page
-MAX_ROWS = 200  # a table longer than this helps nobody; --json gets every client
+PAGE_ROWS = 200  # clients per page of a table; `more` shows the next, --json gets every client
 QUICK_TIMEOUT = 1.0  # completion and toolbar calls must never keep the user waiting
-IDS_TTL = 5.0  # seconds a page of ids for completion stays fresh
+IDS_TTL = 5.0  # seconds a page of ids for completion stays fresh without the watch stream
 COUNT_INTERVAL = 3.0  # seconds between toolbar refreshes of the online count
 DEFAULT_LEASE = 15  # seconds; --as renews at a third of it, so a crash shows within this
-WATCH_REFRESH = 4  # live table redraws per second at most
+WATCH_REFRESH = 2  # live table redraws per second: relative times tick, changes show at once
+RESUME_BACKOFF = (0.2, 2.0)  # seconds between attempts to resume a watch, first and longest
 MIN_COUNT_SPACING = 0.2  # the toolbar recounts at most this often when the stream is busy
+TABLE_WIDTH = 120  # the width renderers assume when not given the console's
+MIN_ID_WIDTH = 10  # a cut id keeps at least this many cells
+ENOUGH_ID_WIDTH = 32  # past this many cells an id is cut (uniquely) before more columns go
+SESSIONS_WIDTH = 24  # the sessions column is cut past this; `status ID` shows them all
 PROMPT = "presence> "
 MESSAGES = ("hello", "goodbye")
+STATES = {"": pb.STATUS_UNSPECIFIED, "all": pb.STATUS_UNSPECIFIED,
+          "online": pb.STATUS_CONNECTED, "connected": pb.STATUS_CONNECTED,
+          "offline": pb.STATUS_DISCONNECTED, "disconnected": pb.STATUS_DISCONNECTED}
 RETRY_HINT = " — retrying on the next command"
 UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 STATUS_WORDS = {pb.STATUS_CONNECTED: "connected", pb.STATUS_DISCONNECTED: "disconnected"}
+SHORT_STATUS_WORDS = {pb.STATUS_CONNECTED: "on", pb.STATUS_DISCONNECTED: "off"}
 WORD_STATUSES = {word: status for status, word in STATUS_WORDS.items()}
 STATUS_STYLES = {pb.STATUS_CONNECTED: "bold green", pb.STATUS_DISCONNECTED: "dim red"}
 EVENT_WORDS = {pb.EVENT_CONNECTED: "connected", pb.EVENT_DISCONNECTED: "disconnected",
@@ -82,7 +105,7 @@ CHANNEL_OPTIONS = (
 
 @dataclass(frozen=True)
 class Param:
-    """One argument of a command; its name also picks the completion source ("id", "message")."""
+    """One argument of a command; its name also picks the completion source and prompt history."""
 
     name: str
     prompt: str
@@ -123,18 +146,48 @@ class Answer:
 
 
 @dataclass(frozen=True)
-class Listing:
-    """The first clients in id order beside the server's counts of them all."""
+class Query:
+    """Which clients a listing wants: a status (unspecified: any) and an id prefix."""
+
+    status: int = pb.STATUS_UNSPECIFIED
+    prefix: str = ""
+
+    @property
+    def filtered(self):
+        """Whether the query leaves some clients out, so an empty answer says so."""
+        return bool(self.status or self.prefix)
+
+
+@dataclass(frozen=True)
+class Page:
+    """A run of clients in id order: where it starts (from 1), how many match, if more follow."""
 
     clients: list
+    first: int
+    matching: int | None  # None: not known without listing them all (an id prefix)
+    more: bool
     counts: pb.CountClientsResponse
+    query: Query = Query()
+
+
+class UsageError(Exception):
+    """A command given the wrong arguments: one line and the usage exit code."""
+
+
+class Cancelled(Exception):
+    """The user gave up on a command at one of its argument prompts (Ctrl-D)."""
 
 
 CLIENT_ID = Param("id", "client id: ", "the client's id")
-CLIENT_ID_OR_ALL = Param("id", "client id (empty = every client): ",
-                         "one client's id; leave it out for every client", optional=True)
+CLIENT_ID_OR_ALL = Param("id", "client id (empty = every client, PREFIX* = ids starting so): ",
+                         "one client's id; PREFIX* for the ids that start with PREFIX; "
+                         "leave it out for every client", optional=True)
 MESSAGE = Param("message", "message (hello/goodbye): ",
                 "hello (connected) or goodbye (disconnected), any case")
+STATE = Param("state", "online, offline or all (empty = all): ",
+              "online, offline or all (the default)", optional=True)
+PREFIX = Param("prefix", "id prefix (empty = every id): ", "only ids that start with this",
+               optional=True)
 COMMANDS = (
     Command("send", "send hello or goodbye for a client", "1", params=(CLIENT_ID, MESSAGE),
             one_shot=True),
@@ -142,6 +195,9 @@ COMMANDS = (
             params=(CLIENT_ID_OR_ALL,), one_shot=True),
     Command("exit", "leave (also quit, Ctrl-D)", "3", aliases=("quit",)),
     Command("watch", "watch every client live until Ctrl-C", "4", one_shot=True),
+    Command("list", "list clients by status and id prefix, a page at a time", "5",
+            params=(STATE, PREFIX), one_shot=True),
+    Command("more", "the next page of the last list or status"),
     Command("help", "show this menu (also ?)", aliases=("?",)),
 )
 MENU_WORDS = tuple(word for command in COMMANDS for word in command.words if word.isalpha())
@@ -164,22 +220,29 @@ def timestamp_seconds(timestamp):
     return timestamp.seconds + timestamp.nanos / 1e9
 
 
-def relative_time(then, now):
-    """How long before now `then` was, in words read at a glance; None is "—"."""
+def relative_time(then, now, short=False):
+    """How long before now `then` was, read at a glance ("2m" when short); None is "—"."""
     if then is None:
         return "—"
     seconds = now - then
     if seconds < 5:
-        return "just now"
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        return "now" if short else "just now"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
         if seconds >= size:
-            return f"{int(seconds // size)} {unit} ago"
-    return f"{int(seconds)} s ago"
+            amount = int(seconds // size)
+            return f"{amount}{unit[0]}" if short else f"{amount} {unit} ago"
 
 
-def status_text(status):
-    """A status word in its colour: connected green, disconnected dim red."""
-    return Text(STATUS_WORDS.get(status, "unknown"), style=STATUS_STYLES.get(status, "yellow"))
+def status_text(status, short=False):
+    """A status word in its colour: connected green, disconnected dim red; on/off when short."""
+    words = SHORT_STATUS_WORDS if short else STATUS_WORDS
+    return Text(words.get(status, "?" if short else "unknown"),
+                style=STATUS_STYLES.get(status, "yellow"))
+
+
+def sessions_text(sessions):
+    """Live sessions by name ("default" for the unnamed one), "—" for none."""
+    return ", ".join(session.session_id or "default" for session in sessions) or "—"
 
 
 def render_menu(address):
@@ -189,50 +252,166 @@ def render_menu(address):
         table.add_row(Text(command.number, style="bold cyan"), Text(command.usage, style="bold"),
                       command.summary)
     return Group(Text(f"Presence client — server {address}", style="bold"), table,
-                 Text("A word takes its arguments inline: send alice hello. Tab completes.",
-                      style="dim"))
+                 Text("A word takes its arguments inline: send alice hello, status al*, "
+                      "list online al. Tab completes.", style="dim"))
 
 
-def render_clients(clients, now):
-    """Client records as a table: id, coloured status, relative times, revision."""
-    table = Table(box=box.ROUNDED, header_style="bold")
-    for column in ("client", "status", "sessions", "changed", "last seen"):
-        table.add_column(column)
-    table.add_column("revision", justify="right")
+# --- tables that fit the terminal ------------------------------------------------------
+
+COLUMNS = ("client", "status", "sessions", "changed", "last seen", "revision")
+# How a table gives way to a narrow terminal, in this order: each step drops or shortens one
+# thing, the least useful first; the id and the status stay, whole or uniquely cut.
+NARROWING = ("sessions", "borders", "short times", "changed", "short status", "revision")
+SHORT_HEADERS = {"last seen": "seen", "revision": "rev"}
+
+
+def fit_start(text, cells):
+    """The longest start of text that fits in cells."""
+    used = 0
+    for index, character in enumerate(text):
+        used += get_character_cell_size(character)
+        if used > cells:
+            return text[:index]
+    return text
+
+
+def fit_end(text, cells):
+    """The longest end of text that fits in cells."""
+    return fit_start(text[::-1], cells)[::-1]
+
+
+def shared_start(first, second):
+    """How many leading characters two strings share."""
+    return next((index for index, (a, b) in enumerate(zip(first, second)) if a != b),
+                min(len(first), len(second)))
+
+
+def cut_id(client_id, differs_at, width):
+    """client_id in width cells: its start and the character that tells it from its
+    neighbours (at index differs_at) kept, "…" where characters were left out."""
+    if cell_len(client_id[:differs_at + 1]) <= width - 1:
+        return fit_start(client_id, width - 1) + "…"
+    end = min(len(client_id), differs_at + 3)  # the differing character and a little after
+    tail = "…" if end < len(client_id) else ""
+    start = fit_start(client_id, max(1, (width - 2) // 3))
+    return start + "…" + fit_end(client_id[:end], width - cell_len(start) - 1 - len(tail)) + tail
+
+
+def abbreviate(ids, width):
+    """Each id as shown in a column width cells wide: whole when it fits, else cut around what
+    tells it from the others; an id whose cut would still look like another's stays whole."""
+    ordered = sorted(set(ids))
+    shown = {}
+    for index, client_id in enumerate(ordered):
+        if cell_len(client_id) <= width:
+            shown[client_id] = client_id
+            continue
+        neighbours = ordered[max(0, index - 1):index] + ordered[index + 1:index + 2]
+        differs_at = max((shared_start(client_id, other) for other in neighbours), default=0)
+        shown[client_id] = cut_id(client_id, differs_at, width)
+    uses = Counter(shown.values())
+    return {client_id: text if uses[text] == 1 else client_id for client_id, text in shown.items()}
+
+
+def row_cells(client, now, steps):
+    """A client's cells other than its id, as the narrowing steps taken leave them."""
+    short = "short times" in steps
+    cells = {"status": status_text(client.status, short="short status" in steps),
+             "sessions": Text(sessions_text(client.sessions), overflow="ellipsis"),
+             "changed": relative_time(timestamp_seconds(client.changed_at), now, short),
+             "last seen": relative_time(timestamp_seconds(client.last_seen), now, short),
+             "revision": str(client.revision) if client.revision else "—"}
+    return {name: cells[name] for name in COLUMNS[1:] if name not in steps}
+
+
+def header(name, steps):
+    """A column's header, shortened with the times so the header is no wider than its cells."""
+    return SHORT_HEADERS.get(name, name) if "short times" in steps else name
+
+
+def table_width(cells, steps, id_width):
+    """Cells wide a table is with an id column id_width wide (rich's own arithmetic)."""
+    widths = [id_width] + [
+        min(SESSIONS_WIDTH, max([cell_len(header(name, steps))] +
+                                [cell_len(str(row[name])) for row in cells]))
+        for name in COLUMNS[1:] if name not in steps]
+    gaps = 3 * (len(widths) - 1)
+    return sum(widths) + gaps + (0 if "borders" in steps else 4)
+
+
+def table_shape(clients, now, width):
+    """The fewest narrowing steps after which the ids get enough room, and the id column's width."""
+    natural = max([cell_len(client.client_id) for client in clients] + [len("client")])
+    for taken in range(len(NARROWING) + 1):
+        steps = frozenset(NARROWING[:taken])
+        cells = [row_cells(client, now, steps) for client in clients]
+        room = width - table_width(cells, steps, 0)
+        if room >= min(natural, ENOUGH_ID_WIDTH):
+            break
+    return steps, max(MIN_ID_WIDTH, min(natural, room))
+
+
+def render_clients(clients, now, width=TABLE_WIDTH):
+    """Client records as a table one line per client, fitted to width: id, coloured status,
+    sessions, relative times, revision; columns drop and shorten (NARROWING) when narrow."""
+    steps, id_width = table_shape(clients, now, width)
+    shown = abbreviate([client.client_id for client in clients], id_width)
+    table = (Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+             if "borders" in steps else Table(box=box.ROUNDED, header_style="bold"))
+    table.add_column("client", no_wrap=True)
+    for name in COLUMNS[1:]:
+        if name not in steps:
+            table.add_column(header(name, steps), no_wrap=True, max_width=SESSIONS_WIDTH,
+                             justify="right" if name == "revision" else "left")
     for client in clients:
-        table.add_row(Text(client.client_id), status_text(client.status),
-                      sessions_text(client.sessions),
-                      relative_time(timestamp_seconds(client.changed_at), now),
-                      relative_time(timestamp_seconds(client.last_seen), now),
-                      str(client.revision) if client.revision else "—")
+        table.add_row(Text(shown[client.client_id]), *row_cells(client, now, steps).values())
     return table
 
 
-def sessions_text(sessions):
-    """Live sessions by name ("default" for the unnamed one), "—" for none."""
-    return ", ".join(session.session_id or "default" for session in sessions) or "—"
+def render_client(client, now, width=TABLE_WIDTH):
+    """One client: its table row when its id fits the width whole, else a card in which the id
+    wraps, so that it can always be read in full."""
+    steps, id_width = table_shape([client], now, width)
+    if cell_len(client.client_id) <= id_width:
+        return render_clients([client], now, width)
+    card = Table.grid(padding=(0, 1))
+    card.add_column(style="bold", no_wrap=True)
+    card.add_column(overflow="fold")
+    card.add_row("client", Text(client.client_id, overflow="fold"))
+    card.add_row("status", status_text(client.status))
+    card.add_row("sessions", sessions_text(client.sessions))
+    for name, stamp in (("changed", client.changed_at), ("last seen", client.last_seen)):
+        card.add_row(name, relative_time(timestamp_seconds(stamp), now))
+    card.add_row("revision", str(client.revision) if client.revision else "—")
+    return card
 
 
-def render_watch(clients, revision, now, max_rows=MAX_ROWS):
-    """The watched registry: the most recently changed clients first, then the counts."""
+def render_watch(clients, revision, now, width=TABLE_WIDTH, height=None, note=None,
+                 toolbar=None):
+    """The watched registry within width x height: the most recently changed clients first, as
+    many as fit above the notice of how many are shown, the counts, a note and the toolbar."""
     recent = sorted(clients.values(), key=lambda client: client.revision, reverse=True)
     connected = sum(client.status == pb.STATUS_CONNECTED for client in clients.values())
-    parts = [render_clients(recent[:max_rows], now) if recent else
+    below = [line for line in (note, toolbar) if line is not None]
+    # Four lines of table borders and header, the notice, the counts, the cursor's line.
+    rows = len(recent) if height is None else max(1, height - 7 - len(below))
+    parts = [render_clients(recent[:rows], now, width) if recent else
              Text("no clients yet", style="dim")]
-    if len(recent) > max_rows:
-        parts.append(Text(f"showing the {max_rows:,} most recently changed of {len(recent):,}",
-                          style="yellow"))
+    if len(recent) > rows:
+        parts.append(Text(f"showing the {rows:,} most recently changed of {len(recent):,}",
+                          style="yellow", no_wrap=True, overflow="ellipsis"))
     parts.append(Text.assemble((f"{connected:,} connected", "green"), " · ",
                                (f"{len(clients) - connected:,} disconnected", "red"), " · ",
-                               (f"revision {revision} · live, Ctrl-C to stop", "dim")))
-    return Group(*parts)
+                               (f"revision {revision} · live, Ctrl-C to stop", "dim"),
+                               no_wrap=True, overflow="ellipsis"))
+    return Group(*parts, *below)
 
 
-def render_send(response, now):
+def render_send(response, now, width=TABLE_WIDTH):
     """The server's own words, the record after the message, and whether anything changed."""
     parts = [Text(response.info, style="bold")]
     if response.HasField("client"):
-        parts.append(render_clients([response.client], now))
+        parts.append(render_client(response.client, now, width))
         if not response.changed:
             word = STATUS_WORDS.get(response.client.status, "unknown")
             parts.append(Text(f"no change: {response.client.client_id} was already {word}; "
@@ -247,25 +426,64 @@ def render_counts(counts):
                          f"{counts.total:,} total", " · ", (f"revision {counts.revision}", "dim"))
 
 
-def render_listing(listing, now, max_rows=MAX_ROWS):
-    """At most max_rows clients, a note when the table is cut, then the counts."""
-    shown = listing.clients[:max_rows]
-    parts = [render_clients(shown, now) if shown else Text("no clients yet", style="dim")]
-    if len(shown) < listing.counts.total:
-        parts.append(Text(f"showing {len(shown):,} of {listing.counts.total:,} (CountClients)",
-                          style="yellow"))
-    parts.append(render_counts(listing.counts))
+def page_notice(page, hint):
+    """Which clients a page shows of how many match ("showing 201–400 of 3,010"), then hint
+    when more follow; None when the page is the whole list."""
+    if page.first == 1 and not page.more:
+        return None
+    last = page.first + len(page.clients) - 1
+    text = f"showing {page.first:,}–{last:,}"
+    if page.matching is not None:
+        text += f" of {page.matching:,}"
+    return text + (hint if page.more else "")
+
+
+def render_page(page, now, width=TABLE_WIDTH, hint=""):
+    """A page of clients, a notice of where it stands when it is not the whole list, the counts."""
+    empty = "no clients match" if page.query.filtered else "no clients yet"
+    parts = [render_clients(page.clients, now, width) if page.clients else
+             Text(empty, style="dim")]
+    notice = page_notice(page, hint)
+    if notice:
+        parts.append(Text(notice, style="yellow"))
+    parts.append(render_counts(page.counts))
     return Group(*parts)
 
 
-def render_toolbar(address, reachable, counts, user=None):
-    """The bottom toolbar as prompt_toolkit formatted text."""
-    state = {True: ("fg:ansigreen", "● reachable"), False: ("fg:ansired", "● unreachable"),
-             None: ("fg:ansiyellow", "● connecting")}[reachable]
-    online = f"{counts.connected:,} online of {counts.total:,}" if counts else "online: —"
+def toolbar_forms(address, reachable, counts, user):
+    """The toolbar from its longest form to its shortest, as prompt_toolkit fragments."""
+    long_state = {True: "● reachable", False: "● unreachable",
+                  None: "● connecting"}[reachable]
+    short_state = {True: "● up", False: "● down", None: "● …"}[reachable]
+    colour = {True: "fg:ansigreen", False: "fg:ansired", None: "fg:ansiyellow"}[reachable]
+    long_online = f"{counts.connected:,} online of {counts.total:,}" if counts else "online: —"
+    short_online = f"{counts.connected:,}/{counts.total:,} online" if counts else "—"
     me = [("bold", f"  as {user}")] if user else []
-    return [("", f" {address}  "), state, *me,
-            ("", f"  {online}   Tab completes · Ctrl-D exits")]
+    hints = [("", "   Tab completes · Ctrl-D exits")]
+    where = ("", f" {address}  ")
+    yield [where, (colour, long_state), *me, ("", f"  {long_online}"), *hints]
+    yield [where, (colour, long_state), *me, ("", f"  {long_online}")]
+    yield [where, (colour, short_state), *me, ("", f"  {short_online}")]
+    yield [where, (colour, short_state), ("", f"  {short_online}")]
+
+
+def render_toolbar(address, reachable, counts, user=None, width=None):
+    """The bottom toolbar: the longest form that fits width (hints go first, then words, then
+    the user); at the last, the address is cut from its start, so the port stays."""
+    for form in toolbar_forms(address, reachable, counts, user):
+        if width is None or sum(cell_len(text) for _, text in form) <= width:
+            return form
+    rest = sum(cell_len(text) for _, text in form[1:])
+    if width - rest - 4 < len(address.rpartition(":")[2]) + 1:
+        return [("", " "), *form[1:]]
+    return [("", " …" + fit_end(address, width - rest - 4) + "  "), *form[1:]]
+
+
+def toolbar_text(fragments):
+    """The toolbar's fragments as a rich line, for views drawn while no prompt is shown."""
+    styles = {"fg:ansigreen": "green", "fg:ansired": "red", "fg:ansiyellow": "yellow"}
+    return Text.assemble(*((text, styles.get(style, style)) for style, text in fragments),
+                         style="reverse", no_wrap=True, overflow="crop")
 
 
 def timestamp_json(timestamp):
@@ -300,11 +518,20 @@ def send_json(response):
             "client": client_json(response.client) if response.HasField("client") else None}
 
 
-def listing_json(listing):
-    counts = listing.counts
-    return {"clients": [client_json(client) for client in listing.clients],
-            "connected": counts.connected, "disconnected": counts.disconnected,
-            "total": counts.total, "revision": counts.revision}
+def listing_json(clients, counts, query=None):
+    """Every client listed and the registry's counts; a filtered list also says its filter."""
+    answer = {"clients": [client_json(client) for client in clients]}
+    if query is not None:
+        answer.update(status=STATUS_WORDS.get(query.status), prefix=query.prefix)
+    answer.update(connected=counts.connected, disconnected=counts.disconnected,
+                  total=counts.total, revision=counts.revision)
+    return answer
+
+
+def help_json():
+    """The menu as data, so a --json script asking for help still reads only JSON."""
+    return {"commands": [{"number": command.number, "usage": command.usage,
+                          "summary": command.summary} for command in COMMANDS]}
 
 
 def describe_error(error, address, timeout):
@@ -322,6 +549,16 @@ def describe_error(error, address, timeout):
     else:
         reason = details.splitlines()[0] if details else "unavailable"
     return f"server {address} is unreachable: {reason}", EXIT_UNREACHABLE
+
+
+def stream_end_reason(error):
+    """Why the server ended a watch stream, in words, from the status it ended it with."""
+    details = (error.details() or "").splitlines()[0] if error.details() else ""
+    if error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return f"the server cut the stream off: {details or 'too far behind'}"
+    if error.code() is grpc.StatusCode.UNAVAILABLE:
+        return f"the server went away ({details or 'unavailable'})"
+    return f"the stream failed: {details} ({error.code().name})"
 
 
 # --- the gRPC side --------------------------------------------------------------------
@@ -369,10 +606,34 @@ class PresenceClient:
         return self._stub.SendMessage(request, timeout=timeout or self.timeout,
                                       metadata=self._metadata)
 
-    def watch(self, since_revision=0):
+    def watch(self, since_revision=0, wait_for_ready=False):
         """The Watch stream: no deadline, it runs until cancelled."""
         return self._stub.Watch(pb.WatchRequest(since_revision=since_revision),
-                                metadata=self._metadata)
+                                metadata=self._metadata, wait_for_ready=wait_for_ready)
+
+    def follow(self, on_break):
+        """Watch messages for as long as they are read: a stream the server ends (a shutdown, a
+        cut-off) is resumed from the last revision seen once it is back, after on_break(reason,
+        revision) says why. A first call that fails raises, as any call does."""
+        revision, started, pause = 0, False, RESUME_BACKOFF[0]
+        while True:
+            call = self.watch(revision, wait_for_ready=started)
+            try:
+                for message in call:
+                    started, pause = True, RESUME_BACKOFF[0]
+                    if message.snapshot_complete or not message.snapshot:
+                        revision = message.revision
+                    yield message
+                reason = "the server closed the stream (it may be stopping or restarting)"
+            except grpc.RpcError as error:
+                if not started:
+                    raise
+                reason = stream_end_reason(error)
+            finally:
+                call.cancel()
+            on_break(reason, revision)
+            time.sleep(pause)  # a server that refuses at once is not asked again at once
+            pause = min(pause * 2, RESUME_BACKOFF[1])
 
     def status(self, client_id):
         """One client's records; built from the old string map if the server sends no records."""
@@ -382,37 +643,51 @@ class PresenceClient:
             pb.Client(client_id=name, status=WORD_STATUSES.get(word, pb.STATUS_UNSPECIFIED))
             for name, word in response.statuses.items()]
 
-    def clients(self, limit=None, prefix="", timeout=None):
-        """Clients in id order, page after page, up to limit; also whether that was all of them."""
-        found, token = [], ""
+    def page(self, query=Query(), token="", rows=None, timeout=None):
+        """Up to rows clients (every one when None) in id order from token on, and the token of
+        what follows ("" at the end). A page may hold fewer clients than asked for even when
+        more follow, so each page's token is followed until rows are found."""
+        found = []
         while True:
-            request = pb.ListClientsRequest(page_size=PAGE_SIZE, page_token=token, id_prefix=prefix)
-            page = self._stub.ListClients(request, timeout=timeout or self.timeout,
-                                          metadata=self._metadata)
-            found.extend(page.clients)
-            token = page.next_page_token
-            if not token or (limit is not None and len(found) >= limit):
-                return found[:limit], not token and (limit is None or len(found) <= limit)
+            size = PAGE_SIZE if rows is None else min(PAGE_SIZE, rows - len(found))
+            request = pb.ListClientsRequest(page_size=size, page_token=token,
+                                            status=query.status, id_prefix=query.prefix)
+            reply = self._stub.ListClients(request, timeout=timeout or self.timeout,
+                                           metadata=self._metadata)
+            found.extend(reply.clients)
+            token = reply.next_page_token
+            if not token or (rows is not None and len(found) >= rows):
+                return found, token
 
     def count(self, timeout=None):
         return self._stub.CountClients(pb.CountClientsRequest(), timeout=timeout or self.timeout,
                                        metadata=self._metadata)
 
-    def listing(self, limit=None):
-        """The first `limit` clients (all when None) and the counts of every client."""
-        clients, _ = self.clients(limit)
-        return Listing(clients, self.count())
+    def browse(self, query, token="", first=1, rows=PAGE_ROWS):
+        """A page of rows clients from token on, with the counts that say how many match."""
+        clients, token = self.page(query, token, rows)
+        counts = self.count()
+        if not token:
+            matching = first - 1 + len(clients)
+        elif query.prefix:
+            matching = None
+        else:
+            matching = {pb.STATUS_CONNECTED: counts.connected,
+                        pb.STATUS_DISCONNECTED: counts.disconnected}.get(query.status,
+                                                                         counts.total)
+        return Page(clients, first, matching, bool(token), counts, query), token
 
 
 class IdCache:
-    """Client ids for completion, a page per prefix kept briefly; never raises, never waits long."""
+    """Client ids for completion: a page per prefix, kept briefly and told of every new id the
+    watch stream brings (learn); never raises, never waits long."""
 
     def __init__(self, client, ttl=IDS_TTL, clock=time.monotonic):
         self._client = client
         self._ttl = ttl
         self._clock = clock
         self._lock = threading.Lock()
-        self._pages = {}  # prefix -> (fetched at, ids, whether that was every id with the prefix)
+        self._pages = {}  # prefix -> (fetched at, sorted ids, whether that was every id with it)
 
     def matching(self, prefix):
         now = self._clock()
@@ -422,17 +697,28 @@ class IdCache:
             cached = self._fetch(prefix, now)
         return [client_id for client_id in cached if client_id.startswith(prefix)]
 
+    def learn(self, client_id):
+        """Put an id the watch stream just named into every cached page it belongs to."""
+        with self._lock:
+            for prefix, (_, ids, complete) in self._pages.items():
+                fits = complete or (ids and client_id < ids[-1])
+                if client_id.startswith(prefix) and fits:
+                    index = bisect.bisect_left(ids, client_id)
+                    if ids[index:index + 1] != [client_id]:
+                        ids.insert(index, client_id)
+
     def _cached(self, prefix, now):
         for known, (fetched, ids, complete) in self._pages.items():
             covers = known == prefix or complete and prefix.startswith(known)
             if covers and now - fetched < self._ttl:
-                return ids
+                return list(ids)
         return None
 
     def _fetch(self, prefix, now):
         try:
-            clients, complete = self._client.clients(PAGE_SIZE, prefix, timeout=QUICK_TIMEOUT)
-            ids = [client.client_id for client in clients]
+            clients, token = self._client.page(Query(prefix=prefix), rows=PAGE_SIZE,
+                                               timeout=QUICK_TIMEOUT)
+            ids, complete = [client.client_id for client in clients], not token
         except grpc.RpcError as error:  # a failure is remembered too, so typing stays quick
             logger.debug("no ids for completion: %s", error.code().name)
             ids, complete = [], False
@@ -447,13 +733,15 @@ class ServerMonitor:
     """The toolbar's facts: reachability from the channel, the online count from daemon threads.
 
     One thread counts (CountClients); another follows the Watch stream from the counted
-    revision and asks for a recount whenever changes arrive, so the count moves with them.
+    revision, tells the id cache of each client it names, and asks for a recount whenever
+    changes arrive, so the count and the completions move with them.
     """
 
-    def __init__(self, client, interval=COUNT_INTERVAL, user=None):
+    def __init__(self, client, interval=COUNT_INTERVAL, user=None, ids=None):
         self._client = client
         self._interval = interval
         self._user = user
+        self._ids = ids
         self.reachable = None
         self.counts = None
         self._watch_call = None
@@ -489,11 +777,19 @@ class ServerMonitor:
             try:
                 self._watch_call = self._client.watch(counts.revision if counts else 0)
                 for message in self._watch_call:
-                    if message.events:
-                        self.refresh()
+                    self._learn(message)
             except grpc.RpcError as error:
                 logger.debug("toolbar watch ended: %s", error.code().name)
             self._stopped.wait(self._interval)
+
+    def _learn(self, message):
+        """Tell the id cache of each client the stream names, then ask for a recount."""
+        if self._ids is not None:
+            for event in message.events:
+                self._ids.learn(event.client.client_id)
+                logger.debug("completion knows %s from the watch stream", event.client.client_id)
+        if message.events:
+            self.refresh()
 
     def refresh(self):
         """Count again now (after a command) instead of at the next interval."""
@@ -509,8 +805,11 @@ class ServerMonitor:
             thread.join(QUICK_TIMEOUT * 2)
         self._client.channel.unsubscribe(self._on_connectivity)
 
-    def toolbar(self):
-        return render_toolbar(self._client.address, self.reachable, self.counts, self._user)
+    def toolbar(self, width=None):
+        """The toolbar's fragments, as wide as the running prompt's terminal unless told."""
+        width = width or get_app().output.get_size().columns
+        return render_toolbar(self._client.address, self.reachable, self.counts, self._user,
+                              width)
 
 
 class PresenceKeeper:
@@ -601,17 +900,26 @@ class Dispatcher:
     """Runs commands for the REPL, piped input and one-shot use alike, like cmd.Cmd.onecmd.
 
     `read(prompt, kind)` asks for a missing argument (kind is a param name, or "command" for a
-    menu line) and raises EOFError at the end of input; one-shot use passes none.
+    menu line) and raises EOFError at the end of input, Cancelled when the user gives up;
+    one-shot use passes none. `pager(text)` shows an answer taller than the screen; `toolbar()`
+    gives the toolbar's fragments for the live watch. `worst` is the highest exit code of any
+    command that failed so far.
     """
 
-    def __init__(self, client, out, err, *, json_output=False, read=None, clock=time.time):
+    def __init__(self, client, out, err, *, json_output=False, read=None, clock=time.time,
+                 pager=None, toolbar=None, page_rows=PAGE_ROWS):
         self.client = client
         self.out = out
         self.err = err
         self.json_output = json_output
         self.read = read
         self.clock = clock
+        self.pager = pager
+        self.toolbar = toolbar
+        self.page_rows = page_rows
         self.stopped = False
+        self.worst = EXIT_OK
+        self._next_page = None  # (query, token, first) of the page `more` shows
 
     def onecmd(self, line):
         """Run one menu line: a number or word, any arguments inline; missing ones are asked for.
@@ -631,11 +939,27 @@ class Dispatcher:
         args = words[1:]
         if len(args) > len(command.params):
             return self.fail(f"too many arguments — usage: {command.usage}", EXIT_USAGE)
-        by_number = words[0] == command.number
-        for param in command.params[len(args):]:
-            asked = by_number or not param.optional
-            args.append(self.read(param.prompt, param.name).strip() if asked else "")
+        try:
+            args += self._ask(command, args, by_number=words[0] == command.number)
+        except Cancelled:
+            self.out.print(Text(f"{command.name} cancelled", style="dim"))
+            return EXIT_OK
         return self.run(command, args)
+
+    def _ask(self, command, given, by_number):
+        """The arguments not given inline: asked for (all by number, the required by word)."""
+        answers = []
+        for param in command.params[len(given):]:
+            if not (by_number or not param.optional):
+                answers.append("")
+                continue
+            try:
+                answers.append(self.read(param.prompt, param.name).strip())
+            except EOFError:
+                self.fail(f"the input ended before {command.name}'s {param.name.upper()}",
+                          EXIT_USAGE)
+                raise
+        return answers
 
     def run(self, command, args):
         """Run a command with all its arguments; a failure is one line on stderr and a code."""
@@ -646,6 +970,10 @@ class Dispatcher:
             if code == EXIT_UNREACHABLE and self.read:
                 message += RETRY_HINT
             return self.fail(message, code)
+        except UsageError as error:
+            return self.fail(str(error), EXIT_USAGE)
+        except BrokenPipeError:  # the reader of our output left: nothing more to say
+            raise
         except Exception as error:  # one bad command must never end the session
             logger.debug("%s failed", command.name, exc_info=True)
             return self.fail(f"{command.name} failed: {error}", EXIT_SERVER_ERROR)
@@ -654,71 +982,160 @@ class Dispatcher:
         return EXIT_OK
 
     def show(self, answer):
-        if self.json_output and answer.data is not None:
-            self.out.out(json.dumps(answer.data, ensure_ascii=False), highlight=False)
-        else:
+        """Print an answer: a JSON line with --json, else the renderable, through the pager when
+        there is one and the answer is taller than the screen."""
+        if self.json_output:
+            if answer.data is not None:
+                self.write_json(answer.data)
+            return
+        if self.pager is None:
             self.out.print(answer.renderable)
+            return
+        with self.out.capture() as capture:
+            self.out.print(answer.renderable)
+        text = capture.get()
+        if text.count("\n") >= self.out.height:
+            self.pager(text)
+        else:
+            self.out.file.write(text)
+            self.out.file.flush()
+
+    def write_json(self, data):
+        """One JSON line, flushed at once so a reader of a pipe sees each answer as it comes."""
+        self.out.file.write(json.dumps(data, ensure_ascii=False) + "\n")
+        self.out.file.flush()
 
     def fail(self, message, code):
         self.err.print(Text(f"error: {message}", style="red"), soft_wrap=True)
+        self.worst = max(self.worst, code)
         return code
 
     def do_send(self, client_id, message):
         response = self.client.send(client_id, message)
-        return Answer(render_send(response, self.clock()), send_json(response))
+        return Answer(render_send(response, self.clock(), self.out.width), send_json(response))
 
     def do_status(self, client_id):
+        """One client by id; with PREFIX* or no id, a page of clients (all with --json)."""
+        if client_id.endswith("*"):
+            return self._browse(Query(prefix=client_id[:-1]))
         if client_id:
             clients = self.client.status(client_id)
-            return Answer(render_clients(clients, self.clock()),
+            return Answer(Group(*(render_client(client, self.clock(), self.out.width)
+                                  for client in clients)),
                           {"client": client_json(clients[0])})
-        listing = self.client.listing(None if self.json_output else MAX_ROWS)
-        return Answer(render_listing(listing, self.clock()), listing_json(listing))
+        return self._browse(Query(), listed=False)
+
+    def do_list(self, state, prefix):
+        """Clients by status and prefix; a lone word that is no status is the prefix."""
+        if state.lower() not in STATES:
+            if prefix:
+                raise UsageError(f"{state!r} is not online, offline or all — usage: "
+                                 f"{find_command('list').usage}")
+            state, prefix = "", state
+        return self._browse(Query(STATES[state.lower()], prefix))
+
+    def do_more(self):
+        """The page after the last one shown by list or status."""
+        if self._next_page is None:
+            raise UsageError("nothing more to show — list or status shows the first page")
+        query, token, first = self._next_page
+        return self._show_page(query, token, first)
+
+    def _browse(self, query, listed=True):
+        """Every matching client with --json; else their first page, the rest left for more."""
+        if self.json_output:
+            clients, _ = self.client.page(query)
+            return Answer(Text(""), listing_json(clients, self.client.count(),
+                                                 query if listed else None))
+        return self._show_page(query, "", 1)
+
+    def _show_page(self, query, token, first):
+        """A page from token on; what follows is kept for more."""
+        page, token = self.client.browse(query, token, first, self.page_rows)
+        self._next_page = (query, token, first + len(page.clients)) if token else None
+        hint = ("; more shows the next page" if self.read else
+                "; --json lists every one")
+        return Answer(render_page(page, self.clock(), self.out.width, hint))
 
     def do_watch(self):
-        """Follow the Watch stream until Ctrl-C or the server ends it."""
-        call = self.client.watch()
-        try:
-            if self.json_output:
-                self._print_watch_json(call)
-            else:
-                self._show_watch_live(call)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            call.cancel()
-        return Answer(Text("watch stopped", style="dim"))
+        """Follow the Watch stream until Ctrl-C, resuming it when the server ends it."""
+        if self.json_output:
+            self._print_watch_json()
+        else:
+            self._show_watch_live()
 
-    def _print_watch_json(self, call):
-        for message in call:
+    def _print_watch_json(self):
+        """Each snapshot entry and change as a JSON line; why a stream broke on stderr."""
+        def on_break(reason, revision):
+            self.err.print(Text(f"watch: {reason}; resuming from revision {revision}",
+                                style="yellow"), soft_wrap=True)
+        for message in self.client.follow(on_break):
             for change in watch_json(message):
-                self.out.out(json.dumps(change, ensure_ascii=False), highlight=False)
-            self.out.file.flush()
+                self.write_json(change)
 
-    def _show_watch_live(self, call):
-        clients, revision = {}, 0
-        with Live(render_watch(clients, revision, self.clock()), console=self.out,
-                  refresh_per_second=WATCH_REFRESH, auto_refresh=False) as live:
-            for message in call:
-                if message.resync:
-                    clients.clear()
-                clients.update((client.client_id, client) for client in message.snapshot)
-                clients.update((event.client.client_id, event.client) for event in message.events)
-                revision = message.revision
-                live.update(render_watch(clients, revision, self.clock()), refresh=True)
+    def _show_watch_live(self):
+        """The live table, redrawn as changes come and as its times tick."""
+        view = WatchView(self.out, self.clock, self.toolbar)
+        try:
+            with keys_held(sys.stdin), Live(get_renderable=view, console=self.out,
+                                            refresh_per_second=WATCH_REFRESH) as live:
+                for message in self.client.follow(view.broke):
+                    view.apply(message)
+                    live.refresh()
+        except KeyboardInterrupt:
+            self.out.print(Text("watch stopped", style="dim"))
+            raise
 
     def do_help(self):
-        return Answer(render_menu(self.client.address))
+        return Answer(render_menu(self.client.address), help_json())
 
     def do_exit(self):
         self.stopped = True
 
 
+class WatchView:
+    """What the live watch shows: the clients as the stream tells of them, and why the stream
+    broke while it is being resumed; called, it renders them for the console's size now."""
+
+    def __init__(self, console, clock, toolbar=None):
+        self._console = console
+        self._clock = clock
+        self._toolbar = toolbar
+        self._lock = threading.Lock()  # the stream updates, the refresh thread renders
+        self.clients = {}
+        self.revision = 0
+        self.note = None
+
+    def apply(self, message):
+        """Take in a watch message: a resync starts over, then its clients replace ours."""
+        with self._lock:
+            if message.resync:
+                self.clients.clear()
+            self.clients.update((client.client_id, client) for client in message.snapshot)
+            self.clients.update((event.client.client_id, event.client)
+                                for event in message.events)
+            self.revision = message.revision
+            self.note = None
+
+    def broke(self, reason, revision):
+        """Say, until the next message arrives, why the stream ended and where it resumes."""
+        with self._lock:
+            self.note = f"{reason}; resuming from revision {revision}"
+
+    def __call__(self):
+        width, height = self._console.size
+        with self._lock:
+            clients, revision, note = dict(self.clients), self.revision, self.note
+        toolbar = self._toolbar and toolbar_text(self._toolbar(width))
+        note = note and Text(note, style="yellow", no_wrap=True, overflow="ellipsis")
+        return render_watch(clients, revision, self._clock(), width, height, note, toolbar)
+
+
 # --- reading lines: a terminal or a pipe ------------------------------------------------
 
 
-def run_loop(dispatcher):
-    """Show the menu, then run lines until exit or the end of input: Ctrl-C only clears a line."""
+def run_repl(dispatcher):
+    """Show the menu, then run lines until exit or Ctrl-D: Ctrl-C only clears a line."""
     dispatcher.onecmd("help")
     while not dispatcher.stopped:
         try:
@@ -730,42 +1147,59 @@ def run_loop(dispatcher):
     return EXIT_OK
 
 
-class PipeReader:
-    """Plain prompts on a pipe, each answer echoed so the transcript reads like a session."""
+def run_script(dispatcher, stop_on_error=False):
+    """Run piped lines until exit or the end of input; return the highest exit code of any
+    failed command (0 when none failed), or with stop_on_error the first failure's own code."""
+    while not dispatcher.stopped:
+        try:
+            code = dispatcher.onecmd(dispatcher.read(PROMPT, "command"))
+        except EOFError:
+            break
+        if code and stop_on_error:
+            return code
+    return dispatcher.worst
 
-    def __init__(self, stream, console):
+
+class PipeReader:
+    """Lines from a pipe, one per prompt; nothing is printed, so stdout carries only answers."""
+
+    def __init__(self, stream):
         self._stream = stream
-        self._console = console
 
     def __call__(self, prompt, kind):
-        self._console.print(Text(prompt), end="")
         line = self._stream.readline()
         if not line:
-            self._console.print()
             raise EOFError
-        line = line.rstrip("\r\n")
-        self._console.print(Text(line), soft_wrap=True)
-        return line
+        return line.rstrip("\r\n")
 
 
 class TerminalReader:
-    """prompt_toolkit prompts: completion per kind, history, the toolbar with its monitor."""
+    """prompt_toolkit prompts: a session per kind of prompt (the menu line, each argument), so
+    each has its own history and completion; fish-style suggestions from that history; the
+    toolbar with its monitor. Ctrl-D at an argument prompt cancels the command, not the REPL."""
 
     def __init__(self, client, history, *, user=None, input=None, output=None):
-        self.monitor = ServerMonitor(client, user=user)
-        ids = IdCache(client)
-        sources = {"id": ids.matching, "message": lambda word: MESSAGES}
-        self._completers = {"command": MenuCompleter(sources),
-                            **{kind: AnswerCompleter(source) for kind, source in sources.items()}}
-        self._session = PromptSession(history=history, bottom_toolbar=self.monitor.toolbar,
-                                      complete_in_thread=True, complete_while_typing=False,
-                                      refresh_interval=1.0,
-                                      input=input, output=output)
+        self.ids = IdCache(client)
+        self.monitor = ServerMonitor(client, user=user, ids=self.ids)
+        sources = {"id": self.ids.matching, "message": lambda word: MESSAGES,
+                   "state": lambda word: ("online", "offline", "all"), "prefix": self.ids.matching}
+        common = dict(bottom_toolbar=self.monitor.toolbar, auto_suggest=AutoSuggestFromHistory(),
+                      complete_in_thread=True, complete_while_typing=False, refresh_interval=1.0,
+                      input=input, output=output)
+        self.sessions = {"command": PromptSession(history=history,
+                                                   completer=MenuCompleter(sources), **common)}
+        for kind, source in sources.items():
+            self.sessions[kind] = PromptSession(history=InMemoryHistory(),
+                                                 completer=AnswerCompleter(source), **common)
 
     def __call__(self, prompt, kind):
         if kind == "command":
             self.monitor.refresh()
-        return self._session.prompt(prompt, completer=self._completers[kind])
+            return self.sessions[kind].prompt(prompt)
+        try:
+            return self.sessions[kind].prompt(prompt)
+        except EOFError:
+            raise Cancelled from None
 
     def close(self):
         self.monitor.close()
@@ -782,48 +1216,47 @@ def open_history(path):
     return FileHistory(str(path))
 
 
-# --- the command line -----------------------------------------------------------------
+def run_pager(text):
+    """Show a tall answer through $PAGER (less -R when unset), as psql does; print it when the
+    pager cannot be started."""
+    try:
+        subprocess.run(shlex.split(os.environ.get("PAGER") or DEFAULT_PAGER), input=text,
+                       text=True, check=False)
+    except OSError as error:
+        logger.warning("no pager (%s): %s", os.environ.get("PAGER") or DEFAULT_PAGER, error)
+        sys.stdout.write(text)
 
 
-EPILOG = """\
-examples:
-  python client.py                                    the menu, with completion and history
-  python client.py --server db1:50051 status          every client, as a table
-  python client.py send alice hello                   mark alice connected
-  python client.py --json status alice                one client as JSON
-  python client.py --json watch                       every change as it happens, a line each
-  python client.py --as alice                         the menu, alice connected while it runs
-  printf '1\\nalice\\nhello\\n2\\nalice\\n3\\n' | python client.py   script the menu
+@contextmanager
+def keys_held(stream):
+    """While a live view runs, keys typed in the terminal are neither echoed into it nor left
+    over for the next prompt; Ctrl-C still interrupts."""
+    if not stream.isatty():
+        yield
+        return
+    fd = stream.fileno()
+    saved = termios.tcgetattr(fd)
+    quiet = termios.tcgetattr(fd)
+    quiet[3] &= ~(termios.ECHO | termios.ICANON)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcflush(fd, termios.TCIFLUSH)
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
-the menu (a terminal or piped input): 1/send, 2/status, 3/exit (or quit), 4/watch,
-help (or ?). watch shows a live table until Ctrl-C.
-A word takes its arguments inline: send alice hello, status alice, status (every client).
 
---json prints one object per answer, on one line:
-  send ID MESSAGE  {"info": str, "changed": bool, "client": CLIENT}
-  status ID        {"client": CLIENT}
-  status           {"clients": [CLIENT, ...], "connected": int, "disconnected": int,
-                    "total": int, "revision": int}
-  CLIENT           {"client_id": str, "status": "connected" | "disconnected" | "unknown",
-                    "changed_at": RFC 3339 UTC or null, "last_seen": RFC 3339 UTC or null,
-                    "revision": int, "sessions": [{"session_id": str,
-                    "expires_at": RFC 3339 UTC or null}, ...], "reason": str}
-  watch            one object per line, flushed, until Ctrl-C: first the snapshot,
-                   {"kind": "snapshot", "revision": int, "resync": bool, "client": CLIENT}
-                   for each client, then each change as it happens,
-                   {"kind": "connected" | "disconnected" | "session_started" |
-                    "session_ended", "revision": int, "session_id": str, "reason": str,
-                    "client": CLIENT}
+class Output(Console):
+    """A console whose reader may leave (`| head`): that ends the command quietly with exit 0,
+    instead of rich's own exit 1."""
 
-exit codes: 0 ok; 1 the server answered with an error (NOT_FOUND, INVALID_ARGUMENT, ...);
-2 usage error; 3 server unreachable (UNAVAILABLE, or no answer within --timeout);
-4 the server wants an access token (UNAUTHENTICATED).
-Errors are one line on stderr, e.g. "error: Client zed not found (NOT_FOUND)".
+    def on_broken_pipe(self):
+        """Leave as any broken pipe does, for main() to end quietly."""
+        self.quiet = True
+        raise BrokenPipeError
 
-environment: PRESENCE_SERVER, PRESENCE_TIMEOUT, PRESENCE_HISTORY, PRESENCE_AS and
-PRESENCE_LEASE stand in for --server, --timeout, --history, --as and --lease; a flag on
-the command line wins.
-"""
+
+# --- the command line: one table of options, their environment twins and config keys ----
 
 
 def _seconds(text):
@@ -843,54 +1276,165 @@ def _whole_seconds(text):
     return int(text)
 
 
+def _log_level(text):
+    """A --log-level value in any case, checked here so a bad one is a usage error."""
+    if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise argparse.ArgumentTypeError(f"must be DEBUG, INFO, WARNING or ERROR, got {text!r}")
+    return text.upper()
+
+
+def _switch(text):
+    """An environment twin of an on/off flag: 1/true/yes/on or 0/false/no/off."""
+    words = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}
+    if text.lower() not in words:
+        raise argparse.ArgumentTypeError(f"must be 1 or 0 (true/false, yes/no), got {text!r}")
+    return words[text.lower()]
+
+
+@dataclass(frozen=True)
+class Option:
+    """A flag, its environment twin and (where it belongs there) its config-file key, in one
+    place, so the parser, the help and the lookup of each setting can never disagree."""
+
+    flag: str
+    env: str
+    help: str
+    default: object = None
+    type: object = str
+    metavar: str | None = None
+    switch: bool = False  # on when given, takes no value
+    in_file: bool = False  # may be set in the config file, under the flag's name without --
+    path: bool = False  # a file: in the config file, relative to the config file's folder
+    dest: str = ""
+
+    @property
+    def name(self):
+        """The attribute of the parsed arguments that holds the setting."""
+        return self.dest or self.key.replace("-", "_")
+
+    @property
+    def key(self):
+        """The setting's key in the config file: the flag without its dashes."""
+        return self.flag.removeprefix("--")
+
+
+OPTIONS = (
+    Option("--server", "PRESENCE_SERVER", "the server to talk to", DEFAULT_SERVER,
+           metavar="HOST:PORT", in_file=True),
+    Option("--timeout", "PRESENCE_TIMEOUT", "deadline of each call, retries included",
+           DEFAULT_TIMEOUT, _seconds, "SECONDS", in_file=True),
+    Option("--json", "PRESENCE_JSON", "print answers as JSON, shapes below", False, switch=True),
+    Option("--stop-on-error", "PRESENCE_STOP_ON_ERROR",
+           "a piped script stops at its first failed command and exits with that command's "
+           "code (without it, the script goes on and exits with the highest code of any "
+           "failed command)", False, switch=True, in_file=True),
+    Option("--history", "PRESENCE_HISTORY", "the REPL's command history file", DEFAULT_HISTORY,
+           metavar="FILE", in_file=True, path=True),
+    Option("--tls", "PRESENCE_TLS", "talk TLS, trusting the system's certificate authorities",
+           False, switch=True, in_file=True),
+    Option("--tls-ca", "PRESENCE_TLS_CA",
+           "talk TLS, trusting this CA (PEM) for the server's certificate", "", metavar="FILE",
+           in_file=True, path=True),
+    Option("--tls-cert", "PRESENCE_CLIENT_CERT",
+           "this client's certificate (PEM), for servers that require one", "",
+           metavar="FILE", in_file=True, path=True),
+    Option("--tls-key", "PRESENCE_CLIENT_KEY", "the private key of --tls-cert", "",
+           metavar="FILE", in_file=True, path=True),
+    Option("--token", "PRESENCE_TOKEN", "the access token the server wants", ""),
+    Option("--token-file", "PRESENCE_TOKEN_FILE", "read the access token from this file", "",
+           metavar="FILE", in_file=True, path=True),
+    Option("--as", "PRESENCE_AS", "keep NAME connected while the menu runs: its own session "
+           "with a lease, renewed in the background, ended on exit", None, metavar="NAME",
+           in_file=True, dest="user"),
+    Option("--lease", "PRESENCE_LEASE", "the lease --as asks for: killed outright, NAME shows "
+           "connected for at most this long", DEFAULT_LEASE, _whole_seconds, "SECONDS",
+           in_file=True),
+    Option("--log-level", "PRESENCE_LOG_LEVEL", "diagnostics on stderr: DEBUG, INFO, WARNING "
+           "or ERROR", "WARNING", _log_level, "LEVEL", in_file=True),
+    Option("--config", "PRESENCE_CONFIG", "the config file (TOML, keys below); the default one "
+           "may be missing, a named one must exist", DEFAULT_CONFIG, metavar="FILE"),
+)
+
+EPILOG = """\
+examples:
+  python client.py                                    the menu, with completion and history
+  python client.py --server db1:50051 status          every client, a page at a time
+  python client.py send alice hello                   mark alice connected
+  python client.py --json status alice                one client as JSON
+  python client.py --json list online al              every connected client whose id starts al
+  python client.py --json watch                       every change as it happens, a line each
+  python client.py --as alice                         the menu, alice connected while it runs
+  printf 'send alice hello\\nstatus alice\\n' | python client.py --json   a script
+
+the menu (a terminal or piped input): 1/send, 2/status, 3/exit (or quit), 4/watch, 5/list,
+more, help (or ?). A word takes its arguments inline: send alice hello, status alice,
+status (every client), status al* (ids starting al), list online, list offline al.
+A list shows %(rows)d clients at a time; more shows the next page. watch shows a live table
+until Ctrl-C.
+
+piped input: standard output carries only the answers (with --json only JSON lines), errors
+go to standard error, one line each. The script goes on after a failed command and exits
+with the highest exit code of any command that failed (0 when none did); with
+--stop-on-error it stops at the first failure and exits with its code. Ctrl-C: 130.
+
+--json prints one object per answer, on one line:
+  send ID MESSAGE  {"info": str, "changed": bool, "client": CLIENT}
+  status ID        {"client": CLIENT}
+  status           {"clients": [CLIENT, ...], "connected": int, "disconnected": int,
+                    "total": int, "revision": int}
+  list, status P*  the same with "status": "connected" | "disconnected" | null and
+                   "prefix": str: every matching client, all pages
+  CLIENT           {"client_id": str, "status": "connected" | "disconnected" | "unknown",
+                    "changed_at": RFC 3339 UTC or null, "last_seen": RFC 3339 UTC or null,
+                    "revision": int, "sessions": [{"session_id": str,
+                    "expires_at": RFC 3339 UTC or null}, ...], "reason": str}
+  watch            one object per line, flushed, until Ctrl-C (exit 130): first the snapshot,
+                   {"kind": "snapshot", "revision": int, "resync": bool, "client": CLIENT}
+                   for each client, then each change as it happens,
+                   {"kind": "connected" | "disconnected" | "session_started" |
+                    "session_ended", "revision": int, "session_id": str, "reason": str,
+                    "client": CLIENT}; a stream the server ends is resumed from the last
+                   revision (a line on stderr says why)
+
+exit codes: 0 ok; 1 the server answered with an error (NOT_FOUND, INVALID_ARGUMENT, ...);
+2 usage error; 3 server unreachable (UNAVAILABLE, or no answer within --timeout);
+4 the server wants an access token (UNAUTHENTICATED); 130 interrupted (Ctrl-C).
+Errors are one line on stderr, e.g. "error: Client zed not found (NOT_FOUND)".
+
+settings: a flag wins over its environment twin, the twin over the config file, the file
+over the default. An empty environment variable counts as unset.
+environment twins:
+%(twins)s
+config file: %(config)s (or --config FILE), TOML, e.g. server = "db1:50051";
+its keys (file names in it are relative to its folder):
+%(keys)s
+"""
+
+
+def epilog():
+    """The help's closing text, its lists of twins and config keys drawn from OPTIONS."""
+    twins = "\n".join(f"  {option.env:<24} {option.flag}" for option in OPTIONS)
+    keys = textwrap.fill(", ".join(option.key for option in OPTIONS if option.in_file),
+                         width=88, initial_indent="  ", subsequent_indent="  ")
+    return EPILOG % {"rows": PAGE_ROWS, "twins": twins, "config": DEFAULT_CONFIG, "keys": keys}
+
+
 def build_parser():
-    """Options first, then an optional one-shot command built from COMMANDS."""
+    """Options from OPTIONS (every default None, so what was given can be told apart), then an
+    optional one-shot command built from COMMANDS."""
     parser = argparse.ArgumentParser(
-        prog="client.py", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="client.py", epilog=epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Client for the presence service: a menu REPL in a terminal, the same\n"
                     "menu over piped input, or one command and exit.")
-    parser.add_argument("--server", metavar="HOST:PORT",
-                        default=os.environ.get("PRESENCE_SERVER", DEFAULT_SERVER),
-                        help="the server to talk to (default: %(default)s) [PRESENCE_SERVER]")
-    parser.add_argument("--timeout", metavar="SECONDS", type=_seconds,
-                        default=os.environ.get("PRESENCE_TIMEOUT", DEFAULT_TIMEOUT),
-                        help="deadline of each call, retries included (default: %(default)s) "
-                             "[PRESENCE_TIMEOUT]")
-    parser.add_argument("--json", action="store_true",
-                        help="print answers as JSON, shapes below")
-    parser.add_argument("--history", metavar="FILE",
-                        default=os.environ.get("PRESENCE_HISTORY", DEFAULT_HISTORY),
-                        help="the REPL's history file (default: %(default)s) [PRESENCE_HISTORY]")
-    parser.add_argument("--tls", action="store_true",
-                        default=os.environ.get("PRESENCE_TLS", "") not in ("", "0", "false"),
-                        help="talk TLS, trusting the system's certificate authorities "
-                             "[PRESENCE_TLS=1]")
-    parser.add_argument("--tls-ca", metavar="FILE", default=os.environ.get("PRESENCE_TLS_CA", ""),
-                        help="talk TLS, trusting this CA (PEM) for the server's certificate "
-                             "[PRESENCE_TLS_CA]")
-    parser.add_argument("--tls-cert", metavar="FILE",
-                        default=os.environ.get("PRESENCE_CLIENT_CERT", ""),
-                        help="this client's certificate (PEM), for servers that require one "
-                             "[PRESENCE_CLIENT_CERT]")
-    parser.add_argument("--tls-key", metavar="FILE",
-                        default=os.environ.get("PRESENCE_CLIENT_KEY", ""),
-                        help="the private key of --tls-cert [PRESENCE_CLIENT_KEY]")
-    parser.add_argument("--token", default=os.environ.get("PRESENCE_TOKEN", ""),
-                        help="the access token the server wants [PRESENCE_TOKEN]")
-    parser.add_argument("--token-file", metavar="FILE",
-                        default=os.environ.get("PRESENCE_TOKEN_FILE", ""),
-                        help="read the access token from this file [PRESENCE_TOKEN_FILE]")
-    parser.add_argument("--as", dest="user", metavar="NAME",
-                        default=os.environ.get("PRESENCE_AS") or None,
-                        help="keep NAME connected while the menu runs: its own session with a "
-                             "lease, renewed in the background, ended on exit [PRESENCE_AS]")
-    parser.add_argument("--lease", metavar="SECONDS", type=_whole_seconds,
-                        default=os.environ.get("PRESENCE_LEASE", DEFAULT_LEASE),
-                        help="the lease --as asks for: killed outright, NAME shows connected for "
-                             "at most this long (default: %(default)s) [PRESENCE_LEASE]")
-    parser.add_argument("--log-level", default="WARNING", type=str.upper,
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="diagnostics on stderr (default: %(default)s)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    for option in OPTIONS:
+        default = "" if option.switch or option.default in ("", None) else \
+            f" (default: {option.default})"
+        kind = ({"action": "store_true"} if option.switch else
+                {"type": option.type, "metavar": option.metavar})
+        parser.add_argument(option.flag, dest=option.name, default=None,
+                            help=f"{option.help}{default} [{option.env}]", **kind)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                      title="one-shot commands (without one, the menu opens)")
     for command in COMMANDS:
@@ -903,11 +1447,83 @@ def build_parser():
     return parser
 
 
+def read_config(path, required):
+    """The settings in a TOML config file; a default file that is missing holds none."""
+    path = Path(path).expanduser()
+    try:
+        settings = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        if required:
+            raise ValueError(f"config file {path} not found") from None
+        return {}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ValueError(f"config file {path}: {error}") from None
+    known = [option.key for option in OPTIONS if option.in_file]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ValueError(f"config file {path}: unknown setting {unknown[0]!r} "
+                         f"(known: {', '.join(known)})")
+    return settings
+
+
+def from_file(option, value, folder):
+    """A config file's value for option, checked as its flag's value would be."""
+    if option.switch:
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"must be true or false, got {value!r}")
+        return value
+    if isinstance(value, (bool, dict, list)):
+        raise argparse.ArgumentTypeError(f"must be a single value, got {value!r}")
+    value = option.type(str(value))
+    return str(folder / Path(value).expanduser()) if option.path and value else value
+
+
+def resolve_settings(args, environ):
+    """Fill each option the command line left out: from its environment twin, else the config
+    file, else its default. A bad value is a ValueError naming where it came from."""
+    config = args.config or environ.get("PRESENCE_CONFIG") or DEFAULT_CONFIG
+    config_path = Path(config).expanduser()
+    settings = read_config(config_path, required=config != DEFAULT_CONFIG)
+    args.config = str(config_path)
+    for option in OPTIONS:
+        if getattr(args, option.name) is not None:
+            continue
+        try:
+            if environ.get(option.env):
+                source = option.env
+                value = (_switch if option.switch else option.type)(environ[option.env])
+            elif option.key in settings:
+                source = f"{config_path}: {option.key}"
+                value = from_file(option, settings[option.key], config_path.parent)
+            else:
+                value = option.default
+        except (argparse.ArgumentTypeError, ValueError) as error:
+            raise ValueError(f"{source}: {error}") from None
+        setattr(args, option.name, value)
+    return args
+
+
+def parse_settings(argv=None, environ=os.environ):
+    """The command line, completed from the environment and the config file; exits 2 (usage)
+    with one line on a bad value wherever it came from."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        resolve_settings(args, environ)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.user and args.command:
+        parser.error("--as keeps NAME connected while the menu runs; "
+                     "it does not go with a one-shot command")
+    return parser, args
+
+
 def run_terminal(client, out, err, args):
     """The REPL in a terminal; the toolbar's threads stop before the channel closes."""
     reader = TerminalReader(client, open_history(args.history), user=args.user)
     try:
-        return run_loop(Dispatcher(client, out, err, json_output=args.json, read=reader))
+        return run_repl(Dispatcher(client, out, err, json_output=args.json, read=reader,
+                                   pager=run_pager, toolbar=reader.monitor.toolbar))
     finally:
         reader.close()
 
@@ -928,8 +1544,9 @@ def run_menu(client, out, err, args):
             keeper.start()
         if sys.stdin.isatty() and sys.stdout.isatty():
             return run_terminal(client, out, err, args)
-        reader = PipeReader(sys.stdin, out)
-        return run_loop(Dispatcher(client, out, err, json_output=args.json, read=reader))
+        dispatcher = Dispatcher(client, out, err, json_output=args.json,
+                                read=PipeReader(sys.stdin))
+        return run_script(dispatcher, args.stop_on_error)
     except grpc.RpcError as error:  # only keeper.start() lets one out
         message, code = describe_error(error, client.address, client.timeout)
         err.print(Text(f"error: cannot connect as {args.user}: {message}", style="red"),
@@ -941,7 +1558,7 @@ def run_menu(client, out, err, args):
 
 
 def connection_security(args, parser):
-    """TLS credentials (or None) and the token the flags ask for; a bad one is a usage error."""
+    """TLS credentials (or None) and the token the settings ask for; a bad one is a usage error."""
     if args.token and args.token_file:
         parser.error("give the token by --token or by --token-file, not both")
     try:
@@ -956,18 +1573,14 @@ def connection_security(args, parser):
 
 def main(argv=None):
     """Run a one-shot command, the menu over piped input, or the REPL; return the exit code."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        if args.user and args.command:
-            parser.error("--as keeps NAME connected while the menu runs; "
-                         "it does not go with a one-shot command")
+        parser, args = parse_settings(argv)
         credentials, token = connection_security(args, parser)
-    except SystemExit as exit:  # argparse has printed the usage and why
+    except SystemExit as exit:  # argparse has printed the usage and why (or the version)
         return exit.code
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    out, err = Console(highlight=False), Console(stderr=True, highlight=False)
+    out, err = Output(highlight=False), Output(stderr=True, highlight=False)
     with PresenceClient(args.server, args.timeout, credentials, token) as client:
         try:
             if args.command:

@@ -143,6 +143,18 @@ class ManualClock:
         self.now += seconds
 
 
+def hello(stub, client_id, session_id="", lease=0):
+    """Say hello for client_id (a session and a lease when given); the server's answer."""
+    return stub.SendMessage(pb.MessageRequest(client_id=client_id, message="hello",
+                                              session_id=session_id, lease_seconds=lease))
+
+
+def goodbye(stub, client_id, session_id=""):
+    """Say goodbye for client_id (one session, or all when none is named); the answer."""
+    return stub.SendMessage(pb.MessageRequest(client_id=client_id, message="goodbye",
+                                              session_id=session_id))
+
+
 class Watch:
     """A Watch stream read by a background thread, so the test waits with a deadline."""
 
@@ -233,16 +245,17 @@ class TerminalSpawn(pexpect.spawn):
 
 @pytest.fixture
 def repl(tmp_path):
-    """Start `client.py --server ADDRESS` in a 40x160 pseudo-terminal; all are closed after."""
+    """Start `client.py --server ADDRESS` in a pseudo-terminal (40 rows of 160 columns unless
+    told), HOME a fresh folder; all are closed after."""
     children = []
 
-    def spawn(address, *flags, answer_cpr=False):
-        env = {**os.environ, "TERM": "xterm-256color", "HOME": str(tmp_path)}
+    def spawn(address, *flags, answer_cpr=False, dimensions=(40, 160), env=None):
+        env = {**os.environ, "TERM": "xterm-256color", "HOME": str(tmp_path), **(env or {})}
         if not answer_cpr:
             env["PROMPT_TOOLKIT_NO_CPR"] = "1"
         child = TerminalSpawn(sys.executable, [CLIENT, "--server", address, *flags], cwd=ROOT,
-                              env=env,
-                              dimensions=(40, 160), encoding="utf-8", timeout=DEADLINE)
+                              env=env, dimensions=dimensions, encoding="utf-8",
+                              timeout=DEADLINE)
         child.logfile_read = io.StringIO()  # the whole transcript, for "no traceback" checks
         children.append(child)
         return child

@@ -1,28 +1,23 @@
 """System tests: the real server over real gRPC on loopback, in-process and as a subprocess."""
 
 import itertools
-import json
 import re
-import shlex
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from concurrent import futures
 
 import allure
 import grpc
-import pexpect
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import server as presence
-from conftest import (ANSI, CLIENT, DEADLINE, PROMPT, ROOT, Lines, Watch, complete, connect,
-                      free_address, run_client)
+from conftest import DEADLINE, ROOT, Watch, connect, goodbye, hello, run_client
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
 
@@ -606,16 +601,6 @@ def test_port_in_use_fails_at_start_with_a_clear_error(tmp_path):
 # --- leases and sessions ----------------------------------------------------------------
 
 
-def hello(stub, client_id, session_id="", lease=0):
-    return stub.SendMessage(pb.MessageRequest(client_id=client_id, message="hello",
-                                              session_id=session_id, lease_seconds=lease))
-
-
-def goodbye(stub, client_id, session_id=""):
-    return stub.SendMessage(pb.MessageRequest(client_id=client_id, message="goodbye",
-                                              session_id=session_id))
-
-
 def status_of(stub, client_id):
     return stub.GetClientStatus(pb.ClientStatusRequest(client_id=client_id)).clients[0]
 
@@ -1004,353 +989,6 @@ def test_leases_that_ran_out_while_down_expire_at_start_as_ordinary_changes(tmp_
         store.close()
 
 
-# --- the client: the REPL in a pseudo-terminal ------------------------------------------
-
-
-@allure.feature("Client")
-@allure.story("REPL")
-def test_repl_shows_menu_keeps_history_and_ctrl_d_exits_zero(repl, address, tmp_path):
-    child = repl(address)
-    with allure.step("the menu is shown at start"):
-        child.expect_exact("send ID MESSAGE")
-        child.expect_exact("status [ID]")
-        child.expect_exact(PROMPT)
-    with allure.step("help shows it again"):
-        child.send("help\r")
-        child.expect_exact("show this menu")
-        child.expect_exact(PROMPT)
-    with allure.step("Ctrl-D exits cleanly"):
-        child.sendcontrol("d")
-        child.expect(pexpect.EOF)
-        child.close()
-        assert child.exitstatus == 0
-    assert "help" in (tmp_path / ".presence_history").read_text()
-
-
-@allure.feature("Client")
-@allure.story("Completion")
-def test_tab_completes_the_command_word(repl, address, stub):
-    hello(stub, "alice")
-    child = repl(address)
-    child.expect_exact(PROMPT)
-    complete(child, "sta", "status")
-    child.send("\r")
-    assert child.expect_exact(["1 total", "unknown command"]) == 0
-
-
-@allure.feature("Client")
-@allure.story("Completion")
-def test_tab_completes_a_client_id_from_the_server_and_shows_its_table(repl, address, stub):
-    hello(stub, "alice-wonderland")
-    child = repl(address)
-    child.expect_exact(PROMPT)
-    complete(child, "status alice-w", "status alice-wonderland")
-    child.send("\r")
-    index = child.expect([rf"│ alice-wonderland\s+│ {ANSI}connected", "not found"])
-    assert index == 0, "the completed id was sent and its status rendered"
-
-
-@allure.feature("Client")
-@allure.story("Completion")
-def test_sub_prompts_complete_ids_and_messages(repl, address, stub):
-    hello(stub, "bob-the-builder")
-    child = repl(address)
-    child.expect_exact(PROMPT)
-    child.send("1\r")
-    child.expect_exact("client id:")
-    complete(child, "bob-t", "bob-the-builder")
-    child.send("\r")
-    child.expect_exact("message (hello/goodbye):")
-    complete(child, "go", "goodbye")
-    child.send("\r")
-    child.expect_exact("Client bob-the-builder marked as disconnected.")
-
-
-@allure.feature("Client")
-@allure.story("REPL")
-def test_ctrl_c_clears_the_line_and_the_repl_continues(repl, address, stub):
-    child = repl(address)
-    child.expect_exact(PROMPT)
-    child.send("send junk")
-    child.expect_exact("junk")
-    child.sendcontrol("c")
-    child.expect_exact(PROMPT)
-    child.send("send alice hello\r")
-    child.expect_exact("Client alice marked as connected.")
-    assert "message (hello/goodbye)" not in child.logfile_read.getvalue(), "the line was dropped"
-    assert stub.GetClientStatus(pb.ClientStatusRequest()).statuses == {"alice": "connected"}
-
-
-@allure.feature("Client")
-@allure.story("REPL")
-def test_toolbar_shows_address_reachability_and_online_count(repl, address, stub):
-    hello(stub, "alice")
-    child = repl(address, answer_cpr=True)
-    child.expect_exact("\x1b[6n")  # the toolbar is drawn once the terminal says where the cursor is
-    child.send("\x1b[12;1R")
-    child.expect(rf"{re.escape(address)}\s+{ANSI}● reachable{ANSI}\s+1 online of 1")
-
-
-@allure.feature("Client")
-@allure.story("Unreachable server")
-def test_server_going_down_is_one_line_and_the_repl_recovers(repl, server_processes):
-    server = server_processes("--store", "memory://")
-    child = repl(server.address)
-    with allure.step("a command works while the server is up"):
-        child.expect_exact(PROMPT)
-        child.send("send alice hello\r")
-        child.expect_exact("Client alice marked as connected.")
-    with allure.step("the server dies: one line, no traceback, the REPL still answers"):
-        server.kill()
-        child.send("status\r")
-        child.expect_exact(f"error: server {server.address} is unreachable: ")
-        child.expect_exact("retrying on the next command")
-        child.send("help\r")
-        child.expect_exact("show this menu")
-    with allure.step("a server comes back on the same port: the next command gets through"):
-        port = server.address.rsplit(":", 1)[1]
-        server_processes("--port", port, "--store", "memory://")
-        deadline = time.monotonic() + DEADLINE
-        while time.monotonic() < deadline:
-            child.send("send bob hello\r")
-            if child.expect_exact(["Client bob marked as connected.", "unreachable"]) == 0:
-                break
-        else:
-            pytest.fail("the REPL never reached the restarted server")
-    assert "Traceback" not in child.logfile_read.getvalue()
-
-
-# --- pipes ------------------------------------------------------------------------------------
-
-
-@allure.feature("Client")
-@allure.story("Pipes")
-def test_piped_session_prints_both_answers_and_exits_zero(address):
-    command = (f"printf '1\\nalice\\nHello\\n2\\nalice\\n3\\n' | "
-               f"{shlex.quote(sys.executable)} client.py --server {address}")
-    result = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True,
-                            timeout=DEADLINE)
-    assert result.returncode == 0, result.stderr
-    assert "Client alice marked as connected." in result.stdout
-    assert len(re.findall(r"│ alice\s+│ connected", result.stdout)) == 2, result.stdout
-    assert result.stderr == ""
-
-
-@allure.feature("Client")
-@allure.story("Pipes")
-def test_piped_errors_are_one_line_each_and_the_script_goes_on(address):
-    result = run_client("--server", address, stdin="status zed\nsend bob hello\nstatus\n")
-    assert result.returncode == 0, "the end of input ends the session cleanly"
-    assert result.stderr == "error: Client zed not found (NOT_FOUND)\n"
-    assert "Client bob marked as connected." in result.stdout
-    assert "1 connected · 0 disconnected · 1 total" in result.stdout
-
-
-@allure.feature("Client")
-@allure.story("Pipes")
-def test_several_clients_at_once_end_in_the_right_states(address, stub):
-    with allure.step("4 client processes flip their own ids at the same time"):
-        processes = []
-        for index in range(4):
-            final = "hello" if index % 2 == 0 else "goodbye"
-            flips = f"send c{index} hello\nsend c{index} goodbye\n" * 10
-            script = flips + f"send c{index} {final}\n"
-            process = subprocess.Popen([sys.executable, CLIENT, "--server", address], cwd=ROOT,
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True)
-            processes.append((process, script))
-        for process, script in processes:
-            _, errors = process.communicate(script, timeout=DEADLINE)
-            assert process.returncode == 0 and errors == ""
-    with allure.step("the server holds each client's last word"):
-        statuses = stub.GetClientStatus(pb.ClientStatusRequest()).statuses
-        assert statuses == {"c0": "connected", "c1": "disconnected",
-                            "c2": "connected", "c3": "disconnected"}
-        changes = 2 * 21 + 2 * 20  # a final goodbye after a goodbye changes nothing
-        assert stub.CountClients(pb.CountClientsRequest()).revision == changes
-
-
-# --- one-shot commands ---------------------------------------------------------------------------
-
-
-@allure.feature("Client")
-@allure.story("One-shot commands")
-def test_one_shot_send_and_status_print_tables(address):
-    sent = run_client("--server", address, "send", "alice", "hello")
-    assert sent.returncode == 0 and "Client alice marked as connected." in sent.stdout
-    one = run_client("--server", address, "status", "alice")
-    assert one.returncode == 0 and re.search(r"│ alice\s+│ connected", one.stdout)
-    every = run_client("--server", address, "status")
-    assert every.returncode == 0 and "1 connected · 0 disconnected · 1 total" in every.stdout
-
-
-@allure.feature("Client")
-@allure.story("One-shot commands")
-def test_one_shot_json_answers_are_single_objects(address):
-    with allure.step("send"):
-        sent = run_client("--server", address, "--json", "send", "alice", "hello")
-        sent = json.loads(sent.stdout)
-        assert sent["info"] == "Client alice marked as connected."
-        assert sent["changed"] is True
-        assert sent["client"]["status"] == "connected" and sent["client"]["revision"] == 1
-    with allure.step("status of one client"):
-        one = json.loads(run_client("--server", address, "--json", "status", "alice").stdout)
-        assert one["client"]["client_id"] == "alice"
-        assert one["client"]["last_seen"].endswith("Z")
-    with allure.step("status of every client, with the counts"):
-        run_client("--server", address, "send", "bob", "goodbye")
-        every = json.loads(run_client("--server", address, "--json", "status").stdout)
-        assert [client["client_id"] for client in every["clients"]] == ["alice", "bob"]
-        assert (every["connected"], every["disconnected"], every["total"]) == (1, 1, 2)
-
-
-@allure.feature("Client")
-@allure.story("One-shot commands")
-@pytest.mark.parametrize("args, code, stderr", [
-    (["status", "zed"], 1, r"error: Client zed not found \(NOT_FOUND\)\n"),
-    (["send", "alice", "hi"], 1, r"error: Invalid message type: hi \(INVALID_ARGUMENT\)\n"),
-    (["send", "x" * 129, "hello"], 1,
-     r"error: client_id must be at most 128 .*\(INVALID_ARGUMENT\)\n"),
-    (["send", "alice"], 2,
-     r"usage: client\.py send .*\n.*error: the following arguments are required: MESSAGE\n"),
-    (["watch-everything"], 2,
-     r"usage: client\.py (.|\n)*error: argument COMMAND: invalid choice: 'watch-everything'.*\n"),
-])
-def test_exit_code_says_what_went_wrong(address, args, code, stderr):
-    result = run_client("--server", address, *args)
-    assert result.returncode == code
-    assert re.fullmatch(stderr, result.stderr), result.stderr
-    assert result.stdout == ""
-
-
-@allure.feature("Client")
-@allure.story("Unreachable server")
-def test_unreachable_server_exits_three_with_one_line():
-    address = free_address()
-    result = run_client("--server", address, "--timeout", "3", "send", "alice", "hello")
-    assert result.returncode == 3
-    assert result.stderr == f"error: server {address} is unreachable: connection refused\n"
-
-
-# --- the client: presence and the live watch -----------------------------------------------
-
-
-def next_event(watch):
-    (event,) = watch.events(1)
-    return event
-
-
-@allure.feature("Client")
-@allure.story("--as keeps a user connected")
-def test_client_as_user_goes_offline_when_its_lease_runs_out_after_kill_9(address, stub):
-    watch = Watch(stub)
-    watch.snapshot()
-    with allure.step("client.py --as erin --lease 1 runs: erin is connected with its session"):
-        client = subprocess.Popen([sys.executable, CLIENT, "--server", address, "--as", "erin",
-                                   "--lease", "1"], cwd=ROOT, stdin=subprocess.PIPE,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        event = next_event(watch)
-        assert (event.client.client_id, event.kind) == ("erin", pb.EVENT_CONNECTED)
-        assert event.session_id.endswith(f":{client.pid}")
-    with allure.step("kill -9: no goodbye, but the lease runs out"):
-        client.kill()
-        client.wait(DEADLINE)
-        event = next_event(watch)
-        assert (event.client.client_id, event.kind, event.reason) == (
-            "erin", pb.EVENT_DISCONNECTED, "lease expired")
-    watch.call.cancel()
-
-
-@allure.feature("Client")
-@allure.story("--as keeps a user connected")
-@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM],
-                         ids=["terminal-closed", "terminated"])
-def test_client_as_user_says_goodbye_when_its_terminal_closes_or_it_is_terminated(
-        address, stub, signum):
-    watch = Watch(stub)
-    watch.snapshot()
-    client = subprocess.Popen([sys.executable, CLIENT, "--server", address, "--as", "ivan"],
-                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-    assert next_event(watch).kind == pb.EVENT_CONNECTED
-    client.send_signal(signum)
-    assert client.wait(DEADLINE) == 0
-    event = next_event(watch)
-    assert (event.client.client_id, event.kind, event.reason) == (
-        "ivan", pb.EVENT_DISCONNECTED, "goodbye")
-    assert "Traceback" not in client.stderr.read()
-    watch.call.cancel()
-
-
-@allure.feature("Client")
-@allure.story("--as keeps a user connected")
-def test_client_as_user_says_goodbye_for_its_session_on_exit(repl, address, stub):
-    hello(stub, "frank", "desk")
-    watch = Watch(stub)
-    watch.snapshot()
-    child = repl(address, "--as", "frank")
-    started = next_event(watch)
-    assert (started.kind, started.client.status) == (pb.EVENT_SESSION_STARTED,
-                                                     pb.STATUS_CONNECTED)
-    assert started.session_id != "desk"
-    child.expect_exact(PROMPT)
-    child.sendcontrol("d")
-    child.expect(pexpect.EOF)
-    event = next_event(watch)
-    assert (event.kind, event.reason, event.session_id) == (
-        pb.EVENT_SESSION_ENDED, "goodbye", started.session_id)
-    assert [s.session_id for s in event.client.sessions] == ["desk"], "only its own session ended"
-    watch.call.cancel()
-
-
-@allure.feature("Client")
-@allure.story("Watch")
-def test_watch_menu_entry_shows_a_live_table_and_ctrl_c_returns_to_the_prompt(repl, address, stub):
-    hello(stub, "gina")
-    child = repl(address)
-    child.expect_exact(PROMPT)
-    with allure.step("4 opens the live table"):
-        child.send("4\r")
-        child.expect(rf"│ gina\s+│ {ANSI}connected")
-        child.expect_exact("live, Ctrl-C to stop")
-    with allure.step("a change made elsewhere appears in place"):
-        goodbye(stub, "gina")
-        child.expect(rf"│ gina\s+│ {ANSI}disconnected")
-    with allure.step("Ctrl-C stops watching; the prompt comes back and works"):
-        child.sendcontrol("c")
-        child.expect_exact("watch stopped")
-        child.expect_exact(PROMPT)
-        child.send("status gina\r")
-        child.expect(rf"│ gina\s+│ {ANSI}disconnected")
-    assert "Traceback" not in child.logfile_read.getvalue()
-
-
-@allure.feature("Client")
-@allure.story("Watch")
-def test_json_watch_prints_each_change_as_one_flushed_line_until_interrupted(address, stub):
-    hello(stub, "henry")
-    watcher = subprocess.Popen([sys.executable, CLIENT, "--server", address, "--json", "watch"],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = Lines(watcher.stdout)
-    with allure.step("the snapshot first, a line per client"):
-        first = json.loads(lines.next())
-        assert (first["kind"], first["client"]["client_id"], first["revision"]) == (
-            "snapshot", "henry", 1)
-    with allure.step("then each change, as it happens"):
-        hello(stub, "henry", "phone", lease=60)
-        goodbye(stub, "henry")
-        started, ended = json.loads(lines.next()), json.loads(lines.next())
-        assert (started["kind"], started["session_id"], started["revision"]) == (
-            "session_started", "phone", 2)
-        assert started["client"]["sessions"][1]["expires_at"].endswith("Z")
-        assert (ended["kind"], ended["reason"], ended["client"]["status"]) == (
-            "disconnected", "goodbye", "disconnected")
-    with allure.step("Ctrl-C ends it quietly with exit 0"):
-        watcher.send_signal(signal.SIGINT)
-        assert watcher.wait(DEADLINE) == 0
-        assert "Traceback" not in watcher.stderr.read()
-
-
 # --- security: TLS and tokens -------------------------------------------------------------
 
 
@@ -1501,13 +1139,3 @@ def test_metrics_port_exposes_users_sessions_watchers_rpcs_latency_and_commit_ti
                     (("code", "INVALID_ARGUMENT"), ("method", "SendMessage")))] == 1
     assert samples[("presence_rpc_seconds_count", (("method", "SendMessage"),))] == 3
     assert samples[("presence_store_commit_seconds_count", ())] >= 1
-
-
-@allure.feature("Client")
-@allure.story("--as keeps a user connected")
-def test_client_as_a_name_the_server_refuses_is_one_line_and_exit_1(address):
-    result = run_client("--server", address, "--as", "tab\there", stdin="")
-    assert result.returncode == 1
-    assert re.fullmatch(r"error: cannot connect as tab\s+here: client_id must not contain "
-                        r"control characters, found U\+0009 at position 3 "
-                        r"\(INVALID_ARGUMENT\)\n", result.stderr), result.stderr

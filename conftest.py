@@ -351,18 +351,20 @@ class RedisServer:
     """A real redis-server on a free loopback port, its append-only file in a folder of its own,
     so a test can stop it and start it again with what it had saved."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, *flags):
+        """Start redis-server in folder, with flags beside the usual ones."""
         self.folder = folder
+        self.flags = flags
         self.port = int(free_address().rpartition(":")[2])
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = None
         self.start()
 
-    def start(self, *flags):
+    def start(self):
         """Start redis-server and return once it answers PING."""
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--dir", str(self.folder), *flags],
+             "--appendonly", "yes", "--dir", str(self.folder), *self.flags],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         log, seen = Lines(self.process.stdout), []
         while not REDIS_READY.search(seen[-1] if seen else ""):
@@ -373,10 +375,11 @@ class RedisServer:
         self.ping()
 
     def ping(self):
-        """Ask Redis for PONG over a plain socket."""
+        """Ask Redis for PONG over a plain socket (one that wants a password answers NOAUTH)."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE) as sock:
             sock.sendall(b"PING\r\n")
-            assert sock.recv(64) == b"+PONG\r\n"
+            answer = sock.recv(64)
+            assert answer == b"+PONG\r\n" or answer.startswith(b"-NOAUTH"), answer
 
     def stop(self):
         """A clean shutdown: Redis writes out its append-only file and exits."""
@@ -494,7 +497,7 @@ class TcpProxy:
             self._selector.register(one, selectors.EVENT_READ)
 
     def _forward(self, sock):
-        if sock not in self._peers:  # dropped with its other side earlier in this round
+        if sock not in self._peers:  # closed with its other side earlier in this round
             return
         try:
             data = sock.recv(65536)
@@ -506,13 +509,14 @@ class TcpProxy:
         self._drop(sock)
 
     def _drop(self, sock):
-        """Close a forwarded connection, both sides."""
-        other = self._peers.pop(sock, None)
+        """Close a forwarded connection, both sides, unless it is closed already."""
+        if sock not in self._peers:
+            return
+        other = self._peers.pop(sock)
+        del self._peers[other]
         for one in (sock, other):
-            if one is not None:
-                self._peers.pop(one, None)
-                self._selector.unregister(one)
-                one.close()
+            self._selector.unregister(one)
+            one.close()
 
 
 @pytest.fixture

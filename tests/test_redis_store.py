@@ -218,27 +218,36 @@ def test_load_returns_every_record_at_an_id_a_reader_resumes_from(stores):
     assert {record.client_id: record for record in records} \
         == {f"c{index}": writer.fetch(f"c{index}")[0] for index in range(50)}
     assert at == "50-0"
-    with allure.step("loading while another store writes: the records and the stream agree"):
-        stop = threading.Event()
 
-        def keep_writing():
-            count = 50
-            while not stop.is_set() and count < 2000:
-                add_session(writer, f"c{count % 60}", f"s{count}")
-                count += 1
 
-        with futures.ThreadPoolExecutor(1) as pool:
-            writing = pool.submit(keep_writing)
-            cache = {}
-            for _ in range(5):
-                records, at = loader.load()
-                cache = {record.client_id: record for record in records}
-            stop.set()
-            writing.result(timeout=30)
-        for _, record, _, _ in loader.read_changes(at, 0, 100_000):
-            cache[record.client_id] = record
-        stored, _ = loader.load()
-        assert cache == {record.client_id: record for record in stored}
+@allure.story("Loading")
+def test_loading_while_another_store_writes_gives_records_at_the_id_it_returns(stores):
+    writer, loader = stores(), stores()
+    clients = 25_000  # more than one HSCAN slice, so writes land between the slices
+    for first in range(0, clients, 1000):
+        writer.commit_many([(f"c{index}", None, hello(f"c{index}"), (EventKind.CONNECTED, ""))
+                            for index in range(first, first + 1000)])
+    stop = threading.Event()
+
+    def keep_writing():
+        count = 0
+        while not stop.is_set():
+            add_session(writer, f"c{count * 7919 % clients}", f"s{count}")
+            count += 1
+        return count
+
+    with futures.ThreadPoolExecutor(1) as pool:
+        writing = pool.submit(keep_writing)
+        loads = [loader.load() for _ in range(3)]
+        stop.set()
+        assert writing.result(timeout=30) > 0
+    final = {record.client_id: record for record in loader.load()[0]}
+    for records, at in loads:
+        with allure.step(f"the records loaded at {at}, with every change after it, are the last"):
+            cache = {record.client_id: record for record in records}
+            for _, record, _, _ in loader.read_changes(at, 0, 1_000_000):
+                cache[record.client_id] = record
+            assert cache == final
 
 
 @allure.story("Redis goes away and comes back")

@@ -1001,45 +1001,44 @@ _LEASE_SEPARATOR = "\0"  # ids never hold control characters
 # ARGV: the history to keep; then per item: client id, the record its writer read ('' when
 # none), the record after its revision, the event kind ('' for a renewal), the session id,
 # the revision a renewal keeps, how many lease members to remove and those members, how many
-# leases to set and a score and member for each.
+# leases to set and a score and member for each. Two passes: compare every item, then save.
 _COMMIT_SCRIPT = """
-local history, items, at = ARGV[1], {}, 2
-while at <= #ARGV do
-  local item = {client = ARGV[at], expected = ARGV[at + 1], tail = ARGV[at + 2],
-                kind = ARGV[at + 3], session = ARGV[at + 4], revision = ARGV[at + 5]}
-  local removed = tonumber(ARGV[at + 6])
-  item.removed = {unpack(ARGV, at + 7, at + 6 + removed)}
-  at = at + 7 + removed
-  local leased = tonumber(ARGV[at])
-  item.leases = {unpack(ARGV, at + 1, at + 2 * leased)}
-  at = at + 1 + 2 * leased
-  items[#items + 1] = item
-end
+local history, count, at, index = ARGV[1], #ARGV, 2, 0
 local compared = {}
-for index, item in ipairs(items) do
-  if not compared[item.client] then
-    compared[item.client] = true
-    local current = redis.call('HGET', KEYS[1], item.client)
-    if (current or '') ~= item.expected then return {0, index - 1, current} end
+while at <= count do
+  local client = ARGV[at]
+  if not compared[client] then
+    compared[client] = true
+    local current = redis.call('HGET', KEYS[1], client)
+    if (current or '') ~= ARGV[at + 1] then return {0, index, current} end
   end
+  local leases_at = at + 7 + tonumber(ARGV[at + 6])
+  at = leases_at + 1 + 2 * tonumber(ARGV[leases_at])
+  index = index + 1
 end
 local revisions = {}
-for index, item in ipairs(items) do
-  local revision, record = item.revision, nil
-  if item.kind ~= '' then
+at, index = 2, 1
+while at <= count do
+  local client, tail, kind, revision = ARGV[at], ARGV[at + 2], ARGV[at + 3], ARGV[at + 5]
+  local record
+  if kind ~= '' then
     revision = string.format('%d', redis.call('INCR', KEYS[2]))
-    record = revision .. item.tail
+    record = revision .. tail
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', history, revision .. '-0',
-               'c', item.client, 'r', record, 'k', item.kind, 's', item.session)
+               'c', client, 'r', record, 'k', kind, 's', ARGV[at + 4])
   else
-    record = revision .. item.tail
+    record = revision .. tail
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', history,
-               (redis.call('GET', KEYS[2]) or '0') .. '-*', 'c', item.client, 'r', record)
+               (redis.call('GET', KEYS[2]) or '0') .. '-*', 'c', client, 'r', record)
   end
-  redis.call('HSET', KEYS[1], item.client, record)
-  if #item.removed > 0 then redis.call('ZREM', KEYS[4], unpack(item.removed)) end
-  if #item.leases > 0 then redis.call('ZADD', KEYS[4], unpack(item.leases)) end
+  redis.call('HSET', KEYS[1], client, record)
+  local removed = tonumber(ARGV[at + 6])
+  if removed > 0 then redis.call('ZREM', KEYS[4], unpack(ARGV, at + 7, at + 6 + removed)) end
+  local leases_at = at + 7 + removed
+  local leased = tonumber(ARGV[leases_at])
+  if leased > 0 then redis.call('ZADD', KEYS[4], unpack(ARGV, leases_at + 1, leases_at + 2 * leased)) end
   revisions[index] = tonumber(revision)
+  at, index = leases_at + 1 + 2 * leased, index + 1
 end
 return {1, revisions}
 """
@@ -1062,6 +1061,12 @@ def encode_record_tail(record: Client) -> bytes:
     """A record as Redis stores it, less the revision in front that the commit script adds."""
     return (f"\t{record.changed_at!r}\t{record.last_seen!r}\t{record.reason}\t"
             f"{encode_sessions(record.sessions)}").encode()
+
+
+def encode_record(record: Client) -> bytes:
+    """A record exactly as Redis stores it, so a replica can compare from its cache without
+    fetching."""
+    return str(record.revision).encode() + encode_record_tail(record)
 
 
 def decode_record(client_id: str, value: bytes) -> Client:

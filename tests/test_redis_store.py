@@ -80,6 +80,23 @@ def test_commit_refuses_a_stale_record_and_returns_the_stored_bytes(store):
 
 
 @allure.story("Compare and set")
+def test_a_cached_record_encodes_to_the_stored_bytes(store):
+    records = [
+        hello("default"),
+        Client("gone", NOW, NOW + 0.125, 0, "goodbye", ()),
+        Client("many", NOW - 1e-6, NOW, 0, "hello",
+               tuple(Session(f"t\u00e9rminal-{n}", NOW + n / 3 if n % 2 else 0.0)
+                     for n in range(5))),
+    ]
+    store.commit_many([(record.client_id, None, record, (EventKind.CONNECTED, ""))
+                       for record in records])
+    for record in records:
+        cached, stored = store.fetch(record.client_id)
+        assert presence.encode_record(cached) == stored
+        assert cached == record._replace(revision=cached.revision)
+
+
+@allure.story("Compare and set")
 def test_a_batch_is_saved_whole_or_not_at_all(store):
     store.commit("bob", None, hello("bob"), (EventKind.CONNECTED, ""))
     _, bob = store.fetch("bob")

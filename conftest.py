@@ -392,11 +392,6 @@ class RedisServer:
         self.process.kill()
         self.process.wait(timeout=DEADLINE)
 
-    def cpu_seconds(self):
-        """Redis's own CPU time so far (user + system), from /proc."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
 
 @pytest.fixture
 def redis_server(tmp_path):

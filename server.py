@@ -990,7 +990,8 @@ REDIS_TIMEOUT = 5.0  # seconds a call may wait for Redis before the store says i
 REDIS_MAX_BLOCK = 10.0  # the longest read_changes waits for a new entry
 REDIS_SLICE = 10_000  # records per HSCAN and entries per XRANGE
 REDIS_OPTIONS = ("ca", "timeout")
-REDIS_URL_FORMS = "redis://[:PASSWORD@]HOST:PORT/DB or rediss://[:PASSWORD@]HOST:PORT/DB?ca=CA_FILE"
+REDIS_URL_FORMS = ("redis://[:PASSWORD@]HOST:PORT/DB or "
+                   "rediss://[:PASSWORD@]HOST:PORT/DB?ca=CA_FILE")
 _LEASE_SEPARATOR = "\0"  # ids never hold control characters
 
 # Commit records in one step, each only if the client's stored record is still the one its
@@ -1020,14 +1021,12 @@ local revisions = {}
 at, index = 2, 1
 while at <= count do
   local client, tail, kind, revision = ARGV[at], ARGV[at + 2], ARGV[at + 3], ARGV[at + 5]
-  local record
+  if kind ~= '' then revision = string.format('%d', redis.call('INCR', KEYS[2])) end
+  local record = revision .. tail
   if kind ~= '' then
-    revision = string.format('%d', redis.call('INCR', KEYS[2]))
-    record = revision .. tail
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', history, revision .. '-0',
                'c', client, 'r', record, 'k', kind, 's', ARGV[at + 4])
   else
-    record = revision .. tail
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', history,
                (redis.call('GET', KEYS[2]) or '0') .. '-*', 'c', client, 'r', record)
   end
@@ -1036,7 +1035,9 @@ while at <= count do
   if removed > 0 then redis.call('ZREM', KEYS[4], unpack(ARGV, at + 7, at + 6 + removed)) end
   local leases_at = at + 7 + removed
   local leased = tonumber(ARGV[leases_at])
-  if leased > 0 then redis.call('ZADD', KEYS[4], unpack(ARGV, leases_at + 1, leases_at + 2 * leased)) end
+  if leased > 0 then
+    redis.call('ZADD', KEYS[4], unpack(ARGV, leases_at + 1, leases_at + 2 * leased))
+  end
   revisions[index] = tonumber(revision)
   at, index = leases_at + 1 + 2 * leased, index + 1
 end
@@ -1169,8 +1170,8 @@ class RedisStore:
         self._closed = False
         self._redis = redis.Redis(**options)
         # Blocking reads wait longer than any other call, on connections of their own.
-        self._reader = redis.Redis(**{**options,
-                                      "socket_timeout": options["socket_timeout"] + REDIS_MAX_BLOCK})
+        reader_timeout = options["socket_timeout"] + REDIS_MAX_BLOCK
+        self._reader = redis.Redis(**{**options, "socket_timeout": reader_timeout})
         self._commit_script = self._redis.register_script(_COMMIT_SCRIPT)
         with self._talking():
             version = self._redis.info("server")["redis_version"]

@@ -73,8 +73,8 @@ def test_commit_refuses_a_stale_record_and_returns_the_stored_bytes(store):
     with allure.step("a renewal changes the bytes, so a writer that read before it is refused"):
         renewed = record._replace(last_seen=NOW + 5)
         assert store.commit("alice", stored, renewed, None) == (True, 1, None)
-        assert store.commit("alice", stored, hello("alice", "c"), (EventKind.SESSION_STARTED, "c"))[:2] \
-            == (False, 0)
+        late = store.commit("alice", stored, hello("alice", "c"), (EventKind.SESSION_STARTED, "c"))
+        assert late[:2] == (False, 0)
     assert store.fetch("alice")[0] == renewed
     assert store.last_id() == "1-1"
 
@@ -286,6 +286,17 @@ def test_a_stopped_redis_is_a_store_error_and_a_restarted_one_serves_again(store
         assert sorted(record.client_id for record in records) == sorted(f"c{i}" for i in range(20))
         assert at == "20-0"
         assert store.commit("c20", None, hello("c20"), (EventKind.CONNECTED, ""))[:2] == (True, 21)
+
+
+@allure.story("Redis goes away and comes back")
+def test_redis_killed_keeps_every_acknowledged_commit(store, redis_server):
+    for index in range(200):
+        store.commit(f"c{index}", None, hello(f"c{index}"), (EventKind.CONNECTED, ""))
+    redis_server.kill()
+    redis_server.start()
+    records, at = store.load()
+    assert len(records) == 200 and at == "200-0"
+    assert store.commit("c200", None, hello("c200"), (EventKind.CONNECTED, ""))[:2] == (True, 201)
 
 
 @allure.story("Redis goes away and comes back")

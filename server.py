@@ -994,59 +994,75 @@ REDIS_URL_FORMS = ("redis://[:PASSWORD@]HOST:PORT/DB or "
                    "rediss://[:PASSWORD@]HOST:PORT/DB?ca=CA_FILE")
 _LEASE_SEPARATOR = "\0"  # ids never hold control characters
 
-# Commit records in one step, each only if the client's stored record is still the one its
-# writer read. A client met again later in the same call follows from its earlier item, so
-# only its first item is compared. Every item is appended to the stream: a change as
-# <its new revision>-0, a renewal (no revision of its own) as <the current revision>-<n>.
+# Commit records in one call, each only if the client's stored record is still the one its
+# writer read: all or none ('whole'), or each on its own ('each'; an item refused leaves out the
+# later items of its client, which follow from it). A client met again later in the same call
+# follows from its earlier item, so only its first item is compared. Every item saved is
+# appended to the stream: a change as <its new revision>-0, a renewal (no revision of its own)
+# as <the current revision>-<n>.
 # KEYS: the records hash, the revision counter, the change stream, the lease set.
-# ARGV: the history to keep; then per item: client id, the record its writer read ('' when
-# none), the record after its revision, the event kind ('' for a renewal), the session id,
-# the revision a renewal keeps, how many lease members to remove and those members, how many
-# leases to set and a score and member for each. Two passes: compare every item, then save.
+# ARGV: 'whole' or 'each', the history to keep; then per item: client id, the record its writer
+# read ('' when none), the record after its revision, the event kind ('' for a renewal), the
+# session id, the revision a renewal keeps, how many lease members to remove and those members,
+# how many leases to set and a score and member for each. Two passes: compare, then save.
+# Answers {0, index, stored record} when a whole call is refused, else {1, the revision of
+# each item (0 when refused), the stored record of each refused item}.
 _COMMIT_SCRIPT = """
-local history, count, at, index = ARGV[1], #ARGV, 2, 0
-local compared = {}
+local whole, history, count, at, index = ARGV[1] == 'whole', ARGV[2], #ARGV, 3, 0
+local stored, refused = {}, {}
 while at <= count do
   local client = ARGV[at]
-  if not compared[client] then
-    compared[client] = true
+  if stored[client] == nil then
     local current = redis.call('HGET', KEYS[1], client)
-    if (current or '') ~= ARGV[at + 1] then return {0, index, current} end
+    stored[client] = current or false
+    if (current or '') ~= ARGV[at + 1] then
+      if whole then return {0, index, current} end
+      refused[client] = true
+    end
   end
   local leases_at = at + 7 + tonumber(ARGV[at + 6])
   at = leases_at + 1 + 2 * tonumber(ARGV[leases_at])
   index = index + 1
 end
-local revisions = {}
-at, index = 2, 1
+local revisions, currents = {}, {}
+at, index = 3, 1
 while at <= count do
   local client, tail, kind, revision = ARGV[at], ARGV[at + 2], ARGV[at + 3], ARGV[at + 5]
-  if kind ~= '' then revision = string.format('%d', redis.call('INCR', KEYS[2])) end
-  local record = revision .. tail
-  if kind ~= '' then
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', history, revision .. '-0',
-               'c', client, 'r', record, 'k', kind, 's', ARGV[at + 4])
-  else
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', history,
-               (redis.call('GET', KEYS[2]) or '0') .. '-*', 'c', client, 'r', record)
-  end
-  redis.call('HSET', KEYS[1], client, record)
   local removed = tonumber(ARGV[at + 6])
-  if removed > 0 then redis.call('ZREM', KEYS[4], unpack(ARGV, at + 7, at + 6 + removed)) end
   local leases_at = at + 7 + removed
   local leased = tonumber(ARGV[leases_at])
-  if leased > 0 then
-    redis.call('ZADD', KEYS[4], unpack(ARGV, leases_at + 1, leases_at + 2 * leased))
+  if refused[client] then
+    revisions[index], currents[index] = 0, stored[client]
+  else
+    if kind ~= '' then revision = string.format('%d', redis.call('INCR', KEYS[2])) end
+    local record = revision .. tail
+    if kind ~= '' then
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', history, revision .. '-0',
+                 'c', client, 'r', record, 'k', kind, 's', ARGV[at + 4])
+    else
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', history,
+                 (redis.call('GET', KEYS[2]) or '0') .. '-*', 'c', client, 'r', record)
+    end
+    redis.call('HSET', KEYS[1], client, record)
+    if removed > 0 then redis.call('ZREM', KEYS[4], unpack(ARGV, at + 7, at + 6 + removed)) end
+    if leased > 0 then
+      redis.call('ZADD', KEYS[4], unpack(ARGV, leases_at + 1, leases_at + 2 * leased))
+    end
+    revisions[index], currents[index] = tonumber(revision), false
   end
-  revisions[index] = tonumber(revision)
   at, index = leases_at + 1 + 2 * leased, index + 1
 end
-return {1, revisions}
+return {1, revisions, currents}
 """
 
 
 class ChangesTrimmed(StoreError):
     """The stream no longer holds every entry after the id asked for: load again."""
+
+
+# (client id, the stored bytes its writer read or None, the record after, (kind, session id)
+# of its change or None for a renewal)
+CommitItem = tuple[str, bytes | None, Client, tuple[EventKind, str] | None]
 
 
 class CommitResult(NamedTuple):
@@ -1227,13 +1243,28 @@ class RedisStore:
             return True, result.revisions[0], None
         return False, 0, result.current
 
-    def commit_many(self, items: Sequence[tuple[str, bytes | None, Client,
-                                                tuple[EventKind, str] | None]]) -> CommitResult:
+    def commit_many(self, items: Sequence[CommitItem]) -> CommitResult:
         """Save several (client id, expected, record, change) in one step, all or none; a later
         item of the same client follows from its earlier one (its expected is not compared)."""
         if not items:
             return CommitResult(True, [], -1, None)
-        arguments, previous = [self._history], {}
+        reply = self._run_commit("whole", items)
+        if reply[0] == 1:
+            return CommitResult(True, list(reply[1]), -1, None)
+        return CommitResult(False, [], reply[1], reply[2])
+
+    def commit_each(self, items: Sequence[CommitItem]) -> list[tuple[bool, int, bytes | None]]:
+        """Save several (client id, expected, record, change) in one round trip, each as commit
+        would on its own; a client's items after one refused are refused with it."""
+        if not items:
+            return []
+        _, revisions, currents = self._run_commit("each", items)
+        return [(True, revision, None) if revision else (False, 0, current)
+                for revision, current in zip(revisions, currents)]
+
+    def _run_commit(self, mode, items):
+        """Call the commit script on items."""
+        arguments, previous = [mode, self._history], {}
         for client_id, expected, record, change in items:
             if client_id in previous:
                 old = previous[client_id]
@@ -1246,12 +1277,9 @@ class RedisStore:
                           len(leases) // 2, *leases]
             previous[client_id] = record
         with self._talking():
-            reply = self._commit_script(
+            return self._commit_script(
                 keys=[self._clients, self._revision, self._changes, self._leases],
                 args=arguments)
-        if reply[0] == 1:
-            return CommitResult(True, list(reply[1]), -1, None)
-        return CommitResult(False, [], reply[1], reply[2])
 
     def read_changes(self, after_id: str, block_seconds: float,
                      count: int) -> list[tuple[str, Client, EventKind | None, str]]:

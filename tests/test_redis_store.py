@@ -123,6 +123,21 @@ def test_a_batch_is_saved_whole_or_not_at_all(store):
         ("2-0", EventKind.CONNECTED), ("2-1", None), ("3-0", EventKind.SESSION_STARTED)]
 
 
+@allure.story("Compare and set")
+def test_writers_sharing_a_call_are_each_saved_or_refused_on_their_own(store):
+    store.commit("bob", None, hello("bob"), (EventKind.CONNECTED, ""))
+    _, bob = store.fetch("bob")
+    results = store.commit_each([
+        ("alice", None, hello("alice", "a"), (EventKind.CONNECTED, "a")),
+        ("bob", None, hello("bob", "b"), (EventKind.CONNECTED, "b")),
+        ("carol", None, hello("carol"), (EventKind.CONNECTED, "")),
+        ("bob", b"follows the refused one", hello("bob", "c"), (EventKind.SESSION_STARTED, "c")),
+    ])
+    assert results == [(True, 2, None), (False, 0, bob), (True, 3, None), (False, 0, bob)]
+    assert store.fetch("bob") == (presence.decode_record("bob", bob), bob)
+    assert [entry_id for entry_id, *_ in store.read_changes("1-0", 0, 10)] == ["2-0", "3-0"]
+
+
 @allure.story("Replicas never lose an update")
 def test_concurrent_writers_on_two_stores_never_lose_an_update(stores):
     replicas = [stores(), stores()]
@@ -225,6 +240,24 @@ def test_due_leases_are_the_sessions_whose_lease_ran_out(store):
         store.commit("alice", stored, renewed, (EventKind.SESSION_ENDED, "b"))
         assert store.due_leases(NOW + 25, 10) == [("bob", "x")]
         assert store.due_leases(NOW + 30, 10) == [("bob", "x"), ("alice", "a")]
+
+
+@allure.story("Leases")
+def test_a_lease_due_on_two_stores_is_ended_by_one_of_them(stores):
+    replicas = [stores(), stores()]
+    replicas[0].commit("alice", None, hello("alice", "a", NOW + 10), (EventKind.CONNECTED, "a"))
+    read = [replica.fetch("alice") for replica in replicas]  # both see the lease run out
+    assert [replica.due_leases(NOW + 10, 10) for replica in replicas] == [[("alice", "a")]] * 2
+    ended = [replica.commit("alice", stored, record._replace(sessions=(), reason="lease expired"),
+                            (EventKind.DISCONNECTED, "a"))
+             for replica, (record, stored) in zip(replicas, read)]
+    assert [saved for saved, _, _ in ended] == [True, False]
+    with allure.step("the one refused reads again and finds nothing left to end"):
+        record = presence.decode_record("alice", ended[1][2])
+        assert record.sessions == () and record.revision == 2
+        assert replicas[1].due_leases(NOW + 10, 10) == []
+    assert [kind for _, _, kind, _ in replicas[1].read_changes("0-0", 0, 10)] \
+        == [EventKind.CONNECTED, EventKind.DISCONNECTED]
 
 
 @allure.story("Loading")

@@ -366,12 +366,12 @@ class RedisServer:
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes", "--dir", str(self.folder), *self.flags],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        log, seen = Lines(self.process.stdout), []
-        while not REDIS_READY.search(seen[-1] if seen else ""):
+        log, seen = Lines(self.process.stdout), ""
+        while not REDIS_READY.search(seen):
             line = log.next()
             if line is None:
-                raise AssertionError("redis-server ended before it was ready:\n" + "".join(seen))
-            seen.append(line)
+                raise AssertionError(f"redis-server ended before it was ready:\n{seen}")
+            seen += line
         self.ping()
 
     def ping(self):
@@ -405,6 +405,7 @@ def redis_server(tmp_path):
 
 @pytest.fixture
 def redis_url(redis_server):
+    """The URL a RedisStore opens to reach this test's Redis."""
     return redis_server.url
 
 
@@ -432,6 +433,7 @@ class TcpProxy:
         self._command("pause")
 
     def resume(self):
+        """Forward again, as a network that heals: what waited in the buffers goes through."""
         self._command("resume")
 
     def cut(self):
@@ -439,6 +441,7 @@ class TcpProxy:
         self._command("cut")
 
     def close(self):
+        """Close every connection and the listening port, and end the thread."""
         self._command("close")
         self._thread.join(timeout=DEADLINE)
 
@@ -450,6 +453,7 @@ class TcpProxy:
         assert done.wait(DEADLINE), f"the proxy did not {name} in time"
 
     def _run(self):
+        """Forward whatever either side sends, and obey commands between reads."""
         while True:
             if self._paused:  # hear nothing from either side until told otherwise
                 if not self._obey(*self._commands.get()):
@@ -481,6 +485,7 @@ class TcpProxy:
         return name != "close"
 
     def _accept(self):
+        """Take a new connection and open its twin to the target (closed when that fails)."""
         client, _ = self._listener.accept()
         try:
             upstream = socket.create_connection(self._target, timeout=DEADLINE)
@@ -492,6 +497,7 @@ class TcpProxy:
             self._selector.register(one, selectors.EVENT_READ)
 
     def _forward(self, sock):
+        """Pass on what sock received; close both sides when it closed."""
         if sock not in self._peers:  # closed with its other side earlier in this round
             return
         try:

@@ -5,6 +5,7 @@ Each test starts its own redis-server (conftest `redis_server`) on a free loopba
 folder of its own; two RedisStore objects on one Redis stand for two replicas.
 """
 
+import socket
 import threading
 from concurrent import futures
 
@@ -12,7 +13,7 @@ import allure
 import pytest
 
 import server as presence
-from conftest import RedisServer, free_address
+from conftest import DEADLINE, RedisServer, free_address
 from server import Client, EventKind, RedisStore, Session, StoreError
 
 pytestmark = [allure.feature("Redis store")]
@@ -336,16 +337,23 @@ def test_redis_killed_keeps_every_acknowledged_commit(store, redis_server):
 def test_a_silent_network_times_out_and_a_cut_connection_is_made_again(redis_server, tcp_proxy):
     proxy = tcp_proxy(redis_server.port)
     store = RedisStore(f"redis://127.0.0.1:{proxy.port}/0?timeout=0.5")
+    watcher = socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE)
     try:
         store.commit("alice", None, hello("alice"), (EventKind.CONNECTED, ""))
         proxy.pause()
+        watcher.sendall(b"PING\r\n")
         with pytest.raises(StoreError, match="is unreachable: Timeout"):
             store.fetch("alice")
         proxy.resume()
-        assert store.fetch("alice")[0].revision == 1
+        with allure.step("healed: what waited goes through, and the store works again"):
+            assert watcher.recv(64) == b"+PONG\r\n"
+            assert store.fetch("alice")[0].revision == 1
         proxy.cut()
-        assert store.fetch("alice")[0].revision == 1
+        with allure.step("cut: connections close, and the store opens a new one"):
+            assert watcher.recv(64) == b""
+            assert store.fetch("alice")[0].revision == 1
     finally:
+        watcher.close()
         store.close()
 
 

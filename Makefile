@@ -21,11 +21,11 @@ bench: $(STAMP)  ## benchmark beside grpcio alone (python -m bench --help); more
 proto: $(STAMP)  ## regenerate generated/ from connection.proto and notifications.proto
 	$(BIN)/python -m grpc_tools.protoc --proto_path=generated=. --python_out=. --grpc_python_out=. connection.proto notifications.proto
 
-tools:  ## the commands the tests use (openssl makes TLS certificates), from apt when missing
-	@missing=$$(for tool in openssl setsid prlimit; do command -v $$tool >/dev/null || echo $$tool; done); \
+tools:  ## the commands the tests use (openssl makes TLS certificates, redis-server is the shared store), from apt when missing
+	@missing=$$(for tool in openssl setsid prlimit redis-server; do command -v $$tool >/dev/null || echo $$tool; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing what provides: $$missing"; \
-		apt-get update -qq && apt-get install -y -qq openssl util-linux; \
+		apt-get update -qq && apt-get install -y -qq openssl util-linux redis-server; \
 	fi
 
 clean:

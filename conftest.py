@@ -3,6 +3,8 @@
 import fcntl
 import io
 import queue
+import re
+import selectors
 import struct
 import termios
 import os
@@ -291,3 +293,195 @@ class Lines:
             return self._lines.get(timeout=DEADLINE)
         except queue.Empty:
             raise AssertionError("no line within the deadline") from None
+
+
+# --- a real Redis, and a TCP proxy that can fail the way networks do ----------------------
+
+REDIS_READY = re.compile(r"Ready to accept connections")
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, its append-only file in a folder of its own,
+    so a test can stop it and start it again with what it had saved."""
+
+    def __init__(self, folder, *flags):
+        """Start redis-server in folder, with flags beside the usual ones."""
+        self.folder = folder
+        self.flags = flags
+        self.port = int(free_address().rpartition(":")[2])
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = None
+        self.start()
+
+    def start(self):
+        """Start redis-server and return once it answers PING."""
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--dir", str(self.folder), *self.flags],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log, seen = Lines(self.process.stdout), ""
+        while not REDIS_READY.search(seen):
+            line = log.next()
+            if line is None:
+                raise AssertionError(f"redis-server ended before it was ready:\n{seen}")
+            seen += line
+        self.ping()
+
+    def ping(self):
+        """Ask Redis for PONG over a plain socket (one that wants a password answers NOAUTH)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE) as sock:
+            sock.sendall(b"PING\r\n")
+            answer = sock.recv(64)
+            assert answer == b"+PONG\r\n" or answer.startswith(b"-NOAUTH"), answer
+
+    def stop(self):
+        """A clean shutdown: Redis writes out its append-only file and exits."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=DEADLINE)
+
+    def kill(self):
+        """kill -9: Redis keeps only what reached its append-only file."""
+        self.process.kill()
+        self.process.wait(timeout=DEADLINE)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A started redis-server of this test's own; stopped afterwards."""
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = RedisServer(folder)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The URL a RedisStore opens to reach this test's Redis."""
+    return redis_server.url
+
+
+class TcpProxy:
+    """Forwards a loopback port to a target, in one thread; the test can make it go silent
+    without closing anything (`pause`, as a network that drops packets), carry on (`resume`),
+    or close every connection it holds (`cut`)."""
+
+    def __init__(self, target_port):
+        self._target = ("127.0.0.1", target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._selector.register(self._wake_read, selectors.EVENT_READ)
+        self._peers = {}  # each forwarded socket -> the one on its other side
+        self._commands = queue.Queue()
+        self._paused = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def pause(self):
+        """Stop forwarding and accepting; connections stay open and hear nothing."""
+        self._command("pause")
+
+    def resume(self):
+        """Forward again, as a network that heals: what waited in the buffers goes through."""
+        self._command("resume")
+
+    def cut(self):
+        """Close every forwarded connection (new ones are still forwarded)."""
+        self._command("cut")
+
+    def close(self):
+        """Close every connection and the listening port, and end the thread."""
+        self._command("close")
+        self._thread.join(timeout=DEADLINE)
+
+    def _command(self, name):
+        """Have the proxy's thread carry out a command, and wait until it has."""
+        done = threading.Event()
+        self._commands.put((name, done))
+        self._wake_write.send(b"!")
+        assert done.wait(DEADLINE), f"the proxy did not {name} in time"
+
+    def _run(self):
+        """Forward whatever either side sends, and obey commands between reads."""
+        while True:
+            if self._paused:  # hear nothing from either side until told otherwise
+                if not self._obey(*self._commands.get()):
+                    return
+                continue
+            for key, _ in self._selector.select():
+                if key.fileobj is self._wake_read:
+                    self._wake_read.recv(4096)
+                    while not self._commands.empty():
+                        if not self._obey(*self._commands.get()):
+                            return
+                    break  # the sockets may have changed: select again
+                if key.fileobj is self._listener:
+                    self._accept()
+                else:
+                    self._forward(key.fileobj)
+
+    def _obey(self, name, done):
+        """Carry out one command; False when the proxy is to end."""
+        self._paused = {"pause": True, "resume": False}.get(name, self._paused)
+        if name in ("cut", "close"):
+            for sock in list(self._peers):
+                self._drop(sock)
+        if name == "close":
+            for sock in (self._listener, self._wake_read, self._wake_write):
+                sock.close()
+            self._selector.close()
+        done.set()
+        return name != "close"
+
+    def _accept(self):
+        """Take a new connection and open its twin to the target (closed when that fails)."""
+        client, _ = self._listener.accept()
+        try:
+            upstream = socket.create_connection(self._target, timeout=DEADLINE)
+        except OSError:
+            client.close()
+            return
+        for one, other in ((client, upstream), (upstream, client)):
+            self._peers[one] = other
+            self._selector.register(one, selectors.EVENT_READ)
+
+    def _forward(self, sock):
+        """Pass on what sock received; close both sides when it closed."""
+        if sock not in self._peers:  # closed with its other side earlier in this round
+            return
+        try:
+            data = sock.recv(65536)
+            if data:
+                self._peers[sock].sendall(data)
+                return
+        except OSError:
+            pass
+        self._drop(sock)
+
+    def _drop(self, sock):
+        """Close a forwarded connection, both sides, unless it is closed already."""
+        if sock not in self._peers:
+            return
+        other = self._peers.pop(sock)
+        del self._peers[other]
+        for one in (sock, other):
+            self._selector.unregister(one)
+            one.close()
+
+
+@pytest.fixture
+def tcp_proxy():
+    """Start proxies with `tcp_proxy(target_port)`; all are closed afterwards."""
+    started = []
+
+    def start(target_port):
+        started.append(TcpProxy(target_port))
+        return started[-1]
+
+    yield start
+    for proxy in started:
+        proxy.close()

@@ -47,10 +47,13 @@ from enum import IntEnum
 from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
 
 import grpc
+import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sortedcontainers import SortedList
 
 from generated import connection_pb2 as pb
@@ -1211,8 +1214,384 @@ class SqliteStore:
             self._db.close()
 
 
+# The redis:// store: records in a hash, the revision a counter, every write an entry of one
+# stream whose ids are revisions, leases in a sorted set scored by expiry. A replica keeps its
+# own cache of the records, fed by the stream; this class only talks to Redis.
+
+REDIS_TIMEOUT = 5.0  # seconds a call may wait for Redis before the store says it is unreachable
+REDIS_MAX_BLOCK = 10.0  # the longest read_changes waits for a new entry
+REDIS_SLICE = 10_000  # records per HSCAN and entries per XRANGE
+REDIS_OPTIONS = ("ca", "timeout")
+REDIS_URL_FORMS = ("redis://[:PASSWORD@]HOST:PORT/DB or "
+                   "rediss://[:PASSWORD@]HOST:PORT/DB?ca=CA_FILE")
+_LEASE_SEPARATOR = "\0"  # ids never hold control characters
+
+# Commit records in one call, each only if the client's stored record is still the one its
+# writer read: all or none ('whole'), or each on its own ('each'; an item refused leaves out the
+# later items of its client, which follow from it). A client met again later in the same call
+# follows from its earlier item, so only its first item is compared. Every item saved is
+# appended to the stream: a change as <its new revision>-0, a renewal (no revision of its own)
+# as <the current revision>-<n>.
+# KEYS: the records hash, the revision counter, the change stream, the lease set.
+# ARGV: 'whole' or 'each', the history to keep; then per item: client id, the record its writer
+# read ('' when none), the record after its revision, the event kind ('' for a renewal), the
+# session id, the revision a renewal keeps, how many lease members to remove and those members,
+# how many leases to set and a score and member for each. Two passes: compare, then save.
+# Answers {0, index, stored record} when a whole call is refused, else {1, the revision of
+# each item (0 when refused), the stored record of each refused item}.
+_COMMIT_SCRIPT = """
+local whole, history, count, at, index = ARGV[1] == 'whole', ARGV[2], #ARGV, 3, 0
+local stored, refused = {}, {}
+while at <= count do
+  local client = ARGV[at]
+  if stored[client] == nil then
+    local current = redis.call('HGET', KEYS[1], client)
+    stored[client] = current or false
+    if (current or '') ~= ARGV[at + 1] then
+      if whole then return {0, index, current} end
+      refused[client] = true
+    end
+  end
+  local leases_at = at + 7 + tonumber(ARGV[at + 6])
+  at = leases_at + 1 + 2 * tonumber(ARGV[leases_at])
+  index = index + 1
+end
+local revisions, currents = {}, {}
+at, index = 3, 1
+while at <= count do
+  local client, tail, kind, revision = ARGV[at], ARGV[at + 2], ARGV[at + 3], ARGV[at + 5]
+  local removed = tonumber(ARGV[at + 6])
+  local leases_at = at + 7 + removed
+  local leased = tonumber(ARGV[leases_at])
+  if refused[client] then
+    revisions[index], currents[index] = 0, stored[client]
+  else
+    if kind ~= '' then revision = string.format('%d', redis.call('INCR', KEYS[2])) end
+    local record = revision .. tail
+    if kind ~= '' then
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', history, revision .. '-0',
+                 'c', client, 'r', record, 'k', kind, 's', ARGV[at + 4])
+    else
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', history,
+                 (redis.call('GET', KEYS[2]) or '0') .. '-*', 'c', client, 'r', record)
+    end
+    redis.call('HSET', KEYS[1], client, record)
+    if removed > 0 then redis.call('ZREM', KEYS[4], unpack(ARGV, at + 7, at + 6 + removed)) end
+    if leased > 0 then
+      redis.call('ZADD', KEYS[4], unpack(ARGV, leases_at + 1, leases_at + 2 * leased))
+    end
+    revisions[index], currents[index] = tonumber(revision), false
+  end
+  at, index = leases_at + 1 + 2 * leased, index + 1
+end
+return {1, revisions, currents}
+"""
+
+
+class ChangesTrimmed(StoreError):
+    """The stream no longer holds every entry after the id asked for: load again."""
+
+
+# (client id, the stored bytes its writer read or None, the record after, (kind, session id)
+# of its change or None for a renewal)
+CommitItem = tuple[str, bytes | None, Client, tuple[EventKind, str] | None]
+
+
+class CommitResult(NamedTuple):
+    """What commit_many did: every item saved with its revision, or none and why."""
+
+    ok: bool
+    revisions: list  # one per item when ok: the change's new revision, or a renewal's own
+    conflict: int  # when refused, the index of the item whose stored record had changed
+    current: bytes | None  # when refused, that client's stored record (None: there is none)
+
+
+def encode_record_tail(record: Client) -> bytes:
+    """A record as Redis stores it, less the revision in front that the commit script adds."""
+    return (f"\t{record.changed_at!r}\t{record.last_seen!r}\t{record.reason}\t"
+            f"{encode_sessions(record.sessions)}").encode()
+
+
+def encode_record(record: Client) -> bytes:
+    """A record exactly as Redis stores it, so a replica can compare from its cache without
+    fetching."""
+    return str(record.revision).encode() + encode_record_tail(record)
+
+
+def decode_record(client_id: str, value: bytes) -> Client:
+    """A record back from Redis's bytes."""
+    revision, changed_at, last_seen, reason, sessions = value.decode().split("\t", 4)
+    return Client(client_id, float(changed_at), float(last_seen), int(revision), reason,
+                  decode_sessions(sessions))
+
+
+def lease_member(client_id: str, session_id: str) -> str:
+    """A leased session's member in the lease set."""
+    return f"{client_id}{_LEASE_SEPARATOR}{session_id}"
+
+
+def lease_changes(old: Client | None, new: Client) -> tuple[list, list]:
+    """The lease members to remove, and the score and member of each lease to set, when a
+    client's record goes from old to new."""
+    before = {session.session_id: session.expires_at
+              for session in (old.sessions if old else ()) if session.expires_at}
+    after = {session.session_id: session.expires_at
+             for session in new.sessions if session.expires_at}
+    removed = [lease_member(new.client_id, session_id)
+               for session_id in before if session_id not in after]
+    leases = [value for session_id, expires_at in after.items()
+              if before.get(session_id) != expires_at
+              for value in (repr(expires_at), lease_member(new.client_id, session_id))]
+    return removed, leases
+
+
+def stream_id(text: str | bytes) -> tuple[int, int]:
+    """A stream entry id as (revision, renewals since it)."""
+    revision, _, renewal = (text.decode() if isinstance(text, bytes) else text).partition("-")
+    return int(revision), int(renewal or 0)
+
+
+def follows(previous: tuple[int, int], entry: tuple[int, int]) -> bool:
+    """Whether entry comes right after previous: ids run without gaps, a renewal being the
+    next n of its revision and a change the next revision."""
+    return entry == (previous[0], previous[1] + 1) or entry == (previous[0] + 1, 0)
+
+
+def redis_options(url: str) -> dict:
+    """redis-py's connection options for a redis:// or rediss:// URL; StoreError for a bad one."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        port = None
+    database = parts.path.strip("/") or "0"
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname or port is None \
+            or not database.isdigit():
+        raise StoreError(f"not a Redis store URL: {url!r}; use {REDIS_URL_FORMS}")
+    options = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    unknown = set(options) - set(REDIS_OPTIONS)
+    if unknown:
+        raise StoreError(f"unknown option {sorted(unknown)[0]!r} in {url!r}: "
+                         f"only {' and '.join(REDIS_OPTIONS)}")
+    if "ca" in options and parts.scheme != "rediss":
+        raise StoreError(f"the ca option is for rediss:// (TLS), not {url!r}")
+    timeout = options.get("timeout", [REDIS_TIMEOUT])[-1]
+    try:
+        timeout = float(timeout)
+    except ValueError:
+        timeout = 0
+    if not timeout > 0:
+        raise StoreError(f"timeout must be a positive number of seconds in {url!r}")
+    settings = {
+        "host": parts.hostname, "port": port, "db": int(database),
+        "username": urllib.parse.unquote(parts.username) if parts.username else None,
+        "password": urllib.parse.unquote(parts.password) if parts.password else None,
+        "socket_timeout": timeout, "socket_connect_timeout": timeout,
+        # One immediate retry on a fresh connection: a pooled one may be dead after Redis
+        # restarted. Never more, so a Redis that is away is reported at once.
+        "retry": Retry(NoBackoff(), 1, (redis.ConnectionError,)),
+    }
+    if parts.scheme == "rediss":
+        settings.update(ssl=True, ssl_ca_certs=options.get("ca", [None])[-1])
+    return settings
+
+
+class RedisStore:
+    """The records, the revision sequence, the change stream and the leases of every replica,
+    in one Redis.
+
+    Every write goes through one Lua script that compares the record its writer read with the
+    stored one (bytes, so a renewal in between is noticed too) and, when they match, stores the
+    new record, takes the next revision, appends the entry to the stream and moves the client's
+    leases, all in one step. The stream's ids are the revisions (`<revision>-0`), and a renewal,
+    which has no revision of its own, is appended as `<current revision>-<n>`: ids run without
+    gaps, so a reader can tell when the history it needs was trimmed. Any failure to reach Redis
+    is a StoreError; redis-py reconnects by itself when Redis is back.
+    """
+
+    def __init__(self, url: str, history: int = DEFAULT_WATCH_HISTORY, prefix: str = "presence"):
+        options = redis_options(url)
+        self.where = f"{options['host']}:{options['port']}"
+        self._history = history
+        self._clients, self._revision, self._changes, self._leases = (
+            f"{prefix}:{name}" for name in ("clients", "revision", "changes", "leases"))
+        self._closed = False
+        self._redis = redis.Redis(**options)
+        # Blocking reads wait longer than any other call, on connections of their own.
+        reader_timeout = options["socket_timeout"] + REDIS_MAX_BLOCK
+        self._reader = redis.Redis(**{**options, "socket_timeout": reader_timeout})
+        self._commit_script = self._redis.register_script(_COMMIT_SCRIPT)
+        with self._talking():
+            version = self._redis.info("server")["redis_version"]
+        if tuple(int(part) for part in str(version).split(".")[:2]) < (7, 0):
+            self.close()
+            raise StoreError(f"the shared store (Redis at {self.where}) runs Redis {version}; "
+                             "this server needs Redis 7.0 or later")
+
+    @contextlib.contextmanager
+    def _talking(self):
+        """Turn every failure to reach Redis or to read what it holds into a StoreError."""
+        if self._closed:
+            raise StoreError("the store is closed")
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise StoreError(f"the shared store (Redis at {self.where}) is unreachable: "
+                             f"{error}") from error
+        except redis.RedisError as error:
+            raise StoreError(f"the shared store (Redis at {self.where}) failed: {error}") from error
+        except (ValueError, UnicodeError) as error:
+            raise StoreError(f"the shared store (Redis at {self.where}) holds data this server "
+                             f"cannot read: {error}") from error
+
+    def load(self) -> tuple[list[Client], str]:
+        """Every record, and the stream id they are at, so a reader resumes there without a gap."""
+        with self._talking():
+            start = self._last_id()
+            values = dict(self._redis.hscan_iter(self._clients, count=REDIS_SLICE))
+            end = self._last_id()
+            if end != start:  # writes went on while we read: bring every record to `end`
+                entries = self._range(f"({start}", end)
+                self._check_follows(start, entries)
+                for _, fields in entries:
+                    values[fields[b"c"]] = fields[b"r"]
+            records = [decode_record(client_id.decode(), value)
+                       for client_id, value in values.items()]
+        logger.info("loaded %d clients from Redis at %s", len(records), self.where)
+        return records, end
+
+    def fetch(self, client_id: str) -> tuple[Client | None, bytes | None]:
+        """The client's stored record and its bytes, which a commit compares against."""
+        with self._talking():
+            value = self._redis.hget(self._clients, client_id)
+            return (decode_record(client_id, value) if value is not None else None), value
+
+    def commit(self, client_id: str, expected: bytes | None, record: Client,
+               change: tuple[EventKind, str] | None) -> tuple[bool, int, bytes | None]:
+        """Save record if the stored one is still `expected`: (True, its revision, None), or
+        (False, 0, the stored bytes) for the caller to work the change out again."""
+        result = self.commit_many([(client_id, expected, record, change)])
+        if result.ok:
+            return True, result.revisions[0], None
+        return False, 0, result.current
+
+    def commit_many(self, items: Sequence[CommitItem]) -> CommitResult:
+        """Save several (client id, expected, record, change) in one step, all or none; a later
+        item of the same client follows from its earlier one (its expected is not compared)."""
+        if not items:
+            return CommitResult(True, [], -1, None)
+        reply = self._run_commit("whole", items)
+        if reply[0] == 1:
+            return CommitResult(True, list(reply[1]), -1, None)
+        return CommitResult(False, [], reply[1], reply[2])
+
+    def commit_each(self, items: Sequence[CommitItem]) -> list[tuple[bool, int, bytes | None]]:
+        """Save several (client id, expected, record, change) in one round trip, each as commit
+        would on its own; a client's items after one refused are refused with it."""
+        if not items:
+            return []
+        _, revisions, currents = self._run_commit("each", items)
+        return [(True, revision, None) if revision else (False, 0, current)
+                for revision, current in zip(revisions, currents)]
+
+    def _run_commit(self, mode, items):
+        """Call the commit script on items."""
+        arguments, previous = [mode, self._history], {}
+        for client_id, expected, record, change in items:
+            if client_id in previous:
+                old = previous[client_id]
+            else:
+                old = decode_record(client_id, expected) if expected is not None else None
+            removed, leases = lease_changes(old, record)
+            kind, session_id = (int(change[0]), change[1]) if change else ("", "")
+            arguments += [client_id, expected or b"", encode_record_tail(record), kind,
+                          session_id, record.revision, len(removed), *removed,
+                          len(leases) // 2, *leases]
+            previous[client_id] = record
+        with self._talking():
+            return self._commit_script(
+                keys=[self._clients, self._revision, self._changes, self._leases],
+                args=arguments)
+
+    def read_changes(self, after_id: str, block_seconds: float,
+                     count: int) -> list[tuple[str, Client, EventKind | None, str]]:
+        """Up to count stream entries after after_id, waiting up to block_seconds for one:
+        (id, record, kind, session id), kind None for a renewal."""
+        block = min(block_seconds, REDIS_MAX_BLOCK)
+        with self._talking():
+            reply = self._reader.xread({self._changes: after_id}, count=count,
+                                       block=max(1, int(block * 1000)) if block > 0 else None)
+            entries = reply[0][1] if reply else []
+            self._check_follows(after_id, entries)
+            return [self._decode_entry(entry) for entry in entries]
+
+    def last_id(self) -> str:
+        """The id of the newest stream entry: a reader that has it has every write before."""
+        with self._talking():
+            return self._last_id()
+
+    def due_leases(self, now: float, limit: int) -> list[tuple[str, str]]:
+        """Up to limit (client id, session id) whose lease ran out by now, earliest first."""
+        with self._talking():
+            members = self._redis.zrangebyscore(self._leases, "-inf", now, start=0, num=limit)
+            return [tuple(member.decode().split(_LEASE_SEPARATOR, 1)) for member in members]
+
+    def changes_since(self, revision: int) -> list[tuple[str, Client, EventKind, str]] | None:
+        """Every change after revision in order, renewals left out, for a watcher that resumes;
+        None when the history no longer holds them all."""
+        with self._talking():
+            entries = self._range(f"{revision + 1}-0", "+")
+            if entries and stream_id(entries[0][0]) != (revision + 1, 0):
+                return None
+            try:
+                self._check_follows(f"{revision + 1}-0", entries[1:])
+            except ChangesTrimmed:
+                return None
+            changes = [self._decode_entry(entry) for entry in entries]
+        return [change for change in changes if change[2] is not None]
+
+    def close(self) -> None:
+        """Let go of every connection; later calls are refused."""
+        self._closed = True
+        self._redis.close()
+        self._reader.close()
+
+    def _last_id(self):
+        newest = self._redis.xrevrange(self._changes, count=1)
+        return newest[0][0].decode() if newest else "0-0"
+
+    def _range(self, start, end):
+        """Every entry from start (an XRANGE bound, '(' in front when exclusive) to end."""
+        entries = []
+        while True:
+            chunk = self._redis.xrange(self._changes, start, end, count=REDIS_SLICE)
+            entries += chunk
+            if len(chunk) < REDIS_SLICE:
+                return entries
+            start = f"({chunk[-1][0].decode()}"
+
+    def _check_follows(self, after_id, entries):
+        """Refuse entries that do not run on from after_id without a gap: the stream was trimmed."""
+        previous = stream_id(after_id)
+        for entry_id, _ in entries:
+            current = stream_id(entry_id)
+            if not follows(previous, current):
+                raise ChangesTrimmed(f"the shared store (Redis at {self.where}) no longer holds "
+                                     f"the changes after {after_id}: load again")
+            previous = current
+
+    @staticmethod
+    def _decode_entry(entry):
+        entry_id, fields = entry
+        kind = fields.get(b"k")
+        return (entry_id.decode(), decode_record(fields[b"c"].decode(), fields[b"r"]),
+                EventKind(int(kind)) if kind is not None else None,
+                fields.get(b"s", b"").decode())
+
+
 def open_store(url):
-    """Open the store a --store URL names: memory://, or sqlite:///PATH[?sync=normal|full]."""
+    """Open the store a --store URL names: memory://, sqlite:///PATH[?sync=normal|full], or a
+    shared Redis (redis://[:PASSWORD@]HOST:PORT/DB, rediss:// for TLS)."""
     if url == "memory://":
         return MemoryStore()
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
@@ -1222,7 +1601,10 @@ def open_store(url):
         if unknown:
             raise StoreError(f"unknown option {sorted(unknown)[0]!r} in {url!r}: only sync")
         return SqliteStore(path, *options.get("sync", [])[-1:])
-    raise StoreError(f"unsupported store URL {url!r}: use sqlite:///PATH or memory://")
+    if url.startswith(("redis://", "rediss://")):
+        return RedisStore(url)
+    raise StoreError(f"unsupported store URL {url!r}: use sqlite:///PATH, memory:// or "
+                     f"{REDIS_URL_FORMS}")
 
 
 # --- wire format: records and changes as protobuf, answers that fit, guarded parsing ---------

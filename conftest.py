@@ -44,23 +44,47 @@ def connect(address):
     return channel
 
 
-@pytest.fixture
-def memory_server():
-    """A started in-process server on a free port with the memory store."""
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore())
-    server.start()
+STORES = ("memory", "sqlite", "redis")
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory):
+    """One redis-server for every test that runs on each store; each store has keys of its own."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-shared"))
     yield server
-    server.stop(0)
+    server.stop()
+
+
+@pytest.fixture(params=STORES)
+def new_store(request, tmp_path):
+    """`new_store()` opens another empty store of the kind under test: the tests that use it
+    run on memory://, on a SQLite file and on a real Redis, the same tests on each."""
+    opened = []
+
+    def open_one():
+        if request.param == "memory":
+            store = presence.MemoryStore()
+        elif request.param == "sqlite":
+            store = presence.SqliteStore(str(tmp_path / f"store{len(opened)}.db"))
+        else:
+            redis = request.getfixturevalue("shared_redis")
+            store = presence.RedisStore(redis.url, prefix=f"{request.node.nodeid}:{len(opened)}")
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in opened:
+        store.close()
 
 
 @pytest.fixture
-def make_server():
-    """Start in-process servers with `make_server(store, **create_server options)` (memory://
-    when no store is given) on free ports; all are stopped afterwards."""
+def make_server(new_store):
+    """Start in-process servers with `make_server(store, **create_server options)` on free
+    ports (a new store of the kind under test when none is given); all stopped afterwards."""
     started = []
 
     def make(store=None, **options):
-        server = presence.create_server("127.0.0.1:0", store or presence.MemoryStore(), **options)
+        server = presence.create_server("127.0.0.1:0", store or new_store(), **options)
         server.start()
         started.append(server)
         return server
@@ -71,8 +95,14 @@ def make_server():
 
 
 @pytest.fixture
-def address(memory_server):
-    return f"127.0.0.1:{memory_server.port}"
+def presence_server(make_server):
+    """A started in-process server on a free port, on each store in turn."""
+    return make_server()
+
+
+@pytest.fixture
+def address(presence_server):
+    return f"127.0.0.1:{presence_server.port}"
 
 
 @pytest.fixture

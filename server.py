@@ -326,9 +326,15 @@ class Registry:
         self._live_sessions = 0
         self.revision = 0  # the last revision given to a change, durable or not
         self.durable_revision = 0  # the last revision readers can see
-        self._load(store.load())
+        self._load_from(store)
         self.durable_revision = self.revision
         self.log = ChangeLog(self.revision, history)
+
+    def _load_from(self, store):
+        self._load(store.load())
+
+    def close(self):
+        """Stop what the registry runs besides the calls (nothing, for a local store)."""
 
     def _load(self, records):
         """Take the store's records at start: a million of them in about a second."""
@@ -385,9 +391,9 @@ class Registry:
                     logger.debug("%s", describe_change(change))
         return results
 
-    def _decide_all_locked(self, messages, now):
-        """Each message's outcome, later ones seeing what earlier ones did."""
-        overlay, results = {}, []
+    def _decide_all_locked(self, messages, now, overlay=None):
+        """Each message's outcome, later ones seeing what earlier ones did (and overlay)."""
+        overlay, results = dict(overlay or {}), []
         for index, message in enumerate(messages):
             record, change = self._decide_locked(message, now, overlay, index)
             overlay[record.client_id] = record
@@ -614,6 +620,204 @@ class Registry:
         with self._lock:
             return Counts(len(self._ids[Status.CONNECTED]), len(self._ids[Status.DISCONNECTED]),
                           self._live_sessions, self.durable_revision)
+
+
+# A replica on a shared store: how long the follower waits on the stream per read, how many
+# entries it takes at once, how long a read waits for the cache to catch up, how often a
+# write is worked out again after another replica changed the same client first.
+SHARED_FOLLOW_BLOCK = 1.0
+SHARED_FOLLOW_BATCH = 1000
+SHARED_CATCH_UP_SECONDS = 5.0
+SHARED_RETRY_SECONDS = 0.5
+SHARED_MAX_CONFLICTS = 20
+SHARED_EXPIRY_BATCH = 1000
+
+
+class SharedRegistry(Registry):
+    """A replica's registry over a store that several servers share (redis://): a cache.
+
+    Writes go to the store, which compares the record each was worked out from with the
+    stored one and takes the next revision of the one sequence of every replica; a refusal
+    means another replica changed the client meanwhile, so the change is worked out again
+    from the stored record. A follower thread applies the store's stream of writes to the
+    cache in order, the only way records reach it, and a writer returns once the follower
+    has applied its own write. A read first asks the store how far it is (one round trip)
+    and waits until the cache has caught up: a read on any replica sees every write
+    acknowledged anywhere before it began, and a replica that cannot reach the store
+    refuses (StoreError) rather than answer from a stale cache. Leases live in the store,
+    so each expires once, whichever replicas are alive.
+    """
+
+    def __init__(self, store, clock=time.time, history=DEFAULT_WATCH_HISTORY,
+                 max_sessions=DEFAULT_MAX_SESSIONS):
+        self._applied = (0, 0)  # the stream position the cache has reached
+        self._unreachable = None  # why the follower cannot reach the store, or None
+        super().__init__(store, clock, history, max_sessions)
+        self._caught_up = threading.Condition(self._lock)
+        self._stopping = threading.Event()
+        self._follower = threading.Thread(target=self._follow, name="store-follower", daemon=True)
+        self._follower.start()
+
+    def _load_from(self, store):
+        records, at = store.load()
+        self._load(records)
+        self._applied = stream_id(at)
+
+    def close(self):
+        """Let the follower go: it ends at its next read, which the store's close cuts short."""
+        self._stopping.set()
+
+    # -- the follower: the store's stream into the cache, in order
+
+    def _follow(self):
+        at = f"{self._applied[0]}-{self._applied[1]}"
+        while not self._stopping.is_set():
+            try:
+                entries = self._store.read_changes(at, SHARED_FOLLOW_BLOCK, SHARED_FOLLOW_BATCH)
+            except StoreError as error:
+                if self._stopping.is_set():
+                    return
+                self._lost(error)
+                self._stopping.wait(SHARED_RETRY_SECONDS)
+                continue
+            if self._unreachable is not None:
+                logger.info("the shared store is reachable again; catching up")
+                self._unreachable = None
+            if entries:
+                at = entries[-1][0]
+                self._apply_entries(entries)
+
+    def _lost(self, error):
+        if self._unreachable is None:
+            logger.error("%s; refusing calls until it is back", error)
+        self._unreachable = str(error)
+        with self._caught_up:
+            self._caught_up.notify_all()
+
+    def _apply_entries(self, entries):
+        """Install the stream's records in order; the changes among them go to the log."""
+        with self._lock:
+            changes = []
+            for entry_id, record, kind, session_id in entries:
+                self._install_locked(self._published, (record,), ())
+                if kind is not None:
+                    changes.append(Change(kind, record, session_id))
+                self._applied = stream_id(entry_id)
+            if changes:
+                self.log.append(changes)
+                self.revision = self.durable_revision = changes[-1].revision
+            self._caught_up.notify_all()
+        self.log.advance(self.durable_revision)
+
+    def _wait_applied(self, position):
+        """Wait until the cache has reached position of the stream, or refuse."""
+        deadline = time.monotonic() + SHARED_CATCH_UP_SECONDS
+        with self._caught_up:
+            while self._applied < position:
+                if self._unreachable is not None:
+                    raise StoreError(self._unreachable)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StoreError("this replica could not catch up with the shared store in "
+                                     f"{SHARED_CATCH_UP_SECONDS:.0f} s")
+                self._caught_up.wait(remaining)
+
+    def _catch_up(self):
+        """Before a read: have every write acknowledged so far in the cache."""
+        self._wait_applied(stream_id(self._store.last_id()))
+
+    # -- writes: compare-and-set in the store, retried from the stored record
+
+    def apply_one(self, message):
+        (record, change), = self.apply_many((message,))
+        return record, change
+
+    def apply_many(self, messages, check=None):
+        now = self._clock()
+        bases = {}  # client id -> (record, stored bytes) each change is worked out from
+        for message in messages:
+            if message.client_id not in bases:
+                record = self._clients.get(message.client_id)
+                bases[message.client_id] = (record, encode_record(record) if record else None)
+        for _ in range(SHARED_MAX_CONFLICTS):
+            with self._lock:
+                overlay = {client_id: old for client_id, (old, _) in bases.items() if old}
+                results = self._decide_all_locked(messages, now, overlay)
+            if check is not None:
+                check(results)
+            result = self._store.commit_many(self._commit_items(results, bases))
+            if result.ok:
+                break
+            client_id = results[result.conflict][0].client_id
+            current = result.current
+            bases[client_id] = (decode_record(client_id, current) if current else None, current)
+        else:
+            raise StoreError("too many concurrent changes to the same clients on other replicas; "
+                             "try again")
+        self._wait_applied(stream_id(result.ids[-1]))
+        final = [(record._replace(revision=revision), change and Change(
+                     change.kind, record._replace(revision=revision), change.session_id))
+                 for (record, change), revision in zip(results, result.revisions)]
+        if logger.isEnabledFor(logging.DEBUG):
+            for _, change in final:
+                if change:
+                    logger.debug("%s", describe_change(change))
+        return final
+
+    @staticmethod
+    def _commit_items(results, bases):
+        items, seen = [], set()
+        for record, change in results:
+            client_id = record.client_id
+            expected = bases[client_id][1] if client_id not in seen else None
+            seen.add(client_id)
+            items.append((client_id, expected, record,
+                          (change.kind, change.session_id) if change else None))
+        return items
+
+    def expire_due(self):
+        """End the sessions whose lease ran out, as the store's lease set says: each once."""
+        now = self._clock()
+        changes = []
+        for client_id, session_id in self._store.due_leases(now, SHARED_EXPIRY_BATCH):
+            record, stored = self._store.fetch(client_id)
+            session = record and find_session(record.sessions, session_id)
+            if not session or not session.expires_at or session.expires_at > now:
+                continue  # ended or renewed meanwhile: its lease entry moved with it
+            with self._lock:
+                ended, change = self._end_locked(record, session_id, False, now, LEASE_EXPIRED)
+            done, revision, _ = self._store.commit(client_id, stored, ended,
+                                                   (change.kind, change.session_id))
+            if done:  # else another replica changed it first: the next pass looks again
+                changes.append(Change(change.kind, ended._replace(revision=revision),
+                                      session_id))
+        for change in changes[:10]:
+            logger.info("%s", describe_change(change))
+        return changes
+
+    def seconds_to_next_expiry(self):
+        return REAPER_MAX_SLEEP  # the lease set is in the store: look again each second
+
+    def _add_lease_locked(self, expires_at, client_id, session_id):
+        """Leases live in the store's lease set; the local heap stays empty."""
+
+    # -- reads: only once the cache has every write acknowledged before them
+
+    def get(self, client_id):
+        self._catch_up()
+        return super().get(client_id)
+
+    def snapshot(self):
+        self._catch_up()
+        return super().snapshot()
+
+    def page(self, limit, after="", status=None, prefix=""):
+        self._catch_up()
+        return super().page(limit, after, status, prefix)
+
+    def counts(self):
+        self._catch_up()
+        return super().counts()
 
 
 def describe_change(change):
@@ -1238,7 +1442,8 @@ _LEASE_SEPARATOR = "\0"  # ids never hold control characters
 # session id, the revision a renewal keeps, how many lease members to remove and those members,
 # how many leases to set and a score and member for each. Two passes: compare, then save.
 # Answers {0, index, stored record} when a whole call is refused, else {1, the revision of
-# each item (0 when refused), the stored record of each refused item}.
+# each item (0 when refused), the stored record of each refused item, the stream id of each
+# item saved}.
 _COMMIT_SCRIPT = """
 local whole, history, count, at, index = ARGV[1] == 'whole', ARGV[2], #ARGV, 3, 0
 local stored, refused = {}, {}
@@ -1256,7 +1461,7 @@ while at <= count do
   at = leases_at + 1 + 2 * tonumber(ARGV[leases_at])
   index = index + 1
 end
-local revisions, currents = {}, {}
+local revisions, currents, ids = {}, {}, {}
 at, index = 3, 1
 while at <= count do
   local client, tail, kind, revision = ARGV[at], ARGV[at + 2], ARGV[at + 3], ARGV[at + 5]
@@ -1269,11 +1474,11 @@ while at <= count do
     if kind ~= '' then revision = string.format('%d', redis.call('INCR', KEYS[2])) end
     local record = revision .. tail
     if kind ~= '' then
-      redis.call('XADD', KEYS[3], 'MAXLEN', '~', history, revision .. '-0',
-                 'c', client, 'r', record, 'k', kind, 's', ARGV[at + 4])
+      ids[index] = redis.call('XADD', KEYS[3], 'MAXLEN', '~', history, revision .. '-0',
+                              'c', client, 'r', record, 'k', kind, 's', ARGV[at + 4])
     else
-      redis.call('XADD', KEYS[3], 'MAXLEN', '~', history,
-                 (redis.call('GET', KEYS[2]) or '0') .. '-*', 'c', client, 'r', record)
+      ids[index] = redis.call('XADD', KEYS[3], 'MAXLEN', '~', history,
+                              (redis.call('GET', KEYS[2]) or '0') .. '-*', 'c', client, 'r', record)
     end
     redis.call('HSET', KEYS[1], client, record)
     if removed > 0 then redis.call('ZREM', KEYS[4], unpack(ARGV, at + 7, at + 6 + removed)) end
@@ -1282,9 +1487,10 @@ while at <= count do
     end
     revisions[index], currents[index] = tonumber(revision), false
   end
+  if refused[client] then ids[index] = false end
   at, index = leases_at + 1 + 2 * leased, index + 1
 end
-return {1, revisions, currents}
+return {1, revisions, currents, ids}
 """
 
 
@@ -1304,6 +1510,7 @@ class CommitResult(NamedTuple):
     revisions: list  # one per item when ok: the change's new revision, or a renewal's own
     conflict: int  # when refused, the index of the item whose stored record had changed
     current: bytes | None  # when refused, that client's stored record (None: there is none)
+    ids: list  # one per item when ok: its entry's id in the stream
 
 
 def encode_record_tail(record: Client) -> bytes:
@@ -1409,6 +1616,8 @@ class RedisStore:
     is a StoreError; redis-py reconnects by itself when Redis is back.
     """
 
+    shared = True  # several servers share it: each keeps a cache (SharedRegistry)
+
     def __init__(self, url: str, history: int = DEFAULT_WATCH_HISTORY, prefix: str = "presence"):
         options = redis_options(url)
         self.where = f"{options['host']}:{options['port']}"
@@ -1479,18 +1688,19 @@ class RedisStore:
         """Save several (client id, expected, record, change) in one step, all or none; a later
         item of the same client follows from its earlier one (its expected is not compared)."""
         if not items:
-            return CommitResult(True, [], -1, None)
+            return CommitResult(True, [], -1, None, [])
         reply = self._run_commit("whole", items)
         if reply[0] == 1:
-            return CommitResult(True, list(reply[1]), -1, None)
-        return CommitResult(False, [], reply[1], reply[2])
+            return CommitResult(True, list(reply[1]), -1, None,
+                                [entry_id.decode() for entry_id in reply[3]])
+        return CommitResult(False, [], reply[1], reply[2], [])
 
     def commit_each(self, items: Sequence[CommitItem]) -> list[tuple[bool, int, bytes | None]]:
         """Save several (client id, expected, record, change) in one round trip, each as commit
         would on its own; a client's items after one refused are refused with it."""
         if not items:
             return []
-        _, revisions, currents = self._run_commit("each", items)
+        _, revisions, currents, _ = self._run_commit("each", items)
         return [(True, revision, None) if revision else (False, 0, current)
                 for revision, current in zip(revisions, currents)]
 
@@ -1893,10 +2103,11 @@ class ClientService(pb_grpc.ClientServiceServicer):
     def GetClientStatus(self, request, context):
         client_id = request.client_id
         if not client_id:
-            return serialize_statuses(self._registry.snapshot()[0])
+            with refusals(context):
+                return serialize_statuses(self._registry.snapshot()[0])
         with refusals(context):
             validate_client_id(client_id)
-        record = self._registry.get(client_id)
+            record = self._registry.get(client_id)
         if record is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"Client {client_id} not found")
         return pb.ClientStatusResponse(
@@ -1910,8 +2121,8 @@ class ClientService(pb_grpc.ClientServiceServicer):
             validate_client_id(request.id_prefix, "id_prefix", allow_empty=True)
             status = _status_filter(request.status)
             after = decode_page_token(request.page_token) if request.page_token else ""
-        limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        records, more, revision = self._registry.page(limit, after, status, request.id_prefix)
+            limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+            records, more, revision = self._registry.page(limit, after, status, request.id_prefix)
         fit = fitting(records)
         if fit < len(records):  # the rest would pass a default client's message limit
             records, more = records[:fit], True
@@ -1922,7 +2133,8 @@ class ClientService(pb_grpc.ClientServiceServicer):
         )
 
     def CountClients(self, request, context):
-        counts = self._registry.counts()
+        with refusals(context):
+            counts = self._registry.counts()
         return pb.CountClientsResponse(
             connected=counts.connected,
             disconnected=counts.disconnected,
@@ -1963,7 +2175,8 @@ class ClientService(pb_grpc.ClientServiceServicer):
 
     def _send_snapshot(self, context, send, resync):
         """Send every client as of one revision, in chunks; return that revision."""
-        records, revision = self._registry.snapshot()
+        with refusals(context):
+            records, revision = self._registry.snapshot()
         chunks = list(split_to_fit(records, SNAPSHOT_CHUNK)) or [[]]
         for number, chunk in enumerate(chunks):
             if not context.is_active():
@@ -1998,12 +2211,13 @@ class NotificationService:
             return self.GetAllClientStatuses(request, context)
         with refusals(context):
             validate_client_id(client_id)
-        record = self._registry.get(client_id)
+            record = self._registry.get(client_id)
         return notifications_pb.ClientStatusResponse(
             statuses={client_id: STATUS_WORDS[record.status] if record else "unknown"})
 
     def GetAllClientStatuses(self, request, context):
-        return serialize_statuses(self._registry.snapshot()[0])
+        with refusals(context):
+            return serialize_statuses(self._registry.snapshot()[0])
 
 
 # --- security and metrics: interceptors installed only when asked for ------------------------
@@ -2294,6 +2508,7 @@ class PresenceServer:
         self.registry.log.close()
         self.grpc_server.stop(grace).wait()
         self.reaper.stop()
+        self.registry.close()
         if self.metrics:
             self.metrics.close()
 
@@ -2342,8 +2557,9 @@ def create_server(
     interceptors = [metrics] if metrics else []
     if security.token:
         interceptors.append(TokenCheck(security.token, security.public_reads))
+    kind = SharedRegistry if getattr(store, "shared", False) else Registry
     with loading():
-        registry = Registry(store, clock, watch_history, max_sessions)
+        registry = kind(store, clock, watch_history, max_sessions)
     expired = registry.expire_due()
     if expired:
         logger.info("%d sessions' leases ran out while the server was down", len(expired))

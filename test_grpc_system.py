@@ -945,10 +945,10 @@ def test_watchers_past_the_limit_are_resource_exhausted(make_server):
 
 @allure.feature("Watch")
 @allure.story("Clean end on shutdown")
-def test_watchers_end_cleanly_when_the_server_stops(memory_server, stub):
+def test_watchers_end_cleanly_when_the_server_stops(presence_server, stub):
     watch = Watch(stub)
     watch.snapshot()
-    memory_server.stop(grace=DEADLINE)
+    presence_server.stop(grace=DEADLINE)
     assert watch.next() is None
 
 

@@ -678,14 +678,14 @@ def hung_up(sock):
 
 
 @allure.story("Junk connections on the port")
-def test_garbage_and_half_open_connections_do_not_disturb_other_clients(memory_server, address):
+def test_garbage_and_half_open_connections_do_not_disturb_other_clients(presence_server, address):
     rng = random.Random(5)
     steady = SteadyClient(address)
     junk = {}
     try:
         steady.wait_for_calls(20)
         with allure.step("open 200 junk connections while the client keeps calling"):
-            junk = open_junk(memory_server.port, rng, count=40)
+            junk = open_junk(presence_server.port, rng, count=40)
             steady.wait_for_calls(300)
         with allure.step("the server hangs up on the garbage senders, the rest stay open"):
             kept = [hung_up(sock) for sock in junk["garbage"]]

@@ -32,6 +32,8 @@ from enum import IntEnum
 from typing import NamedTuple
 
 import grpc
+from grpc import _common as grpc_common, _server as grpc_internals  # see CallGate
+from grpc._cython import cygrpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
@@ -51,6 +53,8 @@ DEFAULT_WORKERS = 16
 DEFAULT_MAX_CONCURRENT_RPCS = 1024
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024
 DEFAULT_GRACE_SECONDS = 5.0
+DEFAULT_REQUEST_TIMEOUT = 5.0
+DEFAULT_MAX_STREAMS_PER_CONNECTION = 100
 DEFAULT_MAX_LEASE = 3600
 DEFAULT_MAX_WATCHERS = 1000
 DEFAULT_WATCH_BUFFER = 10_000
@@ -65,6 +69,9 @@ SNAPSHOT_CHUNK = 1000
 STATUS_MAP_CHUNK = 10_000
 EVENTS_PER_MESSAGE = 500
 WATCH_POLL_SECONDS = 1.0
+# Calls whose request is late are ended in rounds at least this far apart, so the timer
+# wakes at most ten times a second however many calls come.
+REQUEST_TIMER_STEP = 0.1
 # After each pass over its watchers a sender waits a moment before the next, longer the
 # more watchers there are (80 ms at a thousand), so a busy registry reaches them all as a
 # few messages of many events each, while a lone watcher sees changes at once.
@@ -75,6 +82,7 @@ WATCH_SENDERS = 4
 # messages) gives its other watchers to a new sender.
 WATCH_STUCK_SECONDS = 0.5
 REAPER_MAX_SLEEP = 1.0
+UNDECODABLE_REPORT_SECONDS = 60.0
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 WRITE_METHODS = frozenset({"SendMessage", "SendMessages"})
 # Load balancers and generic tools must reach these without a token.
@@ -1385,6 +1393,10 @@ def replace_behavior(handler, wrap):
                 response_serializer=handler.response_serializer)
 
 
+REFUSAL = (grpc.StatusCode.UNAUTHENTICATED,
+           "missing or wrong access token: send the metadata 'authorization: Bearer <token>'")
+
+
 class TokenCheck(grpc.ServerInterceptor):
     """Refuses calls without `authorization: Bearer <token>`: writes always, reads unless public.
 
@@ -1412,9 +1424,211 @@ class TokenCheck(grpc.ServerInterceptor):
 
     @staticmethod
     def _refuse(request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                      "missing or wrong access token: send the metadata "
-                      "'authorization: Bearer <token>'")
+        context.abort(*REFUSAL)
+
+    _refuse.refusal = REFUSAL  # CallGate answers it at once, before any request body
+
+
+class _Awaited:
+    """A call whose request has not arrived yet, and when it must have."""
+
+    __slots__ = ("deadline", "state", "call", "arrived")
+
+    def __init__(self, deadline, state, call):
+        self.deadline = deadline
+        self.state = state
+        self.call = call
+        self.arrived = False
+
+
+class CallGate(futures.Executor):
+    """The executor gRPC hands calls to: a call gets a thread only once its request is in.
+
+    grpcio gives every call to its executor as soon as the headers arrive, and the thread
+    would then wait, with no time limit, for a request body that may never come. Here a
+    unary request is awaited on gRPC's own completion queue instead, holding no thread and
+    no slot, for at most request_timeout seconds (then DEADLINE_EXCEEDED); a refusal (a
+    behavior with a `refusal`) is answered at once, before any body; calls whose request
+    is in count against max_concurrent and beyond it get RESOURCE_EXHAUSTED. It drives
+    grpcio's private server internals (grpc._server) of the pinned version;
+    tests/test_hostile_peers.py fails when they change, and a call of a shape it does not
+    know runs as a plain pool would run it.
+    """
+
+    def __init__(self, threads, max_concurrent, request_timeout):
+        self._pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc")
+        self._max_concurrent = max_concurrent
+        self._running = 0
+        self._request_timeout = request_timeout
+        self._lock = threading.Lock()
+        self._awaiting = threading.Condition(self._lock)
+        self._awaited = collections.deque()  # in deadline order: every call waits as long
+        self._stopped = False
+        threading.Thread(target=self._end_late_requests, name="request-timer",
+                         daemon=True).start()
+
+    def submit(self, fn, *args, **kwargs):
+        """Take one call from gRPC; the future it gets back is only used to count calls."""
+        if len(args) != 7 or args[0] not in (grpc_internals._unary_response_in_pool,
+                                             grpc_internals._stream_response_in_pool):
+            return self._pool.submit(fn, *args, **kwargs)
+        task, event, state, behavior, take_request, deserializer, serializer = args
+        refusal = getattr(behavior, "refusal", None)
+        if refusal:
+            self._end(state, event.call, *refusal)
+        else:
+            def start(request_thunk):
+                return self._pool.submit(fn, task, event, state, behavior, request_thunk,
+                                         deserializer, serializer)
+            if take_request.__name__ == "unary_request":
+                self._await_request(event, state, deserializer, start)
+            else:
+                self._admit(state, event.call, lambda: start(take_request))
+        return _DONE
+
+    def _await_request(self, event, state, deserializer, start):
+        """Ask gRPC for the request; start the call when it comes, or end it at its deadline."""
+        awaited = _Awaited(time.monotonic() + self._request_timeout, state, event.call)
+        receive = grpc_internals._receive_message(state, event.call, deserializer)
+
+        def arrived(receive_event):
+            outcome = receive(receive_event)  # gRPC's own: keeps the request, or notes the end
+            self._request_arrived(awaited, lambda request: start(
+                lambda: request if grpc_internals._is_rpc_state_active(state) else None))
+            return outcome
+
+        with state.condition:
+            if not grpc_internals._is_rpc_state_active(state):
+                return
+            event.call.start_server_batch((cygrpc.ReceiveMessageOperation(0),), arrived)
+            state.due.add(grpc_internals._RECEIVE_MESSAGE_TOKEN)
+        with self._lock:
+            self._awaited.append(awaited)
+            if len(self._awaited) == 1:
+                self._awaiting.notify()
+
+    def _request_arrived(self, awaited, start):
+        """Admit a call whose request came; one that ended without a request is refused."""
+        state = awaited.state
+        with state.condition:
+            awaited.arrived = True
+            request, state.request = state.request, None
+            if not grpc_internals._is_rpc_state_active(state):
+                return
+            if request is None:
+                _end_locked(state, awaited.call, grpc.StatusCode.UNIMPLEMENTED,
+                            "a unary call needs exactly one request message")
+                return
+        self._admit(state, awaited.call, lambda: start(request))
+
+    def _admit(self, state, call, start):
+        """Start a call if a slot is free, else refuse it with RESOURCE_EXHAUSTED."""
+        with self._lock:
+            full = self._running >= self._max_concurrent
+            if not full:
+                self._running += 1
+        if full:
+            self._end(state, call, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"too many calls at once (limit {self._max_concurrent}); try again later")
+            return
+        start().add_done_callback(self._release)
+
+    def _release(self, unused_future):
+        with self._lock:
+            self._running -= 1
+
+    @staticmethod
+    def _end(state, call, code, details):
+        """End a call with code and details, unless it has ended already."""
+        with state.condition:
+            _end_locked(state, call, code, details)
+
+    def _end_late_requests(self):
+        """End every call whose request has not come by its deadline."""
+        while (late := self._take_late()) is not None:
+            for awaited in late:
+                if not awaited.arrived:  # only ever set, so a stale read just takes the lock
+                    self._end_if_waiting(awaited)
+
+    def _take_late(self):
+        """Wait until some deadlines have passed and take those calls; None once shut down."""
+        with self._lock:
+            while not self._stopped:
+                now = time.monotonic()
+                if self._awaited and self._awaited[0].deadline <= now:
+                    late = []
+                    while self._awaited and self._awaited[0].deadline <= now:
+                        late.append(self._awaited.popleft())
+                    return late
+                self._awaiting.wait(max(self._awaited[0].deadline - now, REQUEST_TIMER_STEP)
+                                    if self._awaited else None)
+            return None
+
+    def _end_if_waiting(self, awaited):
+        with awaited.state.condition:
+            if not awaited.arrived:
+                _end_locked(awaited.state, awaited.call, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"the request did not arrive within {self._request_timeout:g} s")
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        with self._lock:
+            self._stopped = True
+            self._awaiting.notify()
+        self._pool.shutdown(wait, cancel_futures=cancel_futures)
+
+
+def _end_locked(state, call, code, details):
+    """End a call whose condition the caller holds, unless it has ended already."""
+    if grpc_internals._is_rpc_state_active(state):
+        grpc_internals._abort(state, call, grpc_common.STATUS_CODE_TO_CYGRPC_STATUS_CODE[code],
+                              details.encode())
+
+
+_DONE = futures.Future()
+_DONE.set_result(None)
+
+
+class UndecodableMetadataLog(logging.Filter):
+    """Keeps metadata values out of grpcio's log, and a peer from filling it with tracebacks.
+
+    grpcio logs each metadata value that is not UTF-8 whole (an access token too) at ERROR
+    with a traceback. Here those records become one WARNING line with a count and no value,
+    at most once per interval; every other record passes unchanged.
+    """
+
+    LOGGER = "grpc._cython.cygrpc"
+    MESSAGE = "Invalid encoding on %s"
+
+    def __init__(self, interval=UNDECODABLE_REPORT_SECONDS, clock=time.monotonic):
+        super().__init__()
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._dropped = 0
+        self._next_report = float("-inf")
+
+    def filter(self, record):
+        if record.msg != self.MESSAGE:
+            return True
+        with self._lock:
+            self._dropped += 1
+            now = self._clock()
+            if now < self._next_report:
+                return False
+            count, self._dropped, self._next_report = self._dropped, 0, now + self._interval
+        record.msg = ("%d metadata values were not UTF-8 (their values are not logged; "
+                      "the next count comes %g s later at the soonest)")
+        record.args = (count, self._interval)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+    @classmethod
+    def install(cls):
+        """Put the filter on grpcio's logger, once per process."""
+        grpc_logger = logging.getLogger(cls.LOGGER)
+        if not any(isinstance(each, cls) for each in grpc_logger.filters):
+            grpc_logger.addFilter(cls())
 
 
 class Metrics(grpc.ServerInterceptor):
@@ -1525,6 +1739,7 @@ class PresenceServer:
     registry: Registry
     health: health.HealthServicer
     reaper: LeaseReaper
+    gate: CallGate
     metrics: Metrics | None = None
 
     def start(self):
@@ -1536,6 +1751,7 @@ class PresenceServer:
         self.health.enter_graceful_shutdown()
         self.registry.log.close()
         self.grpc_server.stop(grace).wait()
+        self.gate.shutdown(wait=False)
         self.reaper.stop()
         if self.metrics:
             self.metrics.close()
@@ -1548,6 +1764,8 @@ def create_server(
     workers=DEFAULT_WORKERS,
     max_concurrent_rpcs=DEFAULT_MAX_CONCURRENT_RPCS,
     max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
+    request_timeout=DEFAULT_REQUEST_TIMEOUT,
+    max_streams_per_connection=DEFAULT_MAX_STREAMS_PER_CONNECTION,
     max_lease=DEFAULT_MAX_LEASE,
     max_watchers=DEFAULT_MAX_WATCHERS,
     watch_buffer=DEFAULT_WATCH_BUFFER,
@@ -1559,25 +1777,28 @@ def create_server(
     """Build the server on address (port 0 picks a free one) over an opened store.
 
     Leases that ran out while the server was down expire here, before it serves.
-    A watcher holds a pool thread, and counts against the concurrency limit, only while
-    its snapshot is sent; the pool and the limit make room for that many beside the calls.
+    A call holds a pool thread, and counts against the concurrency limit, only once its
+    request is in (CallGate); a watcher only while its snapshot is sent, and the pool and
+    the limit make room for that many beside the calls.
     Metrics (on metrics_port of the same host) and the token check are interceptors,
     installed only when asked for, so calls without them pay nothing.
     """
     credentials = security.credentials()
+    UndecodableMetadataLog.install()
     host = address.rpartition(":")[0].strip("[]")
     metrics = Metrics(host, metrics_port) if metrics_port is not None else None
     interceptors = [metrics] if metrics else []
-    if security.token:
-        interceptors.append(TokenCheck(security.token, security.public_reads))
+    if security.token:  # outermost, so its refusal reaches the gate unwrapped
+        interceptors.insert(0, TokenCheck(security.token, security.public_reads))
     registry = Registry(store, clock, watch_history)
     expired = registry.expire_due()
     if expired:
         logger.info("%d sessions' leases ran out while the server was down", len(expired))
+    gate = CallGate(workers + max_watchers, max_concurrent_rpcs + max_watchers, request_timeout)
     grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers + max_watchers, thread_name_prefix="rpc"),
-        maximum_concurrent_rpcs=max_concurrent_rpcs + max_watchers,
-        options=[("grpc.max_receive_message_length", max_request_bytes), ("grpc.so_reuseport", 0)],
+        gate,  # it limits the calls in progress itself, counting only those with a request
+        options=[("grpc.max_receive_message_length", max_request_bytes), ("grpc.so_reuseport", 0),
+                 ("grpc.max_concurrent_streams", max_streams_per_connection)],
         interceptors=interceptors,
     )
     service = ClientService(registry, max_lease, max_watchers, watch_buffer)
@@ -1600,7 +1821,7 @@ def create_server(
     else:
         port = grpc_server.add_insecure_port(address)
     return PresenceServer(grpc_server, port, registry, health_servicer, LeaseReaper(registry),
-                          metrics)
+                          gate, metrics)
 
 
 def format_address(host, port):
@@ -1653,6 +1874,8 @@ def serve(args):
             workers=args.workers,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_request_bytes=args.max_request_bytes,
+            request_timeout=args.request_timeout,
+            max_streams_per_connection=args.max_streams_per_connection,
             max_lease=args.max_lease,
             max_watchers=args.max_watchers,
             watch_buffer=args.watch_buffer,
@@ -1699,6 +1922,13 @@ def _positive_int(text):
     return value
 
 
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def build_parser():
     """The command line; every flag has a PRESENCE_* environment twin."""
     parser = argparse.ArgumentParser(
@@ -1722,12 +1952,24 @@ def build_parser():
                         help="threads serving calls [PRESENCE_WORKERS]")
     parser.add_argument("--max-concurrent-rpcs", type=_positive_int,
                         default=_env("MAX_CONCURRENT_RPCS", DEFAULT_MAX_CONCURRENT_RPCS),
-                        help="calls in progress at once; more are refused with "
+                        help="calls served at once (their request in), plus room for "
+                        "--max-watchers watches sending their snapshot; more are refused with "
                         "RESOURCE_EXHAUSTED [PRESENCE_MAX_CONCURRENT_RPCS]")
     parser.add_argument("--max-request-bytes", type=_positive_int,
                         default=_env("MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES),
                         help="largest request accepted; larger ones are refused with "
                         "RESOURCE_EXHAUSTED [PRESENCE_MAX_REQUEST_BYTES]")
+    parser.add_argument("--request-timeout", type=_positive_float,
+                        default=_env("REQUEST_TIMEOUT", DEFAULT_REQUEST_TIMEOUT),
+                        help="seconds a call may take to deliver its request once its headers "
+                        "came; a later one ends with DEADLINE_EXCEEDED, and until then it "
+                        "holds no thread [PRESENCE_REQUEST_TIMEOUT]")
+    parser.add_argument("--max-streams-per-connection", type=_positive_int,
+                        default=_env("MAX_STREAMS_PER_CONNECTION",
+                                     DEFAULT_MAX_STREAMS_PER_CONNECTION),
+                        help="calls one connection may have open at once (HTTP/2 "
+                        "SETTINGS_MAX_CONCURRENT_STREAMS); a client waits for a free one "
+                        "[PRESENCE_MAX_STREAMS_PER_CONNECTION]")
     parser.add_argument("--max-lease", type=_positive_int,
                         default=_env("MAX_LEASE", DEFAULT_MAX_LEASE),
                         help="longest lease a Hello may ask for, in seconds; longer ones are "

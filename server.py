@@ -1397,6 +1397,14 @@ REFUSAL = (grpc.StatusCode.UNAUTHENTICATED,
            "missing or wrong access token: send the metadata 'authorization: Bearer <token>'")
 
 
+def refuse_unauthenticated(request, context):
+    """The behavior of a call without the token; CallGate answers it before any body."""
+    context.abort(*REFUSAL)
+
+
+refuse_unauthenticated.refusal = REFUSAL
+
+
 class TokenCheck(grpc.ServerInterceptor):
     """Refuses calls without `authorization: Bearer <token>`: writes always, reads unless public.
 
@@ -1414,7 +1422,7 @@ class TokenCheck(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or not needs_token or self._authorized(details.invocation_metadata):
             return handler
-        return replace_behavior(handler, lambda behavior: self._refuse)
+        return replace_behavior(handler, lambda behavior: refuse_unauthenticated)
 
     def _authorized(self, metadata):
         for key, value in metadata or ():
@@ -1422,15 +1430,11 @@ class TokenCheck(grpc.ServerInterceptor):
                 return hmac.compare_digest(value.encode(), self._expected)
         return False
 
-    @staticmethod
-    def _refuse(request, context):
-        context.abort(*REFUSAL)
-
-    _refuse.refusal = REFUSAL  # CallGate answers it at once, before any request body
 
 
 class _Awaited:
-    """A call whose request has not arrived yet, and when it must have."""
+    """A call whose request has not arrived yet, and when it must have; it lets go of the
+    call once the request is in."""
 
     __slots__ = ("deadline", "state", "call", "arrived")
 
@@ -1493,8 +1497,12 @@ class CallGate(futures.Executor):
 
         def arrived(receive_event):
             outcome = receive(receive_event)  # gRPC's own: keeps the request, or notes the end
-            self._request_arrived(awaited, lambda request: start(
-                lambda: request if grpc_internals._is_rpc_state_active(state) else None))
+            try:
+                self._request_arrived(awaited, lambda request: start(
+                    lambda: request if grpc_internals._is_rpc_state_active(state) else None))
+            except Exception:  # raised here, it would end gRPC's serving thread
+                logger.exception("could not start a call")
+                self._end(state, event.call, grpc.StatusCode.INTERNAL, "could not start the call")
             return outcome
 
         with state.condition:
@@ -1509,17 +1517,18 @@ class CallGate(futures.Executor):
 
     def _request_arrived(self, awaited, start):
         """Admit a call whose request came; one that ended without a request is refused."""
-        state = awaited.state
+        state, call = awaited.state, awaited.call
         with state.condition:
             awaited.arrived = True
+            awaited.state = awaited.call = None  # the timer must not keep the call alive
             request, state.request = state.request, None
             if not grpc_internals._is_rpc_state_active(state):
                 return
             if request is None:
-                _end_locked(state, awaited.call, grpc.StatusCode.UNIMPLEMENTED,
+                _end_locked(state, call, grpc.StatusCode.UNIMPLEMENTED,
                             "a unary call needs exactly one request message")
                 return
-        self._admit(state, awaited.call, lambda: start(request))
+        self._admit(state, call, lambda: start(request))
 
     def _admit(self, state, call, start):
         """Start a call if a slot is free, else refuse it with RESOURCE_EXHAUSTED."""
@@ -1565,9 +1574,12 @@ class CallGate(futures.Executor):
             return None
 
     def _end_if_waiting(self, awaited):
-        with awaited.state.condition:
+        state, call = awaited.state, awaited.call
+        if state is None:  # it arrived meanwhile
+            return
+        with state.condition:
             if not awaited.arrived:
-                _end_locked(awaited.state, awaited.call, grpc.StatusCode.DEADLINE_EXCEEDED,
+                _end_locked(state, call, grpc.StatusCode.DEADLINE_EXCEEDED,
                             f"the request did not arrive within {self._request_timeout:g} s")
 
     def shutdown(self, wait=True, *, cancel_futures=False):

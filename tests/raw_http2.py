@@ -12,6 +12,7 @@ import time
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 
 DEADLINE = 15.0
 
@@ -58,7 +59,7 @@ class RawConnection:
         self._h2.initiate_connection()
         self._flush()
         self.answers = {}
-        self.closed = False
+        self.settings = None  # the server's SETTINGS, once they came
 
     def _flush(self):
         data = self._h2.data_to_send()
@@ -107,15 +108,32 @@ class RawConnection:
         except TimeoutError:
             return
         if not data:
-            self.closed = True
             raise ConnectionError("the server closed the connection")
         for event in self._h2.receive_data(data):
             self._note(event)
         self._flush()
 
+    def server_settings(self, timeout=DEADLINE):
+        """The server's SETTINGS, by h2.settings.SettingCodes, waiting for them."""
+        deadline = time.monotonic() + timeout
+        while self.settings is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no SETTINGS from the server within {timeout} s")
+            self._read(remaining)
+        return self.settings
+
+    def ignore_stream_limit(self):
+        """Open streams past the server's SETTINGS_MAX_CONCURRENT_STREAMS, as a hostile peer."""
+        limit = h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+        self._h2.remote_settings[limit] = 2**31 - 1
+        self._h2.remote_settings.acknowledge()
+
     def _note(self, event):
         answer = self.answers.get(getattr(event, "stream_id", None))
-        if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+        if isinstance(event, h2.events.RemoteSettingsChanged):
+            self.settings = dict(self._h2.remote_settings)
+        elif isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
             answer.headers.update(event.headers)
         elif isinstance(event, h2.events.DataReceived):
             answer.data += event.data

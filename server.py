@@ -1445,6 +1445,39 @@ class _Awaited:
         self.arrived = False
 
 
+class _Lane:
+    """A pool of threads, and how many calls may hold one or wait for one at once."""
+
+    def __init__(self, name, threads, limit):
+        self._pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._limit = limit
+        self._running = 0
+        self._lock = threading.Lock()
+
+    def start(self, state, call, run):
+        """Run a call on the pool if the limit allows, else refuse it with RESOURCE_EXHAUSTED."""
+        with self._lock:
+            full = self._running >= self._limit
+            if not full:
+                self._running += 1
+        if full:
+            end_call(state, call, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                     f"too many calls at once (limit {self._limit}); try again later")
+            return
+        self._pool.submit(run).add_done_callback(self._release)
+
+    def submit(self, fn, *args, **kwargs):
+        """Run fn on the pool, outside the limit."""
+        return self._pool.submit(fn, *args, **kwargs)
+
+    def _release(self, unused_future):
+        with self._lock:
+            self._running -= 1
+
+    def shutdown(self, wait, cancel_futures):
+        self._pool.shutdown(wait, cancel_futures=cancel_futures)
+
+
 class CallGate(futures.Executor):
     """The executor gRPC hands calls to: a call gets a thread only once its request is in.
 
@@ -1452,17 +1485,20 @@ class CallGate(futures.Executor):
     would then wait, with no time limit, for a request body that may never come. Here a
     unary request is awaited on gRPC's own completion queue instead, holding no thread and
     no slot, for at most request_timeout seconds (then DEADLINE_EXCEEDED); a refusal (a
-    behavior with a `refusal`) is answered at once, before any body; calls whose request
-    is in count against max_concurrent and beyond it get RESOURCE_EXHAUSTED. It drives
-    grpcio's private server internals (grpc._server) of the pinned version;
+    behavior with a `refusal`) is answered at once, before any body. Calls whose request
+    is in run on `threads` threads, at most max_concurrent at once. Calls that stream their
+    requests (reflection's) hold a thread while they wait for each one, so they run apart,
+    at most stream_threads at once, and can never take the others' threads. Beyond either
+    limit a call gets RESOURCE_EXHAUSTED.
+
+    It drives grpcio's private server internals (grpc._server) of the pinned version;
     tests/test_hostile_peers.py fails when they change, and a call of a shape it does not
     know runs as a plain pool would run it.
     """
 
-    def __init__(self, threads, max_concurrent, request_timeout):
-        self._pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc")
-        self._max_concurrent = max_concurrent
-        self._running = 0
+    def __init__(self, threads, max_concurrent, request_timeout, stream_threads):
+        self._calls = _Lane("rpc", threads, max_concurrent)
+        self._streams = _Lane("rpc-stream", stream_threads, stream_threads)
         self._request_timeout = request_timeout
         self._lock = threading.Lock()
         self._awaiting = threading.Condition(self._lock)
@@ -1475,22 +1511,24 @@ class CallGate(futures.Executor):
         """Take one call from gRPC; the future it gets back is only used to count calls."""
         if len(args) != 7 or args[0] not in (grpc_internals._unary_response_in_pool,
                                              grpc_internals._stream_response_in_pool):
-            return self._pool.submit(fn, *args, **kwargs)
+            return self._calls.submit(fn, *args, **kwargs)
         task, event, state, behavior, take_request, deserializer, serializer = args
         refusal = getattr(behavior, "refusal", None)
         if refusal:
-            self._end(state, event.call, *refusal)
+            end_call(state, event.call, *refusal)
+            return _DONE
+
+        def run(request_thunk):
+            return functools.partial(fn, task, event, state, behavior, request_thunk,
+                                     deserializer, serializer)
+
+        if take_request.__name__ == "unary_request":
+            self._await_request(event, state, deserializer, run)
         else:
-            def start(request_thunk):
-                return self._pool.submit(fn, task, event, state, behavior, request_thunk,
-                                         deserializer, serializer)
-            if take_request.__name__ == "unary_request":
-                self._await_request(event, state, deserializer, start)
-            else:
-                self._admit(state, event.call, lambda: start(take_request))
+            self._streams.start(state, event.call, run(take_request))
         return _DONE
 
-    def _await_request(self, event, state, deserializer, start):
+    def _await_request(self, event, state, deserializer, run):
         """Ask gRPC for the request; start the call when it comes, or end it at its deadline."""
         awaited = _Awaited(time.monotonic() + self._request_timeout, state, event.call)
         receive = grpc_internals._receive_message(state, event.call, deserializer)
@@ -1498,11 +1536,10 @@ class CallGate(futures.Executor):
         def arrived(receive_event):
             outcome = receive(receive_event)  # gRPC's own: keeps the request, or notes the end
             try:
-                self._request_arrived(awaited, lambda request: start(
-                    lambda: request if grpc_internals._is_rpc_state_active(state) else None))
+                self._request_arrived(awaited, run)
             except Exception:  # raised here, it would end gRPC's serving thread
                 logger.exception("could not start a call")
-                self._end(state, event.call, grpc.StatusCode.INTERNAL, "could not start the call")
+                end_call(state, event.call, grpc.StatusCode.INTERNAL, "could not start the call")
             return outcome
 
         with state.condition:
@@ -1515,8 +1552,8 @@ class CallGate(futures.Executor):
             if len(self._awaited) == 1:
                 self._awaiting.notify()
 
-    def _request_arrived(self, awaited, start):
-        """Admit a call whose request came; one that ended without a request is refused."""
+    def _request_arrived(self, awaited, run):
+        """Start a call whose request came; one that ended without a request is refused."""
         state, call = awaited.state, awaited.call
         with state.condition:
             awaited.arrived = True
@@ -1528,29 +1565,8 @@ class CallGate(futures.Executor):
                 _end_locked(state, call, grpc.StatusCode.UNIMPLEMENTED,
                             "a unary call needs exactly one request message")
                 return
-        self._admit(state, call, lambda: start(request))
-
-    def _admit(self, state, call, start):
-        """Start a call if a slot is free, else refuse it with RESOURCE_EXHAUSTED."""
-        with self._lock:
-            full = self._running >= self._max_concurrent
-            if not full:
-                self._running += 1
-        if full:
-            self._end(state, call, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                      f"too many calls at once (limit {self._max_concurrent}); try again later")
-            return
-        start().add_done_callback(self._release)
-
-    def _release(self, unused_future):
-        with self._lock:
-            self._running -= 1
-
-    @staticmethod
-    def _end(state, call, code, details):
-        """End a call with code and details, unless it has ended already."""
-        with state.condition:
-            _end_locked(state, call, code, details)
+        self._calls.start(state, call, run(
+            lambda: request if grpc_internals._is_rpc_state_active(state) else None))
 
     def _end_late_requests(self):
         """End every call whose request has not come by its deadline."""
@@ -1586,7 +1602,14 @@ class CallGate(futures.Executor):
         with self._lock:
             self._stopped = True
             self._awaiting.notify()
-        self._pool.shutdown(wait, cancel_futures=cancel_futures)
+        self._calls.shutdown(wait, cancel_futures)
+        self._streams.shutdown(wait, cancel_futures)
+
+
+def end_call(state, call, code, details):
+    """End a call with code and details, unless it has ended already."""
+    with state.condition:
+        _end_locked(state, call, code, details)
 
 
 def _end_locked(state, call, code, details):
@@ -1806,7 +1829,8 @@ def create_server(
     expired = registry.expire_due()
     if expired:
         logger.info("%d sessions' leases ran out while the server was down", len(expired))
-    gate = CallGate(workers + max_watchers, max_concurrent_rpcs + max_watchers, request_timeout)
+    gate = CallGate(workers + max_watchers, max_concurrent_rpcs + max_watchers, request_timeout,
+                    stream_threads=workers)
     grpc_server = grpc.server(
         gate,  # it limits the calls in progress itself, counting only those with a request
         options=[("grpc.max_receive_message_length", max_request_bytes), ("grpc.so_reuseport", 0),

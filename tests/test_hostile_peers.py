@@ -25,9 +25,10 @@ TOKEN = "s3cret-Tok3n"
 BEARER = ("authorization", f"Bearer {TOKEN}".encode())
 SEND = "/client_service.ClientService/SendMessage"
 COUNT = "/client_service.ClientService/CountClients"
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 HELLO = pb.MessageRequest(client_id="alice", message="hello").SerializeToString()
 CALL_DEADLINE = 5.0
-DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAUTHENTICATED = 4, 12, 13, 16
+DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAUTHENTICATED = 4, 8, 12, 13, 16
 
 
 def authorised_hello(address):
@@ -117,6 +118,20 @@ def test_header_only_streams_hold_no_thread_and_no_slot(server_processes, header
     finally:
         for connection in connections:
             connection.close()
+
+
+@allure.story("No one can hold what others need")
+def test_reflection_streams_that_send_nothing_never_take_the_calls_threads(server_processes):
+    server = server_processes("--store", "memory://", "--token", TOKEN, "--workers", "2",
+                              "--max-watchers", "1")
+    with RawConnection(server.address) as connection:
+        with allure.step("reflection streams (open without the token) that send nothing"):
+            held = [connection.open(REFLECTION) for _ in range(2)]
+            extra = connection.wait(connection.open(REFLECTION))
+        assert (extra.status, extra.message) == (
+            RESOURCE_EXHAUSTED, "too many calls at once (limit 2); try again later")
+        authorised_hello(server.address)
+        assert not any(connection.answers[stream].ended for stream in held)
 
 
 @allure.story("No one can hold what others need")

@@ -1059,7 +1059,7 @@ def server_model():
     real_server = grpc.server
 
     def spy(executor, **kwargs):
-        seen.update(kwargs, max_workers=executor._max_workers)
+        seen.update(kwargs, max_workers=executor.max_workers)
         return real_server(executor, **kwargs)
 
     with mock.patch.object(grpc, "server", spy):

@@ -1341,7 +1341,7 @@ class Fanout:
             self.add(watcher)
 
 
-# --- security and metrics -------------------------------------------------------
+# --- security, limits and metrics -----------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -1471,10 +1471,12 @@ class _Lane:
         return self._pool.submit(fn, *args, **kwargs)
 
     def _release(self, unused_future):
+        """Free the slot of a call that has ended."""
         with self._lock:
             self._running -= 1
 
     def shutdown(self, wait, cancel_futures):
+        """Let the threads end once the server has stopped."""
         self._pool.shutdown(wait, cancel_futures=cancel_futures)
 
 
@@ -1497,6 +1499,7 @@ class CallGate(futures.Executor):
     """
 
     def __init__(self, threads, max_concurrent, request_timeout, stream_threads):
+        self.max_workers = threads  # the calls' threads, as a ThreadPoolExecutor would say
         self._calls = _Lane("rpc", threads, max_concurrent)
         self._streams = _Lane("rpc-stream", stream_threads, stream_threads)
         self._request_timeout = request_timeout
@@ -1590,6 +1593,7 @@ class CallGate(futures.Executor):
             return None
 
     def _end_if_waiting(self, awaited):
+        """End a call with DEADLINE_EXCEEDED unless its request came meanwhile."""
         state, call = awaited.state, awaited.call
         if state is None:  # it arrived meanwhile
             return
@@ -1599,6 +1603,7 @@ class CallGate(futures.Executor):
                             f"the request did not arrive within {self._request_timeout:g} s")
 
     def shutdown(self, wait=True, *, cancel_futures=False):
+        """Stop the timer and the threads once the server has stopped."""
         with self._lock:
             self._stopped = True
             self._awaiting.notify()
@@ -1643,6 +1648,7 @@ class UndecodableMetadataLog(logging.Filter):
         self._next_report = float("-inf")
 
     def filter(self, record):
+        """Pass every record but grpcio's undecodable values, which become a counted line."""
         if record.msg != self.MESSAGE:
             return True
         with self._lock:

@@ -23,6 +23,7 @@ def grpc_frame(body, compressed=False):
 
 
 def gzipped(body):
+    """body compressed as grpc-encoding gzip wants it."""
     return gzip.compress(body)
 
 
@@ -43,6 +44,7 @@ class Answer:
 
     @property
     def message(self):
+        """The grpc-message, decoded."""
         return self.headers.get(b"grpc-message", b"").decode(errors="replace")
 
 
@@ -62,6 +64,7 @@ class RawConnection:
         self.settings = None  # the server's SETTINGS, once they came
 
     def _flush(self):
+        """Send whatever h2 has queued."""
         data = self._h2.data_to_send()
         if data:
             self._socket.sendall(data)
@@ -102,6 +105,7 @@ class RawConnection:
         return answer
 
     def _read(self, timeout):
+        """Take what the server sent within timeout and note its events."""
         self._socket.settimeout(timeout)
         try:
             data = self._socket.recv(65536)
@@ -130,6 +134,7 @@ class RawConnection:
         self._h2.remote_settings.acknowledge()
 
     def _note(self, event):
+        """Keep what one h2 event says about its stream (or the connection's settings)."""
         answer = self.answers.get(getattr(event, "stream_id", None))
         if isinstance(event, h2.events.RemoteSettingsChanged):
             self.settings = dict(self._h2.remote_settings)

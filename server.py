@@ -32,10 +32,11 @@ from enum import IntEnum
 from typing import NamedTuple
 
 import grpc
-from grpc import _common as grpc_common, _server as grpc_internals  # see CallGate
+from google.protobuf.message import DecodeError
+from grpc import _common as grpc_common  # grpcio's private parts: see CallGate
+from grpc import _server as grpc_internals
 from grpc._cython import cygrpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 from sortedcontainers import SortedList
 
@@ -1431,12 +1432,11 @@ class TokenCheck(grpc.ServerInterceptor):
         return False
 
 
-
 class _Awaited:
     """A call whose request has not arrived yet, and when it must have; it lets go of the
     call once the request is in."""
 
-    __slots__ = ("deadline", "state", "call", "arrived")
+    __slots__ = ("arrived", "call", "deadline", "state")
 
     def __init__(self, deadline, state, call):
         self.deadline = deadline
@@ -1624,7 +1624,7 @@ def _end_locked(state, call, code, details):
                               details.encode())
 
 
-_DONE = futures.Future()
+_DONE: futures.Future = futures.Future()  # given to gRPC, which only counts calls by it
 _DONE.set_result(None)
 
 

@@ -43,7 +43,7 @@ def authorised_hello(address):
 def threads_of(process):
     """How many threads a process runs now."""
     with open(f"/proc/{process.pid}/status") as status:
-        return int(re.search(r"^Threads:\s+(\d+)", status.read(), re.M).group(1))
+        return int(re.search(r"^Threads:\s+(\d+)", status.read(), re.MULTILINE).group(1))
 
 
 @pytest.fixture
@@ -150,7 +150,7 @@ def test_one_connection_holds_at_most_max_streams_per_connection(guarded_server)
 @allure.story("The gate's grpcio internals")
 def test_the_grpcio_internals_the_call_gate_drives_are_still_there():
     """CallGate drives grpc._server's private functions; another grpcio must be checked."""
-    pinned = re.search(r"^grpcio==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M)
+    pinned = re.search(r"^grpcio==(\S+)$", (ROOT / "requirements.txt").read_text(), re.MULTILINE)
     assert grpc.__version__ == pinned.group(1), (
         f"grpcio {grpc.__version__} is not the pinned {pinned.group(1)}: check that CallGate "
         "still matches grpc/_server.py (_handle_unary_unary, _unary_request, _abort)")
@@ -186,11 +186,11 @@ def test_an_authorization_value_that_is_not_utf8_never_reaches_the_log(server_pr
 
 
 MALFORMED = [
-    ("a compressed flag with no encoding", dict(body=HELLO, compressed=True),
+    ("a compressed flag with no encoding", {"body": HELLO, "compressed": True},
      "Compression bit set but no encoding configured"),
-    ("a broken gzip body", dict(body=b"not gzip at all", compressed=True, encoding="gzip"),
+    ("a broken gzip body", {"body": b"not gzip at all", "compressed": True, "encoding": "gzip"},
      "Decompression failed"),
-    ("an unknown grpc-encoding", dict(body=HELLO, compressed=True, encoding="snappy"),
+    ("an unknown grpc-encoding", {"body": HELLO, "compressed": True, "encoding": "snappy"},
      "Error parsing 'grpc-encoding' metadata"),
 ]
 

@@ -51,6 +51,9 @@ import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from google.protobuf.message import DecodeError
+from grpc import _common as grpc_common  # grpcio's private parts: see CallGate
+from grpc import _server as grpc_internals
+from grpc._cython import cygrpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -75,6 +78,8 @@ DEFAULT_WORKERS = 16
 DEFAULT_MAX_CONCURRENT_RPCS = 1024
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024
 DEFAULT_GRACE_SECONDS = 5.0
+DEFAULT_REQUEST_TIMEOUT = 5.0
+DEFAULT_MAX_STREAMS_PER_CONNECTION = 100
 DEFAULT_MAX_LEASE = 3600
 DEFAULT_MAX_SESSIONS = 64
 DEFAULT_MAX_WATCHERS = 1000
@@ -2278,6 +2283,18 @@ def replace_behavior(handler, wrap):
                 response_serializer=handler.response_serializer)
 
 
+REFUSAL = (grpc.StatusCode.UNAUTHENTICATED,
+           "missing or wrong access token: send the metadata 'authorization: Bearer <token>'")
+
+
+def refuse_unauthenticated(request, context):
+    """The behavior of a call without the token; CallGate answers it before any body."""
+    context.abort(*REFUSAL)
+
+
+refuse_unauthenticated.refusal = REFUSAL
+
+
 class TokenCheck(grpc.ServerInterceptor):
     """Refuses calls without `authorization: Bearer <token>`: writes always, reads unless public.
 
@@ -2295,7 +2312,7 @@ class TokenCheck(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or not needs_token or self._authorized(details.invocation_metadata):
             return handler
-        return replace_behavior(handler, lambda behavior: self._refuse)
+        return replace_behavior(handler, lambda behavior: refuse_unauthenticated)
 
     def _authorized(self, metadata):
         for key, value in metadata or ():
@@ -2303,11 +2320,252 @@ class TokenCheck(grpc.ServerInterceptor):
                 return hmac.compare_digest(value.encode(), self._expected)
         return False
 
-    @staticmethod
-    def _refuse(request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                      "missing or wrong access token: send the metadata "
-                      "'authorization: Bearer <token>'")
+
+
+# Calls whose request is late are ended in rounds at least this far apart, so the timer
+# wakes at most ten times a second however many calls come.
+REQUEST_TIMER_STEP = 0.1
+UNDECODABLE_REPORT_SECONDS = 60.0
+
+
+class _Awaited:
+    """A call whose request has not arrived yet, and when it must have; it lets go of the
+    call once the request is in."""
+
+    __slots__ = ("arrived", "call", "deadline", "state")
+
+    def __init__(self, deadline, state, call):
+        self.deadline = deadline
+        self.state = state
+        self.call = call
+        self.arrived = False
+
+
+class _Lane:
+    """A pool of threads, and how many calls may hold one or wait for one at once."""
+
+    def __init__(self, name, threads, limit):
+        self._pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._limit = limit
+        self._running = 0
+        self._lock = threading.Lock()
+
+    def start(self, state, call, run):
+        """Run a call on the pool if the limit allows, else refuse it with RESOURCE_EXHAUSTED."""
+        with self._lock:
+            full = self._running >= self._limit
+            if not full:
+                self._running += 1
+        if full:
+            end_call(state, call, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                     f"too many calls at once (limit {self._limit}); try again later")
+            return
+        self._pool.submit(run).add_done_callback(self._release)
+
+    def submit(self, fn, *args, **kwargs):
+        """Run fn on the pool, outside the limit."""
+        return self._pool.submit(fn, *args, **kwargs)
+
+    def _release(self, unused_future):
+        """Free the slot of a call that has ended."""
+        with self._lock:
+            self._running -= 1
+
+    def shutdown(self, wait, cancel_futures):
+        """Let the threads end once the server has stopped."""
+        self._pool.shutdown(wait, cancel_futures=cancel_futures)
+
+
+class CallGate(futures.Executor):
+    """The executor gRPC hands calls to: a call gets a thread only once its request is in.
+
+    grpcio gives every call to its executor as soon as the headers arrive, and the thread
+    would then wait, with no time limit, for a request body that may never come. Here a
+    unary request is awaited on gRPC's own completion queue instead, holding no thread and
+    no slot, for at most request_timeout seconds (then DEADLINE_EXCEEDED); a refusal (a
+    behavior with a `refusal`) is answered at once, before any body. Calls whose request
+    is in run on `threads` threads, at most max_concurrent at once. Calls that stream their
+    requests (reflection's) hold a thread while they wait for each one, so they run apart,
+    at most stream_threads at once, and can never take the others' threads. Beyond either
+    limit a call gets RESOURCE_EXHAUSTED.
+
+    It drives grpcio's private server internals (grpc._server) of the pinned version;
+    tests/test_hostile_peers.py fails when they change, and a call of a shape it does not
+    know runs as a plain pool would run it.
+    """
+
+    def __init__(self, threads, max_concurrent, request_timeout, stream_threads):
+        self.max_workers = threads  # the calls' threads, as a ThreadPoolExecutor would say
+        self._calls = _Lane("rpc", threads, max_concurrent)
+        self._streams = _Lane("rpc-stream", stream_threads, stream_threads)
+        self._request_timeout = request_timeout
+        self._lock = threading.Lock()
+        self._awaiting = threading.Condition(self._lock)
+        self._awaited = collections.deque()  # in deadline order: every call waits as long
+        self._stopped = False
+        threading.Thread(target=self._end_late_requests, name="request-timer",
+                         daemon=True).start()
+
+    def submit(self, fn, *args, **kwargs):
+        """Take one call from gRPC; the future it gets back is only used to count calls."""
+        if len(args) != 7 or args[0] not in (grpc_internals._unary_response_in_pool,
+                                             grpc_internals._stream_response_in_pool):
+            return self._calls.submit(fn, *args, **kwargs)
+        task, event, state, behavior, take_request, deserializer, serializer = args
+        refusal = getattr(behavior, "refusal", None)
+        if refusal:
+            end_call(state, event.call, *refusal)
+            return _DONE
+
+        def run(request_thunk):
+            return functools.partial(fn, task, event, state, behavior, request_thunk,
+                                     deserializer, serializer)
+
+        if take_request.__name__ == "unary_request":
+            self._await_request(event, state, deserializer, run)
+        else:
+            self._streams.start(state, event.call, run(take_request))
+        return _DONE
+
+    def _await_request(self, event, state, deserializer, run):
+        """Ask gRPC for the request; start the call when it comes, or end it at its deadline."""
+        awaited = _Awaited(time.monotonic() + self._request_timeout, state, event.call)
+        receive = grpc_internals._receive_message(state, event.call, deserializer)
+
+        def arrived(receive_event):
+            outcome = receive(receive_event)  # gRPC's own: keeps the request, or notes the end
+            try:
+                self._request_arrived(awaited, run)
+            except Exception:  # raised here, it would end gRPC's serving thread
+                logger.exception("could not start a call")
+                end_call(state, event.call, grpc.StatusCode.INTERNAL, "could not start the call")
+            return outcome
+
+        with state.condition:
+            if not grpc_internals._is_rpc_state_active(state):
+                return
+            event.call.start_server_batch((cygrpc.ReceiveMessageOperation(0),), arrived)
+            state.due.add(grpc_internals._RECEIVE_MESSAGE_TOKEN)
+        with self._lock:
+            self._awaited.append(awaited)
+            if len(self._awaited) == 1:
+                self._awaiting.notify()
+
+    def _request_arrived(self, awaited, run):
+        """Start a call whose request came; one that ended without a request is refused."""
+        state, call = awaited.state, awaited.call
+        with state.condition:
+            awaited.arrived = True
+            awaited.state = awaited.call = None  # the timer must not keep the call alive
+            request, state.request = state.request, None
+            if not grpc_internals._is_rpc_state_active(state):
+                return
+            if request is None:
+                _end_locked(state, call, grpc.StatusCode.UNIMPLEMENTED,
+                            "a unary call needs exactly one request message")
+                return
+        self._calls.start(state, call, run(
+            lambda: request if grpc_internals._is_rpc_state_active(state) else None))
+
+    def _end_late_requests(self):
+        """End every call whose request has not come by its deadline."""
+        while (late := self._take_late()) is not None:
+            for awaited in late:
+                if not awaited.arrived:  # only ever set, so a stale read just takes the lock
+                    self._end_if_waiting(awaited)
+
+    def _take_late(self):
+        """Wait until some deadlines have passed and take those calls; None once shut down."""
+        with self._lock:
+            while not self._stopped:
+                now = time.monotonic()
+                if self._awaited and self._awaited[0].deadline <= now:
+                    late = []
+                    while self._awaited and self._awaited[0].deadline <= now:
+                        late.append(self._awaited.popleft())
+                    return late
+                self._awaiting.wait(max(self._awaited[0].deadline - now, REQUEST_TIMER_STEP)
+                                    if self._awaited else None)
+            return None
+
+    def _end_if_waiting(self, awaited):
+        """End a call with DEADLINE_EXCEEDED unless its request came meanwhile."""
+        state, call = awaited.state, awaited.call
+        if state is None:  # it arrived meanwhile
+            return
+        with state.condition:
+            if not awaited.arrived:
+                _end_locked(state, call, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"the request did not arrive within {self._request_timeout:g} s")
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        """Stop the timer and the threads once the server has stopped."""
+        with self._lock:
+            self._stopped = True
+            self._awaiting.notify()
+        self._calls.shutdown(wait, cancel_futures)
+        self._streams.shutdown(wait, cancel_futures)
+
+
+def end_call(state, call, code, details):
+    """End a call with code and details, unless it has ended already."""
+    with state.condition:
+        _end_locked(state, call, code, details)
+
+
+def _end_locked(state, call, code, details):
+    """End a call whose condition the caller holds, unless it has ended already."""
+    if grpc_internals._is_rpc_state_active(state):
+        grpc_internals._abort(state, call, grpc_common.STATUS_CODE_TO_CYGRPC_STATUS_CODE[code],
+                              details.encode())
+
+
+_DONE: futures.Future = futures.Future()  # given to gRPC, which only counts calls by it
+_DONE.set_result(None)
+
+
+class UndecodableMetadataLog(logging.Filter):
+    """Keeps metadata values out of grpcio's log, and a peer from filling it with tracebacks.
+
+    grpcio logs each metadata value that is not UTF-8 whole (an access token too) at ERROR
+    with a traceback. Here those records become one WARNING line with a count and no value,
+    at most once per interval; every other record passes unchanged.
+    """
+
+    LOGGER = "grpc._cython.cygrpc"
+    MESSAGE = "Invalid encoding on %s"
+
+    def __init__(self, interval=UNDECODABLE_REPORT_SECONDS, clock=time.monotonic):
+        super().__init__()
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._dropped = 0
+        self._next_report = float("-inf")
+
+    def filter(self, record):
+        """Pass every record but grpcio's undecodable values, which become a counted line."""
+        if record.msg != self.MESSAGE:
+            return True
+        with self._lock:
+            self._dropped += 1
+            now = self._clock()
+            if now < self._next_report:
+                return False
+            count, self._dropped, self._next_report = self._dropped, 0, now + self._interval
+        record.msg = ("%d metadata values were not UTF-8 (their values are not logged; "
+                      "the next count comes %g s later at the soonest)")
+        record.args = (count, self._interval)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+    @classmethod
+    def install(cls):
+        """Put the filter on grpcio's logger, once per process."""
+        grpc_logger = logging.getLogger(cls.LOGGER)
+        if not any(isinstance(each, cls) for each in grpc_logger.filters):
+            grpc_logger.addFilter(cls())
 
 
 class Metrics(grpc.ServerInterceptor):
@@ -2496,6 +2754,7 @@ class PresenceServer:
     registry: Registry
     health: HealthService
     reaper: LeaseReaper
+    gate: "CallGate"
     metrics: Metrics | None = None
 
     def start(self):
@@ -2507,6 +2766,7 @@ class PresenceServer:
         self.health.enter_graceful_shutdown()
         self.registry.log.close()
         self.grpc_server.stop(grace).wait()
+        self.gate.shutdown(wait=False)
         self.reaper.stop()
         self.registry.close()
         if self.metrics:
@@ -2534,6 +2794,8 @@ def create_server(
     workers=DEFAULT_WORKERS,
     max_concurrent_rpcs=DEFAULT_MAX_CONCURRENT_RPCS,
     max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
+    request_timeout=DEFAULT_REQUEST_TIMEOUT,
+    max_streams_per_connection=DEFAULT_MAX_STREAMS_PER_CONNECTION,
     max_lease=DEFAULT_MAX_LEASE,
     max_sessions=DEFAULT_MAX_SESSIONS,
     max_watchers=DEFAULT_MAX_WATCHERS,
@@ -2546,27 +2808,31 @@ def create_server(
     """Build the server on address (port 0 picks a free one) over an opened store.
 
     Leases that ran out while the server was down expire here, before it serves.
-    A watcher holds a pool thread, and counts against the concurrency limit, only while
-    its snapshot is sent; the pool and the limit make room for that many beside the calls.
+    A call holds a pool thread, and counts against the concurrency limit, only once its
+    request is in (CallGate); a watcher only while its snapshot is sent, and the pool and
+    the limit make room for that many beside the calls.
     Metrics (on metrics_port of the same host) and the token check are interceptors,
     installed only when asked for, so calls without them pay nothing.
     """
     credentials = security.credentials()
+    UndecodableMetadataLog.install()
     host = address.rpartition(":")[0].strip("[]")
     metrics = Metrics(host, metrics_port) if metrics_port is not None else None
     interceptors = [metrics] if metrics else []
-    if security.token:
-        interceptors.append(TokenCheck(security.token, security.public_reads))
+    if security.token:  # outermost, so its refusal reaches the gate unwrapped
+        interceptors.insert(0, TokenCheck(security.token, security.public_reads))
     kind = SharedRegistry if getattr(store, "shared", False) else Registry
     with loading():
         registry = kind(store, clock, watch_history, max_sessions)
     expired = registry.expire_due()
     if expired:
         logger.info("%d sessions' leases ran out while the server was down", len(expired))
+    gate = CallGate(workers + max_watchers, max_concurrent_rpcs + max_watchers, request_timeout,
+                    stream_threads=workers)
     grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers + max_watchers, thread_name_prefix="rpc"),
-        maximum_concurrent_rpcs=max_concurrent_rpcs + max_watchers,
-        options=[("grpc.max_receive_message_length", max_request_bytes), ("grpc.so_reuseport", 0)],
+        gate,  # it limits the calls in progress itself, counting only those with a request
+        options=[("grpc.max_receive_message_length", max_request_bytes), ("grpc.so_reuseport", 0),
+                 ("grpc.max_concurrent_streams", max_streams_per_connection)],
         interceptors=interceptors,
     )
     service = ClientService(registry, max_lease, max_watchers, watch_buffer)
@@ -2585,7 +2851,7 @@ def create_server(
     else:
         port = grpc_server.add_insecure_port(address)
     return PresenceServer(grpc_server, port, registry, health_servicer, LeaseReaper(registry),
-                          metrics)
+                          gate, metrics)
 
 
 def format_address(host, port):
@@ -2638,6 +2904,8 @@ def serve(args):
             workers=args.workers,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_request_bytes=args.max_request_bytes,
+            request_timeout=args.request_timeout,
+            max_streams_per_connection=args.max_streams_per_connection,
             max_lease=args.max_lease,
             max_sessions=args.max_sessions,
             max_watchers=args.max_watchers,
@@ -2682,6 +2950,13 @@ def _positive_int(text):
     return value
 
 
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 class Flag(NamedTuple):
     """One flag of the command line; its environment twin is PRESENCE_ and its name in capitals.
 
@@ -2708,11 +2983,17 @@ FLAGS = (
          "is relative to the working directory; add ?sync=full to also survive a power loss, at "
          "a cost in speed) or memory:// (lost on exit)"),
     Flag("--workers", DEFAULT_WORKERS, "threads serving calls", _positive_int),
-    Flag("--max-concurrent-rpcs", DEFAULT_MAX_CONCURRENT_RPCS, "calls in progress at once, "
-         "besides the room kept for --max-watchers; more are refused with RESOURCE_EXHAUSTED",
-         _positive_int),
+    Flag("--max-concurrent-rpcs", DEFAULT_MAX_CONCURRENT_RPCS, "calls served at once (their "
+         "request in), plus room for --max-watchers watches sending their snapshot; more are "
+         "refused with RESOURCE_EXHAUSTED", _positive_int),
     Flag("--max-request-bytes", DEFAULT_MAX_REQUEST_BYTES, "largest request accepted; larger "
          "ones are refused with RESOURCE_EXHAUSTED", _positive_int),
+    Flag("--request-timeout", DEFAULT_REQUEST_TIMEOUT, "seconds a call may take to deliver its "
+         "request once its headers came; a later one ends with DEADLINE_EXCEEDED, and until "
+         "then it holds no thread", _positive_float),
+    Flag("--max-streams-per-connection", DEFAULT_MAX_STREAMS_PER_CONNECTION, "calls one "
+         "connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); a client "
+         "waits for a free one", _positive_int),
     Flag("--max-lease", DEFAULT_MAX_LEASE, "longest lease a Hello may ask for, in seconds; longer "
          "ones are refused with INVALID_ARGUMENT", _positive_int),
     Flag("--max-sessions", DEFAULT_MAX_SESSIONS, "live sessions one client may have at once; a "

@@ -133,7 +133,7 @@ def server_model():
 
     def spy(executor, **kwargs):
         """Note what grpc.server was given, then build it."""
-        seen.update(kwargs, max_workers=executor._max_workers)
+        seen.update(kwargs, max_workers=executor.max_workers)
         return real_server(executor, **kwargs)
 
     with mock.patch.object(grpc, "server", spy):

@@ -534,7 +534,40 @@ def help_json():
                           "summary": command.summary} for command in COMMANDS]}
 
 
-def describe_error(error, address, timeout):
+# Why a server cannot be reached, told by gRPC's words for it: the likely cause and the flag
+# that fixes it. (words in the details, whether the client talks TLS or None: either) -> why
+UNREACHABLE_CAUSES = (
+    (("wrong_version_number",), True,
+     "it does not speak TLS; drop --tls and --tls-ca (or start the server with --tls-cert "
+     "and --tls-key)"),
+    (("certificate_verify_failed",), True,
+     "its TLS certificate is not signed by a CA this client trusts; name that CA with "
+     "--tls-ca FILE"),
+    (("hostname verification",), True,
+     "its TLS certificate is not for this host name; give --server a name the certificate "
+     "lists"),
+    (("socket closed",), False,
+     "it closed the connection, as a TLS server does to a plaintext client; add --tls-ca "
+     "FILE (or --tls to trust the system's CAs)"),
+    (("socket closed",), True,
+     "it closed the connection during the TLS handshake, as a server that requires a client "
+     "certificate does; give one with --tls-cert FILE and --tls-key FILE"),
+    (("domain name not found", "misformatted domain name", "hostname lookup error"), None,
+     "the name {host} does not resolve; check the host in --server HOST:PORT"),
+    (("refused",), None, "connection refused"),
+)
+
+
+def unreachable_reason(details, host, tls):
+    """Why the server could not be reached, in words, from the details of UNAVAILABLE."""
+    lowered = details.lower()
+    for words, needs_tls, reason in UNREACHABLE_CAUSES:
+        if any(word in lowered for word in words) and needs_tls in (None, tls):
+            return reason.format(host=host)
+    return details.splitlines()[0] if details else "unavailable"
+
+
+def describe_error(error, client):
     """One line for a failed call and the exit code it deserves."""
     code, details = error.code(), error.details() or ""
     if code is grpc.StatusCode.UNAUTHENTICATED:
@@ -543,12 +576,11 @@ def describe_error(error, address, timeout):
     if code not in UNREACHABLE:
         return f"{details} ({code.name})", EXIT_SERVER_ERROR
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        reason = f"no answer within {timeout:g} s"
-    elif "refused" in details.lower():
-        reason = "connection refused"
+        reason = f"no answer within {client.timeout:g} s"
     else:
-        reason = details.splitlines()[0] if details else "unavailable"
-    return f"server {address} is unreachable: {reason}", EXIT_UNREACHABLE
+        host = client.address.rpartition(":")[0].strip("[]") or client.address
+        reason = unreachable_reason(details, host, client.tls)
+    return f"server {client.address} is unreachable: {reason}", EXIT_UNREACHABLE
 
 
 def stream_end_reason(error):
@@ -589,6 +621,7 @@ class PresenceClient:
     def __init__(self, address, timeout=DEFAULT_TIMEOUT, credentials=None, token=""):
         self.address = address
         self.timeout = timeout
+        self.tls = credentials is not None
         self.channel = (grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
                         if credentials else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -966,7 +999,7 @@ class Dispatcher:
         try:
             answer = getattr(self, f"do_{command.name}")(*args)
         except grpc.RpcError as error:
-            message, code = describe_error(error, self.client.address, self.client.timeout)
+            message, code = describe_error(error, self.client)
             if code == EXIT_UNREACHABLE and self.read:
                 message += RETRY_HINT
             return self.fail(message, code)
@@ -1548,7 +1581,7 @@ def run_menu(client, out, err, args):
                                 read=PipeReader(sys.stdin))
         return run_script(dispatcher, args.stop_on_error)
     except grpc.RpcError as error:  # only keeper.start() lets one out
-        message, code = describe_error(error, client.address, client.timeout)
+        message, code = describe_error(error, client)
         err.print(Text(f"error: cannot connect as {args.user}: {message}", style="red"),
                   soft_wrap=True)
         return code

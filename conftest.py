@@ -120,6 +120,11 @@ def certificates(tmp_path_factory):
     return folder
 
 
+def tls_flags(folder, *names):
+    """Command-line flags naming files of the certificates fixture."""
+    return [part for flag, name in names for part in (flag, str(folder / name))]
+
+
 @pytest.fixture
 def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path / 'connections.db'}"

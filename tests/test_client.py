@@ -24,7 +24,7 @@ from rich.console import Console
 
 import client
 from conftest import (ANSI, CLIENT, DEADLINE, PROMPT, ROOT, Lines, Watch, complete, connect,
-                      free_address, goodbye, hello, run_client)
+                      free_address, goodbye, hello, run_client, tls_flags)
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
 
@@ -1539,3 +1539,40 @@ def test_readme_names_every_flag_its_twin_and_its_config_key():
         assert entry, f"README's client section has no row for {option.flag}"
         assert entry[-2].startswith(option.env), (option.flag, entry[-2])
         assert entry[-1] == (option.key if option.in_file else "(none)"), (option.flag, entry[-1])
+
+
+# --- errors that say what to do -------------------------------------------------------------
+
+
+@allure.story("Errors that say what to do")
+def test_a_tls_mismatch_is_one_line_naming_the_cause_and_the_flag(server_processes, certificates,
+                                                                  address):
+    tls_server = server_processes("--store", "memory://", *tls_flags(
+        certificates, ("--tls-cert", "server.pem"), ("--tls-key", "server.key")))
+    tls_server.wait_for_log("TLS, no access token")
+    trusted = tls_flags(certificates, ("--tls-ca", "ca.pem"))
+    cases = [
+        ("a plaintext client, a TLS server", tls_server.address, [],
+         "it closed the connection, as a TLS server does to a plaintext client; add --tls-ca "
+         "FILE (or --tls to trust the system's CAs)"),
+        ("a TLS client, a plaintext server", address, trusted,
+         "it does not speak TLS; drop --tls and --tls-ca (or start the server with --tls-cert "
+         "and --tls-key)"),
+        ("a TLS client that does not trust the server's CA", tls_server.address, ["--tls"],
+         "its TLS certificate is not signed by a CA this client trusts; name that CA with "
+         "--tls-ca FILE"),
+    ]
+    for case, server, flags, reason in cases:
+        with allure.step(case):
+            result = run_client("--server", server, "--timeout", "3", *flags, "status")
+            assert result.returncode == client.EXIT_UNREACHABLE
+            assert result.stderr == f"error: server {server} is unreachable: {reason}\n"
+
+
+@allure.story("Errors that say what to do")
+def test_a_name_that_does_not_resolve_is_one_line_naming_it_once():
+    result = run_client("--server", "nosuch.invalid:50051", "--timeout", "3", "status")
+    assert result.returncode == client.EXIT_UNREACHABLE
+    assert result.stderr == ("error: server nosuch.invalid:50051 is unreachable: the name "
+                             "nosuch.invalid does not resolve; check the host in --server "
+                             "HOST:PORT\n")

@@ -7,6 +7,7 @@ import bisect
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -204,6 +205,27 @@ MENU_WORDS = tuple(word for command in COMMANDS for word in command.words if wor
 
 
 # --- pure helpers: lookup, rendering, JSON --------------------------------------------
+
+
+# A word of a menu line: "quoted", 'quoted', or bare (which starts with no quote), then white
+# space or the end of the line.
+LINE_WORD = re.compile(r"""\s*(?:"([^"]*)"|'([^']*)'|([^\s"']\S*))(?=\s|$)""")
+
+
+def split_line(line):
+    """A menu line's words, split at white space. A word that starts with a quote runs to the
+    same quote before white space or the end ("bob smith"); a quote inside a word is just a
+    character, so o'brien needs no quoting."""
+    words, position, line = [], 0, line.strip()
+    while position < len(line):
+        match = LINE_WORD.match(line, position)
+        if match is None:
+            column = len(line) - len(line[position:].lstrip()) + 1
+            raise ValueError(f"the quote at column {column} is not closed before a space or "
+                             "the end of the line")
+        words.append(next(word for word in match.groups() if word is not None))
+        position = match.end()
+    return words
 
 
 def find_command(word):
@@ -408,15 +430,17 @@ def render_watch(clients, revision, now, width=TABLE_WIDTH, height=None, note=No
 
 
 def render_send(response, now, width=TABLE_WIDTH):
-    """The server's own words, the record after the message, and whether anything changed."""
-    parts = [Text(response.info, style="bold")]
-    if response.HasField("client"):
-        parts.append(render_client(response.client, now, width))
-        if not response.changed:
-            word = STATUS_WORDS.get(response.client.status, "unknown")
-            parts.append(Text(f"no change: {response.client.client_id} was already {word}; "
-                              "last seen refreshed", style="dim"))
-    return Group(*parts)
+    """What the message did, then the record after it: the server's own words for a change;
+    for a repeated hello or goodbye, that nothing changed (the server's words would say
+    "marked as" again)."""
+    if not response.HasField("client"):
+        return Text(response.info, style="bold")
+    headline = Text(response.info, style="bold")
+    if not response.changed:
+        word = STATUS_WORDS.get(response.client.status, "unknown")
+        headline = Text(f"no change: {response.client.client_id} was already {word}; "
+                        "last seen refreshed", style="bold")
+    return Group(headline, render_client(response.client, now, width))
 
 
 def render_counts(counts):
@@ -961,7 +985,7 @@ class Dispatcher:
         `status` alone lists every client while `2` asks which.
         """
         try:
-            words = shlex.split(line)
+            words = split_line(line)
         except ValueError as error:
             return self.fail(f"cannot read that line: {error}", EXIT_USAGE)
         if not words:
@@ -977,10 +1001,13 @@ class Dispatcher:
         except Cancelled:
             self.out.print(Text(f"{command.name} cancelled", style="dim"))
             return EXIT_OK
+        except UsageError as error:
+            return self.fail(str(error), EXIT_USAGE)
         return self.run(command, args)
 
     def _ask(self, command, given, by_number):
-        """The arguments not given inline: asked for (all by number, the required by word)."""
+        """The arguments not given inline: asked for (all by number, the required by word).
+        An empty answer to a required one ends the command there, before the next is asked."""
         answers = []
         for param in command.params[len(given):]:
             if not (by_number or not param.optional):
@@ -992,6 +1019,9 @@ class Dispatcher:
                 self.fail(f"the input ended before {command.name}'s {param.name.upper()}",
                           EXIT_USAGE)
                 raise
+            if not answers[-1] and not param.optional:
+                raise UsageError(f"{command.name} needs {param.help}, and it was empty — "
+                                 f"usage: {command.usage}")
         return answers
 
     def run(self, command, args):
@@ -1021,13 +1051,10 @@ class Dispatcher:
             if answer.data is not None:
                 self.write_json(answer.data)
             return
-        if self.pager is None:
-            self.out.print(answer.renderable)
-            return
         with self.out.capture() as capture:
             self.out.print(answer.renderable)
-        text = capture.get()
-        if text.count("\n") >= self.out.height:
+        text = re.sub(r" +$", "", capture.get(), flags=re.MULTILINE)  # rich pads to the width
+        if self.pager is not None and text.count("\n") >= self.out.height:
             self.pager(text)
         else:
             self.out.file.write(text)

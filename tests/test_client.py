@@ -161,7 +161,8 @@ def test_send_answer_notes_when_nothing_changed():
     response = pb.MessageResponse(success=True, info="Client bob marked as disconnected.",
                                   client=record("bob", pb.STATUS_DISCONNECTED), changed=False)
     text = rendered(client.render_send(response, NOW))
-    assert "no change: bob was already disconnected" in text
+    assert text.startswith("no change: bob was already disconnected; last seen refreshed\n")
+    assert "marked as" not in text, "one answer, not the server's words and their contradiction"
 
 
 @allure.story("Rendering")
@@ -378,7 +379,8 @@ def test_status_of_one_client_shows_its_record(presence, consoles, stub):
 @pytest.mark.parametrize("line, code, message", [
     ("dance", client.EXIT_USAGE, "error: unknown command 'dance' — type help for the menu"),
     ("send a b c", client.EXIT_USAGE, "error: too many arguments — usage: send ID MESSAGE"),
-    ('send "alice', client.EXIT_USAGE, "error: cannot read that line: No closing quotation"),
+    ('send "alice', client.EXIT_USAGE, "error: cannot read that line: the quote at column 6 "
+                                        "is not closed before a space or the end of the line"),
     ("status zed", client.EXIT_SERVER_ERROR, "error: Client zed not found (NOT_FOUND)"),
     ("send alice hi", client.EXIT_SERVER_ERROR,
      "error: Invalid message type: hi (INVALID_ARGUMENT)"),
@@ -1576,3 +1578,50 @@ def test_a_name_that_does_not_resolve_is_one_line_naming_it_once():
     assert result.stderr == ("error: server nosuch.invalid:50051 is unreachable: the name "
                              "nosuch.invalid does not resolve; check the host in --server "
                              "HOST:PORT\n")
+
+
+# --- small things that read as unfinished -----------------------------------------------------
+
+
+@allure.story("Pipes")
+def test_a_repeated_goodbye_says_only_that_nothing_changed(address):
+    result = run_client("--server", address,
+                        stdin="send bob hello\nsend bob goodbye\nsend bob goodbye\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Client bob marked as disconnected.") == 1, result.stdout
+    assert result.stdout.count("no change: bob was already disconnected") == 1, result.stdout
+
+
+@allure.story("REPL")
+def test_an_empty_id_at_send_is_refused_before_the_message_is_asked_for(repl, address):
+    refusal = "error: send needs the client's id, and it was empty — usage: send ID MESSAGE"
+    with allure.step("in a terminal: 1, then Enter at the id prompt"):
+        child = repl(address)
+        child.expect_exact(PROMPT)
+        child.send("1\r")
+        child.expect_exact("client id:")
+        child.send("\r")
+        child.expect_exact(refusal)
+        child.expect_exact(PROMPT)
+        assert "message (hello/goodbye)" not in child.logfile_read.getvalue()
+    with allure.step("through a pipe: send, then an empty line"):
+        result = run_client("--server", address, stdin="send\n\n")
+        assert (result.returncode, result.stderr) == (client.EXIT_USAGE, refusal + "\n")
+
+
+@allure.story("Pipes")
+def test_an_apostrophe_in_an_id_needs_no_quoting(address):
+    script = "send o'brien hello\nstatus o'brien\nstatus \"o'brien\"\nsend \"d'arcy jr\" hello\n"
+    result = run_client("--server", address, "--json", stdin=script)
+    assert result.returncode == 0, result.stderr
+    ids = [json.loads(line)["client"]["client_id"] for line in result.stdout.splitlines()]
+    assert ids == ["o'brien", "o'brien", "o'brien", "d'arcy jr"]
+
+
+@allure.story("Pipes")
+def test_piped_answers_have_no_trailing_spaces(address):
+    result = run_client("--server", address, stdin="help\nsend alice hello\nlist\n")
+    assert result.returncode == 0, result.stderr
+    assert "send ID MESSAGE" in result.stdout
+    padded = [line for line in result.stdout.splitlines() if line.endswith(" ")]
+    assert padded == [], "rich pads the menu's grid to its width"

@@ -14,6 +14,7 @@ import allure
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from google.protobuf import text_format
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import server as presence
@@ -33,6 +34,34 @@ message MessageResponse { bool success = 1; string info = 2; }
 message ClientStatusRequest { string client_id = 1; }
 message ClientStatusResponse { map<string, string> statuses = 1; }
 """
+
+
+STEPS_PER_TEST = 40  # calls shown as steps; a test that makes thousands shows its first ones
+
+
+class CallsAsSteps(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """The calls a system test makes from its own thread, each a step of its Allure report:
+    the method and its request on one line."""
+
+    def __init__(self):
+        self._shown = 0
+
+    def _step(self, continuation, details, request):
+        if threading.current_thread() is not threading.main_thread() or \
+                self._shown >= STEPS_PER_TEST:
+            return continuation(details, request)
+        self._shown += 1
+        fields = text_format.MessageToString(request, as_one_line=True)
+        with allure.step(f"{details.method.rpartition('/')[2]}({fields[:120]})"):
+            return continuation(details, request)
+
+    intercept_unary_unary = intercept_unary_stream = _step
+
+
+@pytest.fixture
+def stub(channel):
+    """The service's stub, its calls shown as the test's steps in the report."""
+    return pb_grpc.ClientServiceStub(grpc.intercept_channel(channel, CallsAsSteps()))
 
 
 def send(stub, client_id, message):
@@ -577,7 +606,8 @@ def test_environment_twins_configure_the_server(server_processes, tmp_path):
     (["--port", "abc"], "argument --port: must be a port number from 0 to 65535 (0 takes a "
                         "free one), got 'abc'", 2),
     (["--workers", "0"], "argument --workers: must be a whole number, 1 or more, got '0'", 2),
-])
+], ids=["unknown store", "database it cannot open", "port out of range", "port not a number",
+        "no workers"])
 def test_bad_configuration_fails_at_start_with_one_clear_line(flags, expected, code):
     result = subprocess.run([sys.executable, "server.py", "--host", "127.0.0.1", *flags],
                             cwd=ROOT, capture_output=True, text=True, timeout=DEADLINE)

@@ -558,8 +558,8 @@ def help_json():
                           "summary": command.summary} for command in COMMANDS]}
 
 
-# Why a server cannot be reached, told by gRPC's words for it: the likely cause and the flag
-# that fixes it. (words in the details, whether the client talks TLS or None: either) -> why
+# Why a server cannot be reached: the words of gRPC's details that tell it, whether the client
+# talks TLS (None: either way), and the likely cause with the flag that fixes it.
 UNREACHABLE_CAUSES = (
     (("wrong_version_number",), True,
      "it does not speak TLS; drop --tls and --tls-ca (or start the server with --tls-cert "

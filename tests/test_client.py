@@ -1572,6 +1572,28 @@ def test_a_tls_mismatch_is_one_line_naming_the_cause_and_the_flag(server_process
 
 
 @allure.story("Errors that say what to do")
+def test_a_tls_server_that_wants_more_says_so_in_one_line(server_processes, certificates):
+    serving = tls_flags(certificates, ("--tls-cert", "server.pem"), ("--tls-key", "server.key"))
+    trusted = tls_flags(certificates, ("--tls-ca", "ca.pem"))
+    with allure.step("a server that requires a client certificate, a client without one"):
+        mutual = server_processes("--store", "memory://", *serving,
+                                  *tls_flags(certificates, ("--tls-client-ca", "ca.pem")))
+        result = run_client("--server", mutual.address, "--timeout", "3", *trusted, "status")
+        assert result.stderr == (
+            f"error: server {mutual.address} is unreachable: it closed the connection during "
+            "the TLS handshake, as a server that requires a client certificate does; give one "
+            "with --tls-cert FILE and --tls-key FILE\n")
+    with allure.step("a certificate for localhost and 127.0.0.1, reached as 127.0.0.2"):
+        every = server_processes("--store", "memory://", *serving, "--host", "0.0.0.0")
+        elsewhere = "127.0.0.2:" + every.address.rpartition(":")[2]
+        result = run_client("--server", elsewhere, "--timeout", "3", *trusted, "status")
+        assert result.stderr == (
+            f"error: server {elsewhere} is unreachable: its TLS certificate is not for this "
+            "host name; give --server a name the certificate lists\n")
+        assert result.returncode == client.EXIT_UNREACHABLE
+
+
+@allure.story("Errors that say what to do")
 def test_a_name_that_does_not_resolve_is_one_line_naming_it_once():
     result = run_client("--server", "nosuch.invalid:50051", "--timeout", "3", "status")
     assert result.returncode == client.EXIT_UNREACHABLE

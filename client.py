@@ -435,12 +435,11 @@ def render_send(response, now, width=TABLE_WIDTH):
     "marked as" again)."""
     if not response.HasField("client"):
         return Text(response.info, style="bold")
-    headline = Text(response.info, style="bold")
+    headline = response.info
     if not response.changed:
         word = STATUS_WORDS.get(response.client.status, "unknown")
-        headline = Text(f"no change: {response.client.client_id} was already {word}; "
-                        "last seen refreshed", style="bold")
-    return Group(headline, render_client(response.client, now, width))
+        headline = f"no change: {response.client.client_id} was already {word}; last seen refreshed"
+    return Group(Text(headline, style="bold"), render_client(response.client, now, width))
 
 
 def render_counts(counts):

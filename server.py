@@ -2112,7 +2112,7 @@ def serve(args):
 
 def _port(text):
     """A TCP port; anything else is a usage error that says what a port is."""
-    if not text.strip().isdigit() or int(text) > 65535:
+    if not text.strip().isdecimal() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535 (0 takes a "
                                          f"free one), got {text!r}")
     return int(text)
@@ -2120,7 +2120,7 @@ def _port(text):
 
 def _positive_int(text):
     """A count of 1 or more; anything else is a usage error that says so."""
-    if not text.strip().isdigit() or int(text) < 1:
+    if not text.strip().isdecimal() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {text!r}")
     return int(text)
 

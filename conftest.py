@@ -37,8 +37,9 @@ def pytest_collection_modifyitems(items):
     words for the Allure report."""
     for item in items:
         item.add_marker(pytest.mark.timeout(120))
-        if not hasattr(item.obj, "__allure_display_name__"):
-            item.obj.__allure_display_name__ = report_title(item)
+        if isinstance(item, pytest.Function) and \
+                not hasattr(item.function, "__allure_display_name__"):
+            item.function.__allure_display_name__ = report_title(item)
 
 
 def report_title(item):

@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
+# One setup at a time: `make server` and `make test` started together must not run pip twice
+# at once in one .venv (the second waits, then finds everything installed).
+LOCK := flock $(VENV).lock
+ALLURE_VERSION := 2.46.1
+ALLURE := $(VENV)/allure/node_modules/.bin/allure
+CHROMIUM ?= chromium
 
-.PHONY: server client test bench proto tools clean
+.PHONY: server client test report bench proto tools venv clean
 
 server: $(STAMP)  ## run the server on localhost:50051 with the default SQLite store
 	$(BIN)/python server.py
@@ -12,8 +18,16 @@ server: $(STAMP)  ## run the server on localhost:50051 with the default SQLite s
 client: $(STAMP)  ## open the interactive client
 	$(BIN)/python client.py
 
-test: $(STAMP) tools  ## run every test, results for Allure in allure-results/
-	$(BIN)/python -m pytest test_grpc_system.py tests --alluredir=allure-results
+test: $(STAMP) tools  ## run every test, results for Allure in allure-results/ (emptied first)
+	$(BIN)/python -m pytest test_grpc_system.py tests --alluredir=allure-results --clean-alluredir
+
+report: $(STAMP) $(ALLURE)  ## the HTML report of the last make test in allure-report/, checked in Chromium
+	@test -f allure-results/environment.properties || { echo "no test results: run make test first"; exit 1; }
+	@command -v java >/dev/null && command -v $(CHROMIUM) >/dev/null || { \
+		echo "installing Java and Chromium from apt"; \
+		apt-get update -qq && apt-get install -y -qq default-jre-headless chromium; }
+	$(ALLURE) generate allure-results -o allure-report --clean
+	$(BIN)/python tests/report_in_browser.py allure-report allure-results --chromium $(CHROMIUM)
 
 bench: $(STAMP)  ## benchmark beside grpcio alone (python -m bench --help); more: make bench ARGS=--full
 	$(BIN)/python -m bench $(ARGS)
@@ -28,11 +42,21 @@ tools:  ## the commands the tests use (openssl makes TLS certificates, redis-ser
 		apt-get update -qq && apt-get install -y -qq openssl util-linux redis-server; \
 	fi
 
-clean:
-	rm -rf $(VENV) allure-results allure-report .pytest_cache
+venv: $(STAMP)  ## only the setup: .venv with requirements.txt installed
 
+clean:
+	rm -rf $(VENV) $(VENV).lock allure-results allure-report .pytest_cache
+
+# Under the lock, and only if no other make did it meanwhile.
 $(STAMP): requirements.txt
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
-	rm -f $(VENV)/.installed-*
-	touch $@
+	@$(LOCK) sh -c 'test -f $@ || { \
+		echo "setting up $(VENV): requirements.txt"; \
+		$(PYTHON) -m venv $(VENV) && \
+		$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt && \
+		rm -f $(VENV)/.installed-* && touch $@; }'
+
+# allure-commandline from the npm registry (it brings its own jars; it needs Java to run).
+$(ALLURE):
+	@command -v npm >/dev/null || { echo "installing npm from apt"; \
+		apt-get update -qq && apt-get install -y -qq npm; }
+	$(LOCK) npm install --silent --no-audit --no-fund --prefix $(VENV)/allure allure-commandline@$(ALLURE_VERSION)

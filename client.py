@@ -7,6 +7,7 @@ import bisect
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -204,6 +205,27 @@ MENU_WORDS = tuple(word for command in COMMANDS for word in command.words if wor
 
 
 # --- pure helpers: lookup, rendering, JSON --------------------------------------------
+
+
+# A word of a menu line: "quoted", 'quoted', or bare (which starts with no quote), then white
+# space or the end of the line.
+LINE_WORD = re.compile(r"""\s*(?:"([^"]*)"|'([^']*)'|([^\s"']\S*))(?=\s|$)""")
+
+
+def split_line(line):
+    """A menu line's words, split at white space. A word that starts with a quote runs to the
+    same quote before white space or the end ("bob smith"); a quote inside a word is just a
+    character, so o'brien needs no quoting."""
+    words, position, line = [], 0, line.strip()
+    while position < len(line):
+        match = LINE_WORD.match(line, position)
+        if match is None:
+            column = len(line) - len(line[position:].lstrip()) + 1
+            raise ValueError(f"the quote at column {column} is not closed before a space or "
+                             "the end of the line")
+        words.append(next(word for word in match.groups() if word is not None))
+        position = match.end()
+    return words
 
 
 def find_command(word):
@@ -408,15 +430,16 @@ def render_watch(clients, revision, now, width=TABLE_WIDTH, height=None, note=No
 
 
 def render_send(response, now, width=TABLE_WIDTH):
-    """The server's own words, the record after the message, and whether anything changed."""
-    parts = [Text(response.info, style="bold")]
-    if response.HasField("client"):
-        parts.append(render_client(response.client, now, width))
-        if not response.changed:
-            word = STATUS_WORDS.get(response.client.status, "unknown")
-            parts.append(Text(f"no change: {response.client.client_id} was already {word}; "
-                              "last seen refreshed", style="dim"))
-    return Group(*parts)
+    """What the message did, then the record after it: the server's own words for a change;
+    for a repeated hello or goodbye, that nothing changed (the server's words would say
+    "marked as" again)."""
+    if not response.HasField("client"):
+        return Text(response.info, style="bold")
+    headline = response.info
+    if not response.changed:
+        word = STATUS_WORDS.get(response.client.status, "unknown")
+        headline = f"no change: {response.client.client_id} was already {word}; last seen refreshed"
+    return Group(Text(headline, style="bold"), render_client(response.client, now, width))
 
 
 def render_counts(counts):
@@ -534,7 +557,40 @@ def help_json():
                           "summary": command.summary} for command in COMMANDS]}
 
 
-def describe_error(error, address, timeout):
+# Why a server cannot be reached: the words of gRPC's details that tell it, whether the client
+# talks TLS (None: either way), and the likely cause with the flag that fixes it.
+UNREACHABLE_CAUSES = (
+    (("wrong_version_number",), True,
+     "it does not speak TLS; drop --tls and --tls-ca (or start the server with --tls-cert "
+     "and --tls-key)"),
+    (("certificate_verify_failed",), True,
+     "its TLS certificate is not signed by a CA this client trusts; name that CA with "
+     "--tls-ca FILE"),
+    (("hostname verification",), True,
+     "its TLS certificate is not for this host name; give --server a name the certificate "
+     "lists"),
+    (("socket closed",), False,
+     "it closed the connection, as a TLS server does to a plaintext client; add --tls-ca "
+     "FILE (or --tls to trust the system's CAs)"),
+    (("socket closed",), True,
+     "it closed the connection during the TLS handshake, as a server that requires a client "
+     "certificate does; give one with --tls-cert FILE and --tls-key FILE"),
+    (("domain name not found", "misformatted domain name", "hostname lookup error"), None,
+     "the name {host} does not resolve; check the host in --server HOST:PORT"),
+    (("refused",), None, "connection refused"),
+)
+
+
+def unreachable_reason(details, host, tls):
+    """Why the server could not be reached, in words, from the details of UNAVAILABLE."""
+    lowered = details.lower()
+    for words, needs_tls, reason in UNREACHABLE_CAUSES:
+        if any(word in lowered for word in words) and needs_tls in (None, tls):
+            return reason.format(host=host)
+    return details.splitlines()[0] if details else "unavailable"
+
+
+def describe_error(error, client):
     """One line for a failed call and the exit code it deserves."""
     code, details = error.code(), error.details() or ""
     if code is grpc.StatusCode.UNAUTHENTICATED:
@@ -543,12 +599,11 @@ def describe_error(error, address, timeout):
     if code not in UNREACHABLE:
         return f"{details} ({code.name})", EXIT_SERVER_ERROR
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        reason = f"no answer within {timeout:g} s"
-    elif "refused" in details.lower():
-        reason = "connection refused"
+        reason = f"no answer within {client.timeout:g} s"
     else:
-        reason = details.splitlines()[0] if details else "unavailable"
-    return f"server {address} is unreachable: {reason}", EXIT_UNREACHABLE
+        host = client.address.rpartition(":")[0].strip("[]") or client.address
+        reason = unreachable_reason(details, host, client.tls)
+    return f"server {client.address} is unreachable: {reason}", EXIT_UNREACHABLE
 
 
 def stream_end_reason(error):
@@ -589,6 +644,7 @@ class PresenceClient:
     def __init__(self, address, timeout=DEFAULT_TIMEOUT, credentials=None, token=""):
         self.address = address
         self.timeout = timeout
+        self.tls = credentials is not None
         self.channel = (grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
                         if credentials else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -928,7 +984,7 @@ class Dispatcher:
         `status` alone lists every client while `2` asks which.
         """
         try:
-            words = shlex.split(line)
+            words = split_line(line)
         except ValueError as error:
             return self.fail(f"cannot read that line: {error}", EXIT_USAGE)
         if not words:
@@ -944,10 +1000,13 @@ class Dispatcher:
         except Cancelled:
             self.out.print(Text(f"{command.name} cancelled", style="dim"))
             return EXIT_OK
+        except UsageError as error:
+            return self.fail(str(error), EXIT_USAGE)
         return self.run(command, args)
 
     def _ask(self, command, given, by_number):
-        """The arguments not given inline: asked for (all by number, the required by word)."""
+        """The arguments not given inline: asked for (all by number, the required by word).
+        An empty answer to a required one ends the command there, before the next is asked."""
         answers = []
         for param in command.params[len(given):]:
             if not (by_number or not param.optional):
@@ -959,6 +1018,9 @@ class Dispatcher:
                 self.fail(f"the input ended before {command.name}'s {param.name.upper()}",
                           EXIT_USAGE)
                 raise
+            if not answers[-1] and not param.optional:
+                raise UsageError(f"{command.name} needs {param.help}, and it was empty — "
+                                 f"usage: {command.usage}")
         return answers
 
     def run(self, command, args):
@@ -966,7 +1028,7 @@ class Dispatcher:
         try:
             answer = getattr(self, f"do_{command.name}")(*args)
         except grpc.RpcError as error:
-            message, code = describe_error(error, self.client.address, self.client.timeout)
+            message, code = describe_error(error, self.client)
             if code == EXIT_UNREACHABLE and self.read:
                 message += RETRY_HINT
             return self.fail(message, code)
@@ -988,13 +1050,10 @@ class Dispatcher:
             if answer.data is not None:
                 self.write_json(answer.data)
             return
-        if self.pager is None:
-            self.out.print(answer.renderable)
-            return
         with self.out.capture() as capture:
             self.out.print(answer.renderable)
-        text = capture.get()
-        if text.count("\n") >= self.out.height:
+        text = re.sub(r" +$", "", capture.get(), flags=re.MULTILINE)  # rich pads to the width
+        if self.pager is not None and text.count("\n") >= self.out.height:
             self.pager(text)
         else:
             self.out.file.write(text)
@@ -1548,7 +1607,7 @@ def run_menu(client, out, err, args):
                                 read=PipeReader(sys.stdin))
         return run_script(dispatcher, args.stop_on_error)
     except grpc.RpcError as error:  # only keeper.start() lets one out
-        message, code = describe_error(error, client.address, client.timeout)
+        message, code = describe_error(error, client)
         err.print(Text(f"error: cannot connect as {args.user}: {message}", style="red"),
                   soft_wrap=True)
         return code

@@ -2,6 +2,7 @@
 
 import fcntl
 import io
+import platform
 import queue
 import re
 import selectors
@@ -12,8 +13,10 @@ import socket
 import subprocess
 import sys
 import threading
+from importlib import metadata
 from pathlib import Path
 
+import allure
 import grpc
 import pexpect
 import ptyprocess
@@ -32,9 +35,56 @@ ANSI = r"(?:\x1b\[[0-9;]*m)*"
 
 
 def pytest_collection_modifyitems(items):
-    """Give every test a hard limit, so a hang fails one test instead of the run."""
+    """Give every test a hard limit, so a hang fails one test instead of the run, and a title in
+    words for the Allure report."""
     for item in items:
         item.add_marker(pytest.mark.timeout(120))
+        if isinstance(item, pytest.Function) and \
+                not hasattr(item.function, "__allure_display_name__"):
+            item.function.__allure_display_name__ = report_title(item)
+
+
+def report_title(item):
+    """A test's name in words (test_goodbye_ends_it: "Goodbye ends it"), its case after it."""
+    words = item.originalname.removeprefix("test_").replace("_", " ")
+    title = words[:1].upper() + words[1:]
+    return title + " [{param_id}]" if hasattr(item, "callspec") else title
+
+
+@pytest.fixture(autouse=True)
+def readable_parameters(request):
+    """Bytes parameters shown in the Allure report by their value: Allure shows every bytes
+    value as "<class 'bytes'>", and then takes the cases for retries of one test."""
+    callspec = getattr(request.node, "callspec", None)
+    for name, value in callspec.params.items() if callspec else ():
+        if isinstance(value, (bytes, bytearray)):
+            allure.dynamic.parameter(name, repr(bytes(value)))
+
+
+TESTS_RUN = []  # node ids, for the Allure report's check that it shows every test that ran
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    """One more test ran, whatever its outcome."""
+    TESTS_RUN.append(nodeid)
+
+
+def pytest_sessionfinish(session):
+    """The Allure report's environment panel: the versions, the stores the tests use, and how
+    many tests pytest ran (make report checks the report shows as many)."""
+    folder = session.config.getoption("allure_report_dir", None)
+    if not folder or session.config.option.collectonly:
+        return
+    packages = ("grpcio", "protobuf", "prompt_toolkit", "rich", "pytest", "allure-pytest")
+    facts = {"python": platform.python_version(), "os": platform.platform(terse=True),
+             **{package: metadata.version(package) for package in packages},
+             "server": presence.__version__,
+             "stores": "memory:// (most tests), sqlite:/// on temporary files (durability, "
+                       "restart, the default store)",
+             "tests.run": len(TESTS_RUN)}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / "environment.properties").write_text(
+        "".join(f"{key} = {value}\n" for key, value in facts.items()))
 
 
 def connect(address):
@@ -150,6 +200,11 @@ def certificates(tmp_path_factory):
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext")
     return folder
+
+
+def tls_flags(folder, *names):
+    """Command-line flags naming files of the certificates fixture."""
+    return [part for flag, name in names for part in (flag, str(folder / name))]
 
 
 @pytest.fixture

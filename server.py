@@ -26,6 +26,7 @@ import base64
 import binascii
 import collections
 import contextlib
+import errno
 import functools
 import gc
 import heapq
@@ -36,6 +37,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -2787,6 +2789,43 @@ def loading():
         gc.freeze()
 
 
+BIND_PROBLEMS = {
+    errno.EADDRINUSE: "port {port} on {host} is already in use; stop what listens there, or "
+                      "choose another port with --port (0 takes a free one)",
+    errno.EACCES: "port {port} needs privileges this process lacks (ports below 1024 do); "
+                  "choose another with --port",
+    errno.EADDRNOTAVAIL: "{host} is not an address of this machine; choose one with --host "
+                         "(0.0.0.0 or :: for every interface)",
+}
+
+
+def check_can_listen(address):
+    """Fail at once, in words that name the flag to change, when address cannot be listened on
+    (a port in use, say): before the store loads, and before gRPC says it with a C-core line."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if port == "0":
+        return
+    try:
+        places = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise ValueError(f"--host {host} does not resolve: {error.strerror}") from None
+    problems = []
+    for family, kind, protocol, _, where in places:  # gRPC listens if any of them binds
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(where)
+                return
+            except OSError as error:
+                problems.append(error)
+    problem = problems[0]
+    words = BIND_PROBLEMS.get(problem.errno, "cannot listen on {host}:{port}: {why}; check "
+                              "--host and --port")
+    raise OSError(words.format(host=host, port=port, why=problem.strerror))
+
+
 def create_server(
     address,
     store,
@@ -2814,6 +2853,7 @@ def create_server(
     Metrics (on metrics_port of the same host) and the token check are interceptors,
     installed only when asked for, so calls without them pay nothing.
     """
+    check_can_listen(address)
     credentials = security.credentials()
     UndecodableMetadataLog.install()
     host = address.rpartition(":")[0].strip("[]")
@@ -2937,17 +2977,25 @@ def serve(args):
 
 
 def _port(text):
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0 to 65535, got {port}")
-    return port
+    """A TCP port; anything else is a usage error that says what a port is."""
+    if not text.strip().isdecimal() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535 (0 takes a "
+                                         f"free one), got {text!r}")
+    return int(text)
 
 
 def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    """A count of 1 or more; anything else is a usage error that says so."""
+    if not text.strip().isdecimal() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {text!r}")
+    return int(text)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line naming the flag and what is wrong (exit 2); --help has the rest."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
 
 
 def _positive_float(text):
@@ -3026,7 +3074,7 @@ FLAGS = (
 
 def build_parser(environ=os.environ):
     """The command line, from FLAGS; each flag's default comes from its twin when that is set."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="Presence server: tracks which clients are connected, over gRPC.",
         epilog="Every flag can also be set by the environment variable named in brackets; "
         "a flag on the command line wins.",

@@ -24,7 +24,7 @@ from rich.console import Console
 
 import client
 from conftest import (ANSI, CLIENT, DEADLINE, PROMPT, ROOT, Lines, Watch, complete, connect,
-                      free_address, goodbye, hello, run_client)
+                      free_address, goodbye, hello, run_client, tls_flags)
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
 
@@ -161,7 +161,8 @@ def test_send_answer_notes_when_nothing_changed():
     response = pb.MessageResponse(success=True, info="Client bob marked as disconnected.",
                                   client=record("bob", pb.STATUS_DISCONNECTED), changed=False)
     text = rendered(client.render_send(response, NOW))
-    assert "no change: bob was already disconnected" in text
+    assert text.startswith("no change: bob was already disconnected; last seen refreshed\n")
+    assert "marked as" not in text, "one answer, not the server's words and their contradiction"
 
 
 @allure.story("Rendering")
@@ -378,7 +379,8 @@ def test_status_of_one_client_shows_its_record(presence, consoles, stub):
 @pytest.mark.parametrize("line, code, message", [
     ("dance", client.EXIT_USAGE, "error: unknown command 'dance' — type help for the menu"),
     ("send a b c", client.EXIT_USAGE, "error: too many arguments — usage: send ID MESSAGE"),
-    ('send "alice', client.EXIT_USAGE, "error: cannot read that line: No closing quotation"),
+    ('send "alice', client.EXIT_USAGE, "error: cannot read that line: the quote at column 6 "
+                                        "is not closed before a space or the end of the line"),
     ("status zed", client.EXIT_SERVER_ERROR, "error: Client zed not found (NOT_FOUND)"),
     ("send alice hi", client.EXIT_SERVER_ERROR,
      "error: Invalid message type: hi (INVALID_ARGUMENT)"),
@@ -1539,3 +1541,109 @@ def test_readme_names_every_flag_its_twin_and_its_config_key():
         assert entry, f"README's client section has no row for {option.flag}"
         assert entry[-2].startswith(option.env), (option.flag, entry[-2])
         assert entry[-1] == (option.key if option.in_file else "(none)"), (option.flag, entry[-1])
+
+
+# --- errors that say what to do -------------------------------------------------------------
+
+
+@allure.story("Errors that say what to do")
+def test_a_tls_mismatch_is_one_line_naming_the_cause_and_the_flag(server_processes, certificates,
+                                                                  address):
+    tls_server = server_processes("--store", "memory://", *tls_flags(
+        certificates, ("--tls-cert", "server.pem"), ("--tls-key", "server.key")))
+    tls_server.wait_for_log("TLS, no access token")
+    trusted = tls_flags(certificates, ("--tls-ca", "ca.pem"))
+    cases = [
+        ("a plaintext client, a TLS server", tls_server.address, [],
+         "it closed the connection, as a TLS server does to a plaintext client; add --tls-ca "
+         "FILE (or --tls to trust the system's CAs)"),
+        ("a TLS client, a plaintext server", address, trusted,
+         "it does not speak TLS; drop --tls and --tls-ca (or start the server with --tls-cert "
+         "and --tls-key)"),
+        ("a TLS client that does not trust the server's CA", tls_server.address, ["--tls"],
+         "its TLS certificate is not signed by a CA this client trusts; name that CA with "
+         "--tls-ca FILE"),
+    ]
+    for case, server, flags, reason in cases:
+        with allure.step(case):
+            result = run_client("--server", server, "--timeout", "3", *flags, "status")
+            assert result.returncode == client.EXIT_UNREACHABLE
+            assert result.stderr == f"error: server {server} is unreachable: {reason}\n"
+
+
+@allure.story("Errors that say what to do")
+def test_a_tls_server_that_wants_more_says_so_in_one_line(server_processes, certificates):
+    serving = tls_flags(certificates, ("--tls-cert", "server.pem"), ("--tls-key", "server.key"))
+    trusted = tls_flags(certificates, ("--tls-ca", "ca.pem"))
+    with allure.step("a server that requires a client certificate, a client without one"):
+        mutual = server_processes("--store", "memory://", *serving,
+                                  *tls_flags(certificates, ("--tls-client-ca", "ca.pem")))
+        result = run_client("--server", mutual.address, "--timeout", "3", *trusted, "status")
+        assert result.stderr == (
+            f"error: server {mutual.address} is unreachable: it closed the connection during "
+            "the TLS handshake, as a server that requires a client certificate does; give one "
+            "with --tls-cert FILE and --tls-key FILE\n")
+    with allure.step("a certificate for localhost and 127.0.0.1, reached as 127.0.0.2"):
+        every = server_processes("--store", "memory://", *serving, "--host", "0.0.0.0")
+        elsewhere = "127.0.0.2:" + every.address.rpartition(":")[2]
+        result = run_client("--server", elsewhere, "--timeout", "3", *trusted, "status")
+        assert result.stderr == (
+            f"error: server {elsewhere} is unreachable: its TLS certificate is not for this "
+            "host name; give --server a name the certificate lists\n")
+        assert result.returncode == client.EXIT_UNREACHABLE
+
+
+@allure.story("Errors that say what to do")
+def test_a_name_that_does_not_resolve_is_one_line_naming_it_once():
+    result = run_client("--server", "nosuch.invalid:50051", "--timeout", "3", "status")
+    assert result.returncode == client.EXIT_UNREACHABLE
+    assert result.stderr == ("error: server nosuch.invalid:50051 is unreachable: the name "
+                             "nosuch.invalid does not resolve; check the host in --server "
+                             "HOST:PORT\n")
+
+
+# --- small things that read as unfinished -----------------------------------------------------
+
+
+@allure.story("Pipes")
+def test_a_repeated_goodbye_says_only_that_nothing_changed(address):
+    result = run_client("--server", address,
+                        stdin="send bob hello\nsend bob goodbye\nsend bob goodbye\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Client bob marked as disconnected.") == 1, result.stdout
+    assert result.stdout.count("no change: bob was already disconnected") == 1, result.stdout
+
+
+@allure.story("REPL")
+def test_an_empty_id_at_send_is_refused_before_the_message_is_asked_for(repl, address):
+    refusal = "error: send needs the client's id, and it was empty — usage: send ID MESSAGE"
+    with allure.step("in a terminal: 1, then Enter at the id prompt"):
+        child = repl(address)
+        child.expect_exact(PROMPT)
+        child.send("1\r")
+        child.expect_exact("client id:")
+        child.send("\r")
+        child.expect_exact(refusal)
+        child.expect_exact(PROMPT)
+        assert "message (hello/goodbye)" not in child.logfile_read.getvalue()
+    with allure.step("through a pipe: send, then an empty line"):
+        result = run_client("--server", address, stdin="send\n\n")
+        assert (result.returncode, result.stderr) == (client.EXIT_USAGE, refusal + "\n")
+
+
+@allure.story("Pipes")
+def test_an_apostrophe_in_an_id_needs_no_quoting(address):
+    script = "send o'brien hello\nstatus o'brien\nstatus \"o'brien\"\nsend \"d'arcy jr\" hello\n"
+    result = run_client("--server", address, "--json", stdin=script)
+    assert result.returncode == 0, result.stderr
+    ids = [json.loads(line)["client"]["client_id"] for line in result.stdout.splitlines()]
+    assert ids == ["o'brien", "o'brien", "o'brien", "d'arcy jr"]
+
+
+@allure.story("Pipes")
+def test_piped_answers_have_no_trailing_spaces(address):
+    result = run_client("--server", address, stdin="help\nsend alice hello\nlist\n")
+    assert result.returncode == 0, result.stderr
+    assert "send ID MESSAGE" in result.stdout
+    padded = [line for line in result.stdout.splitlines() if line.endswith(" ")]
+    assert padded == [], "rich pads the menu's grid to its width"

@@ -1651,7 +1651,11 @@ class RedisStore:
             raise StoreError("the store is closed")
         try:
             yield
-        except (redis.ConnectionError, redis.TimeoutError) as error:
+        except redis.TimeoutError as error:
+            raise StoreError(f"the shared store (Redis at {self.where}) did not answer in "
+                             f"time ({error}); a change sent meanwhile may still be saved, and "
+                             "sending it again is safe") from error
+        except redis.ConnectionError as error:
             raise StoreError(f"the shared store (Redis at {self.where}) is unreachable: "
                              f"{error}") from error
         except redis.RedisError as error:

@@ -3033,7 +3033,8 @@ FLAGS = (
          "'listening on HOST:PORT'", _port),
     Flag("--store", DEFAULT_STORE, "where statuses live: sqlite:///PATH (durable; a relative PATH "
          "is relative to the working directory; add ?sync=full to also survive a power loss, at "
-         "a cost in speed) or memory:// (lost on exit)"),
+         "a cost in speed), memory:// (lost on exit), or redis://[:PASSWORD@]HOST:PORT/DB "
+         "(rediss:// for TLS) for several replicas on one Redis"),
     Flag("--workers", DEFAULT_WORKERS, "threads serving calls", _positive_int),
     Flag("--max-concurrent-rpcs", DEFAULT_MAX_CONCURRENT_RPCS, "calls served at once (their "
          "request in), plus room for --max-watchers watches sending their snapshot; more are "

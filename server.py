@@ -659,6 +659,8 @@ class SharedRegistry(Registry):
                  max_sessions=DEFAULT_MAX_SESSIONS):
         self._applied = (0, 0)  # the stream position the cache has reached
         self._unreachable = None  # why the follower cannot reach the store, or None
+        self._failures = 0  # the follower's failed reads so far
+        self._retry = threading.Event()  # set to have the follower try again at once
         super().__init__(store, clock, history, max_sessions)
         self._caught_up = threading.Condition(self._lock)
         self._stopping = threading.Event()
@@ -673,6 +675,7 @@ class SharedRegistry(Registry):
     def close(self):
         """Let the follower go: it ends at its next read, which the store's close cuts short."""
         self._stopping.set()
+        self._retry.set()
 
     # -- the follower: the store's stream into the cache, in order
 
@@ -685,7 +688,8 @@ class SharedRegistry(Registry):
                 if self._stopping.is_set():
                     return
                 self._lost(error)
-                self._stopping.wait(SHARED_RETRY_SECONDS)
+                self._retry.wait(SHARED_RETRY_SECONDS)
+                self._retry.clear()
                 continue
             if self._unreachable is not None:
                 logger.info("the shared store is reachable again; catching up")
@@ -697,8 +701,9 @@ class SharedRegistry(Registry):
     def _lost(self, error):
         if self._unreachable is None:
             logger.error("%s; refusing calls until it is back", error)
-        self._unreachable = str(error)
         with self._caught_up:
+            self._unreachable = str(error)
+            self._failures += 1
             self._caught_up.notify_all()
 
     def _apply_entries(self, entries):
@@ -717,11 +722,15 @@ class SharedRegistry(Registry):
         self.log.advance(self.durable_revision)
 
     def _wait_applied(self, position):
-        """Wait until the cache has reached position of the stream, or refuse."""
+        """Wait until the cache has reached position of the stream, or refuse: when the
+        follower fails to read the store again meanwhile, or when it takes too long."""
         deadline = time.monotonic() + SHARED_CATCH_UP_SECONDS
         with self._caught_up:
+            failures = self._failures
+            if self._unreachable is not None:
+                self._retry.set()  # the store answered the caller just now: try again at once
             while self._applied < position:
-                if self._unreachable is not None:
+                if self._failures > failures:
                     raise StoreError(self._unreachable)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

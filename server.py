@@ -82,6 +82,7 @@ DEFAULT_REQUEST_TIMEOUT = 5.0
 DEFAULT_MAX_STREAMS_PER_CONNECTION = 100
 DEFAULT_MAX_LEASE = 3600
 DEFAULT_MAX_SESSIONS = 64
+MAX_SESSIONS_LIMIT = 1024  # 1,024 sessions of 128 four-byte characters: a record of ~560 kB
 DEFAULT_MAX_WATCHERS = 1000
 DEFAULT_WATCH_BUFFER = 10_000
 DEFAULT_WATCH_HISTORY = 100_000
@@ -407,7 +408,9 @@ class Registry:
         with self._lock:
             results, overlay = [], {}
             while self._leases and self._leases[0][0] <= now:
-                _, client_id, session_id = heapq.heappop(self._leases)
+                due, client_id, session_id = heapq.heappop(self._leases)
+                if self._lease_entries.get((client_id, session_id)) != due:
+                    continue  # an entry replaced by an earlier one for a shorter lease
                 del self._lease_entries[client_id, session_id]
                 record = overlay.get(client_id) or self._latest_locked(client_id)
                 session = record and find_session(record.sessions, session_id)
@@ -585,8 +588,10 @@ class Registry:
                 self._add_lease_locked(session.expires_at, record.client_id, session.session_id)
 
     def _add_lease_locked(self, expires_at, client_id, session_id):
-        """Give a leased session its heap entry, unless it has one already (due no later)."""
-        if (client_id, session_id) not in self._lease_entries:
+        """Give a leased session a heap entry due no later than its expiry: a new one unless
+        it has one already that is (a renewal only moves the expiry later)."""
+        entry = self._lease_entries.get((client_id, session_id))
+        if entry is None or expires_at < entry:
             self._lease_entries[client_id, session_id] = expires_at
             heapq.heappush(self._leases, (expires_at, client_id, session_id))
 
@@ -678,6 +683,10 @@ class SharedRegistry(Registry):
         while not self._stopping.is_set():
             try:
                 entries = self._store.read_changes(at, SHARED_FOLLOW_BLOCK, SHARED_FOLLOW_BATCH)
+            except ChangesTrimmed as error:
+                logger.warning("%s: loading every record again", error)
+                at = self._reload()
+                continue
             except StoreError as error:
                 if self._stopping.is_set():
                     return
@@ -691,6 +700,24 @@ class SharedRegistry(Registry):
             if entries:
                 at = entries[-1][0]
                 self._apply_entries(entries)
+
+    def _reload(self):
+        """The stream no longer holds what the cache lacks: take every record afresh, and cut
+        off the watchers, which then resume from a snapshot. Returns the new position."""
+        try:
+            records, at = self._store.load()
+        except StoreError as error:
+            self._lost(error)
+            self._retry.wait(SHARED_RETRY_SECONDS)
+            return f"{self._applied[0]}-{self._applied[1]}"
+        with self._lock:
+            self._clients = {}
+            self._load(records)
+            self._applied = stream_id(at)
+            self.durable_revision = self.revision
+            self.log.restart(self.revision)
+            self._caught_up.notify_all()
+        return at
 
     def _lost(self, error):
         if self._unreachable is None:
@@ -734,7 +761,14 @@ class SharedRegistry(Registry):
 
     def _catch_up(self):
         """Before a read: have every write acknowledged so far in the cache."""
-        self._wait_applied(stream_id(self._store.last_id()))
+        seen = self._applied  # before asking: the store held it then, so must hold it now
+        newest = stream_id(self._store.last_id())
+        if newest < seen:
+            logger.error("the shared store's changes end at %s, before this replica's %s: it "
+                         "lost writes; refusing", newest, seen)
+            raise StoreError("the shared store has lost changes this replica had seen (was "
+                             "Redis restored or run without appendonly?); restart the replicas")
+        self._wait_applied(newest)
 
     # -- writes: compare-and-set in the store, retried from the stored record
 
@@ -743,6 +777,8 @@ class SharedRegistry(Registry):
         return record, change
 
     def apply_many(self, messages, check=None):
+        if not messages:
+            return []
         now = self._clock()
         bases = {}  # client id -> (record, stored bytes) each change is worked out from
         for message in messages:
@@ -758,13 +794,15 @@ class SharedRegistry(Registry):
             result = self._store.commit_many(self._commit_items(results, bases))
             if result.ok:
                 break
-            client_id = results[result.conflict][0].client_id
-            current = result.current
-            bases[client_id] = (decode_record(client_id, current) if current else None, current)
+            bases = self._store.fetch_many(list(bases))  # all of them: the cache is behind
         else:
             raise StoreError("too many concurrent changes to the same clients on other replicas; "
                              "try again")
-        self._wait_applied(stream_id(result.ids[-1]))
+        try:
+            self._wait_applied(stream_id(result.ids[-1]))
+        except StoreError as error:  # saved all the same: say so, do not refuse
+            logger.warning("a change saved in the shared store is not in this replica's cache "
+                           "yet: %s", error)
         final = [(record._replace(revision=revision), change and Change(
                      change.kind, record._replace(revision=revision), change.session_id))
                  for (record, change), revision in zip(results, result.revisions)]
@@ -913,6 +951,15 @@ class ChangeLog:
                 self.durable = revision
                 if self._waiting:
                     self.changed.notify_all()
+
+    def restart(self, revision):
+        """Hold nothing before revision (the registry loaded every record afresh): watchers
+        behind it are told to start again from a snapshot."""
+        with self.changed:
+            self._changes = []
+            self._first = revision + 1
+            self.durable = max(self.durable, revision)
+            self.changed.notify_all()
 
     def holds(self, revision):
         """Whether the changes right after revision are still held (a watcher can resume)."""
@@ -1325,6 +1372,8 @@ class SqliteStore:
             status = os.stat(name)
         except FileNotFoundError:
             return None
+        except OSError as error:  # the folder made unreadable, say: the files cannot be vouched for
+            return f"made unreadable ({error.strerror})"
         return status.st_dev, status.st_ino
 
     def load(self):
@@ -1378,10 +1427,10 @@ class SqliteStore:
             try:
                 self._save(batch.records)
                 self._check_files()
-            except sqlite3.Error as failure:
-                error = self._fail(f"the store could not save the change: {failure}")
             except StoreError as failure:
                 error = self._fail(str(failure))
+            except Exception as failure:  # sqlite3.Error above all: never leave a batch undone
+                error = self._fail(f"the store could not save the change: {failure}")
             else:
                 if self.commit_timer:
                     self.commit_timer.observe(time.perf_counter() - started)
@@ -1417,7 +1466,8 @@ class SqliteStore:
         for name, identity in self._files.items():
             now = self._identity(name)
             if now != identity:
-                what = "removed" if now is None else "replaced"
+                what = ("removed" if now is None else now if isinstance(now, str)
+                        else "replaced")
                 raise StoreError(f"the store could not save the change: {name} was {what} "
                                  "while the server ran, so nothing written since is durable; "
                                  "restart the server")
@@ -1482,7 +1532,7 @@ while at <= count do
   at = leases_at + 1 + 2 * tonumber(ARGV[leases_at])
   index = index + 1
 end
-local revisions, currents, ids = {}, {}, {}
+local revisions, currents, ids, latest = {}, {}, {}, {}
 at, index = 3, 1
 while at <= count do
   local client, tail, kind, revision = ARGV[at], ARGV[at + 2], ARGV[at + 3], ARGV[at + 5]
@@ -1492,7 +1542,12 @@ while at <= count do
   if refused[client] then
     revisions[index], currents[index] = 0, stored[client]
   else
-    if kind ~= '' then revision = string.format('%d', redis.call('INCR', KEYS[2])) end
+    if kind ~= '' then
+      revision = string.format('%d', redis.call('INCR', KEYS[2]))
+      latest[client] = revision
+    elseif latest[client] then
+      revision = latest[client]  -- a renewal after a change of this call keeps that revision
+    end
     local record = revision .. tail
     if kind ~= '' then
       ids[index] = redis.call('XADD', KEYS[3], 'MAXLEN', '~', history, revision .. '-0',
@@ -1711,6 +1766,14 @@ class RedisStore:
         with self._talking():
             value = self._redis.hget(self._clients, client_id)
             return (decode_record(client_id, value) if value is not None else None), value
+
+    def fetch_many(self, client_ids: Sequence[str]) -> dict[str, tuple[Client | None,
+                                                                     bytes | None]]:
+        """Several clients' stored records and their bytes, in one round trip."""
+        with self._talking():
+            values = self._redis.hmget(self._clients, client_ids) if client_ids else []
+            return {client_id: ((decode_record(client_id, value) if value is not None else None),
+                                value) for client_id, value in zip(client_ids, values)}
 
     def commit(self, client_id: str, expected: bytes | None, record: Client,
                change: tuple[EventKind, str] | None) -> tuple[bool, int, bytes | None]:
@@ -1948,11 +2011,17 @@ def client_wire_bound(record):
     return size
 
 
-def fitting(records, budget=MAX_ANSWER_BYTES):
+def reply_wire_bound(record):
+    """At most how many bytes one SendMessage answer with this record takes: the record, and
+    an info text that may name the client and a session."""
+    return client_wire_bound(record) + 128 + 4 * (len(record.client_id) + MAX_ID_LENGTH)
+
+
+def fitting(records, budget=MAX_ANSWER_BYTES, bound=client_wire_bound):
     """How many of records, from the first, fit in one answer of budget bytes (at least one)."""
     used = 0
     for count, record in enumerate(records):
-        used += client_wire_bound(record)
+        used += bound(record)
         if used > budget:
             return max(count, 1)
     return len(records)
@@ -2098,12 +2167,12 @@ def refusals(context):
 
 def answer_fits(results):
     """Refuse a batch whose answer a default gRPC client could not take, before it applies."""
-    if fitting([record for record, _ in results]) < len(results):
+    fit = fitting([record for record, _ in results], bound=reply_wire_bound)
+    if fit < len(results):
         raise LimitExceeded(
             f"the answer to these {len(results)} messages would pass the "
             f"{MAX_ANSWER_BYTES // 1024} KiB a default gRPC client accepts (their clients have "
-            f"many or long sessions); nothing was applied: send at most "
-            f"{fitting([record for record, _ in results])} of them per call")
+            f"many or long sessions); nothing was applied: send at most {fit} of them per call")
 
 
 class ClientService(pb_grpc.ClientServiceServicer):
@@ -3028,6 +3097,13 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
 
 
+def _session_cap(text):
+    value = _positive_int(text)
+    if value > MAX_SESSIONS_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SESSIONS_LIMIT}, got {value}")
+    return value
+
+
 def _positive_float(text):
     value = float(text)
     if not value > 0:
@@ -3075,8 +3151,9 @@ FLAGS = (
          "waits for a free one", _positive_int),
     Flag("--max-lease", DEFAULT_MAX_LEASE, "longest lease a Hello may ask for, in seconds; longer "
          "ones are refused with INVALID_ARGUMENT", _positive_int),
-    Flag("--max-sessions", DEFAULT_MAX_SESSIONS, "live sessions one client may have at once; a "
-         "Hello for one more is refused with RESOURCE_EXHAUSTED", _positive_int),
+    Flag("--max-sessions", DEFAULT_MAX_SESSIONS, "live sessions one client may have at once "
+         f"(at most {MAX_SESSIONS_LIMIT}, so one client's record always fits an answer); a Hello "
+         "for one more is refused with RESOURCE_EXHAUSTED", _session_cap),
     Flag("--max-watchers", DEFAULT_MAX_WATCHERS, "watch streams open at once; more are refused "
          "with RESOURCE_EXHAUSTED", _positive_int),
     Flag("--watch-buffer", DEFAULT_WATCH_BUFFER, "changes a watcher may fall behind before it is "

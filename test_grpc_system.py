@@ -717,6 +717,26 @@ def test_goodbye_for_a_session_that_is_not_live_changes_nothing(stub):
         False, revision, pb.STATUS_CONNECTED)
 
 
+@allure.feature("Semantics")
+@allure.story("Batches")
+def test_an_empty_batch_is_answered_with_no_answers(stub):
+    assert len(stub.SendMessages(pb.SendMessagesRequest(), timeout=DEADLINE).responses) == 0
+    assert stub.CountClients(pb.CountClientsRequest()).revision == 0
+
+
+@allure.feature("Semantics")
+@allure.story("Batches")
+def test_a_renewal_after_a_change_in_one_batch_reports_that_changes_revision(stub):
+    replies = stub.SendMessages(pb.SendMessagesRequest(requests=[
+        pb.MessageRequest(client_id="carl", message="hello", session_id="tty"),
+        pb.MessageRequest(client_id="carl", message="hello", session_id="tty",
+                          lease_seconds=60)]), timeout=DEADLINE).responses
+    assert [(reply.changed, reply.client.revision) for reply in replies] == [(True, 1),
+                                                                              (False, 1)]
+    assert status_of(stub, "carl").revision == 1
+    assert replies[1].client.sessions[0].HasField("expires_at")
+
+
 @allure.feature("Sessions")
 @allure.story("Sessions per client are capped")
 def test_sessions_past_the_cap_are_resource_exhausted_and_renewals_still_pass(make_server):

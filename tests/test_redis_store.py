@@ -403,3 +403,33 @@ def test_open_store_opens_redis_with_a_password_and_over_tls(tmp_path, certifica
             store.close()
     finally:
         redis_server.stop()
+
+
+@allure.story("Compare-and-set")
+def test_a_renewal_after_a_change_of_the_same_client_in_one_call_keeps_that_changes_revision(
+        redis_url):
+    """The writer's own guess at the revision (999 here) is never what is stored."""
+    store = RedisStore(redis_url)
+    try:
+        result = store.commit_many([
+            ("alice", None, hello("alice", "tty", revision=999), (EventKind.CONNECTED, "tty")),
+            ("alice", None, hello("alice", "tty", NOW + 60, revision=999), None)])
+        assert result.ok and result.revisions == [1, 1]
+        record, _ = store.fetch("alice")
+        assert record.revision == 1 and record.sessions[0].expires_at == NOW + 60
+        assert [(revision, kind) for _, record, kind, _ in store.read_changes("0-0", 0, 10)
+                for revision in [record.revision]] == [(1, EventKind.CONNECTED), (1, None)]
+    finally:
+        store.close()
+
+
+@allure.story("Compare-and-set")
+def test_fetch_many_reads_several_stored_records_in_one_call(redis_url):
+    store = RedisStore(redis_url)
+    try:
+        store.commit("alice", None, hello("alice"), (EventKind.CONNECTED, ""))
+        found = store.fetch_many(["alice", "nobody"])
+        assert found["alice"][0].client_id == "alice" and found["alice"][1] is not None
+        assert found["nobody"] == (None, None)
+    finally:
+        store.close()

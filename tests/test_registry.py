@@ -322,3 +322,16 @@ def test_a_database_removed_or_replaced_under_the_store_refuses_writes(tmp_path,
     with pytest.raises(presence.StoreError):
         registry.apply_one(Message("carol", CONNECTED))
     store.close()
+
+
+@allure.story("Expiry on a moved clock")
+def test_a_shorter_lease_asked_for_later_expires_on_its_own_time():
+    now = [1_800_000_000.0]
+    registry = Registry(presence.MemoryStore(), clock=lambda: now[0])
+    registry.apply_one(Message("alice", CONNECTED, "tty", lease=3600))
+    registry.apply_one(Message("alice", CONNECTED, "tty", lease=5))
+    assert registry.seconds_to_next_expiry() == 5
+    now[0] += 6
+    assert [change.reason for change in registry.expire_due()] == ["lease expired"]
+    now[0] += 3600
+    assert registry.expire_due() == [], "the entry of the longer lease must not expire it again"

@@ -2,6 +2,7 @@
 write, no lost updates, watchers that see every replica, leases that expire once, and what a
 replica does while it cannot reach Redis."""
 
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,10 +34,10 @@ def in_process_replicas(redis_url, clock):
     the test's clock (so leases come due when the test says); all are stopped afterwards."""
     started = []
 
-    def start(count):
+    def start(count, url=redis_url, **store_options):
         for _ in range(count):
-            server = presence.create_server("127.0.0.1:0", presence.RedisStore(redis_url),
-                                            clock=clock)
+            server = presence.create_server("127.0.0.1:0",
+                                            presence.RedisStore(url, **store_options), clock=clock)
             server.start()
             started.append(server)
         return started[-count:]
@@ -265,3 +266,58 @@ def test_a_replica_cut_off_from_redis_refuses_while_the_others_go_on_and_catches
         assert hello(cut, "after").client.revision == (8 if x else 7)
     for channel in channels:
         channel.close()
+
+
+@allure.story("A replica cut off from Redis")
+def test_a_replica_that_missed_more_than_the_stream_holds_loads_afresh_and_resyncs_watchers(
+        in_process_replicas, redis_server, tcp_proxy):
+    proxy = tcp_proxy(redis_server.port)
+    behind, = in_process_replicas(1, url=f"redis://127.0.0.1:{proxy.port}/0?timeout=1")
+    writer, = in_process_replicas(1, history=10)  # trims the stream as it writes
+    channels, (late, busy) = stubs_for([f"127.0.0.1:{behind.port}", f"127.0.0.1:{writer.port}"])
+    hello(busy, "first")
+    watch = Watch(late)
+    assert watch.snapshot()[1] == 1
+    proxy.pause()
+    busy.SendMessages(pb.SendMessagesRequest(requests=[
+        pb.MessageRequest(client_id=f"c{n}", message="hello") for n in range(500)]),
+        timeout=CALL_DEADLINE)
+    proxy.resume()
+    with allure.step("the stream no longer holds what it missed: it loads every record"):
+        record = late.GetClientStatus(pb.ClientStatusRequest(client_id="c499"),
+                                      timeout=CALL_DEADLINE).clients[0]
+        assert record.revision == 501
+        assert late.CountClients(pb.CountClientsRequest(),
+                                 timeout=CALL_DEADLINE).connected == 501
+    with allure.step("its watcher is told to start again, and a resumed one gets a snapshot"):
+        message = watch.next()
+        while isinstance(message, pb.WatchResponse):
+            message = watch.next()
+        assert message.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        since = int(message.details().rpartition("since_revision=")[2])
+        clients, revision, resync = Watch(late, since_revision=since).snapshot()
+        assert (resync, revision, len(clients)) == (True, 501, 501)
+    for channel in channels:
+        channel.close()
+
+
+@allure.story("Redis stopped and back")
+def test_a_redis_that_lost_changes_a_replica_had_seen_is_refused(in_process_replicas,
+                                                                redis_server):
+    replica, = in_process_replicas(1)
+    with connect(f"127.0.0.1:{replica.port}") as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        for n in range(3):
+            hello(stub, f"c{n}")
+        redis_server.stop()  # Redis comes back without what it had: run without appendonly
+        for name in ("appendonlydir", "dump.rdb"):
+            shutil.rmtree(redis_server.folder / name, ignore_errors=True)
+        redis_server.start()
+        other = presence.RedisStore(redis_server.url)
+        other.commit("x", None, presence.Client("x", 1.0, 1.0, 0, "hello",
+                                                presence.DEFAULT_SESSIONS),
+                     (presence.EventKind.CONNECTED, ""))
+        other.close()
+        error = refusal(stub.GetClientStatus, pb.ClientStatusRequest(client_id="c0"))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "lost changes this replica had seen" in error.details()

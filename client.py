@@ -664,10 +664,12 @@ class Replica:
             self.channel.subscribe(self._on_connectivity, try_to_connect=True)
 
     def _on_connectivity(self, state):
+        """Note whether the channel is connected, so calls go to a replica that is up."""
         logger.debug("channel to replica %s is %s", self.address, state.name)
         self.connected = state is grpc.ChannelConnectivity.READY
 
     def close(self):
+        """Stop watching the channel's state, then close it."""
         self.channel.unsubscribe(self._on_connectivity)
         self.channel.close()
 
@@ -697,6 +699,7 @@ class PresenceClient:
         self.close()
 
     def close(self):
+        """Close every replica's channel."""
         for replica in self.replicas:
             replica.close()
 
@@ -916,6 +919,7 @@ class ServerMonitor:
             self._wake.wait(self._interval)
 
     def _health_loop(self):
+        """Count the replicas that pass a health check, every HEALTH_INTERVAL."""
         while not self._stopped.is_set():
             self.reachable = (self._client.serving(), len(self._client.replicas))
             self._stopped.wait(HEALTH_INTERVAL)

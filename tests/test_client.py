@@ -1663,6 +1663,13 @@ def test_an_empty_address_among_the_replicas_is_a_usage_error(capsys, value):
 
 
 @allure.story("Replicas")
+def test_replicas_come_from_the_flag_the_environment_or_the_config_file(home):
+    assert settings(home, ["--server", "a:1, b:2"]).server == "a:1,b:2"
+    assert settings(home, environ={"PRESENCE_SERVER": "a:1,b:2,c:3"}).server == "a:1,b:2,c:3"
+    assert settings(home, config='server = "a:1 ,b:2"').server == "a:1,b:2"
+
+
+@allure.story("Replicas")
 def test_calls_spread_over_the_replicas_and_skip_one_that_is_down(server_processes):
     # Two servers with stores of their own show where each call went; the second is named by
     # host name, the way a user writes it.
@@ -1682,8 +1689,8 @@ def test_calls_spread_over_the_replicas_and_skip_one_that_is_down(server_process
 
 
 @allure.story("Replicas")
-def test_a_one_shot_call_gets_through_wherever_the_dead_replica_is_listed(address):
-    down = free_address()
+def test_a_one_shot_call_gets_through_wherever_the_dead_replica_is_listed(server_processes):
+    address, down = server_processes("--store", "memory://").address, free_address()
     for servers in (f"{down},{address}", f"{address},{down}"):
         result = run_client("--server", servers, "send", "alice", "hello")
         assert (result.returncode, result.stderr) == (0, ""), servers

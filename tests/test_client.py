@@ -1045,6 +1045,13 @@ def test_toolbar_shortens_to_the_width(width, shown, absent):
 
 
 @allure.story("Narrow terminals")
+def test_a_narrow_toolbar_counts_the_replicas_in_short():
+    fragments = client.render_toolbar("a:1,b:2,c:3", (2, 3), counts(3, 4), None, 40)
+    text = "".join(fragment for _, fragment in fragments)
+    assert "● 2/3 up  3/7 online" in text and cell_len(text) <= 40
+
+
+@allure.story("Narrow terminals")
 @pytest.mark.parametrize("columns", [60, 80, 200])
 def test_status_in_a_terminal_fits_its_width(repl, address, stub, columns):
     for index, client_id in enumerate(LONG_IDS):

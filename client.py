@@ -28,6 +28,7 @@ from pathlib import Path
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc  # noqa: E402 (after the verbosity above)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prompt_toolkit import PromptSession
 from prompt_toolkit.application import get_app
 from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
@@ -62,6 +63,7 @@ PAGE_ROWS = 200  # clients per page of a table; `more` shows the next, --json ge
 QUICK_TIMEOUT = 1.0  # completion and toolbar calls must never keep the user waiting
 IDS_TTL = 5.0  # seconds a page of ids for completion stays fresh without the watch stream
 COUNT_INTERVAL = 3.0  # seconds between toolbar refreshes of the online count
+HEALTH_INTERVAL = 1.0  # seconds between the toolbar's health checks of each replica
 DEFAULT_LEASE = 15  # seconds; --as renews at a third of it, so a crash shows within this
 WATCH_REFRESH = 2  # live table redraws per second: relative times tick, changes show at once
 RESUME_BACKOFF = (0.2, 2.0)  # seconds between attempts to resume a watch, first and longest
@@ -473,12 +475,21 @@ def render_page(page, now, width=TABLE_WIDTH, hint=""):
     return Group(*parts)
 
 
+def reach_words(reachable):
+    """How reachable the server is, long and short, and its colour: reachable is True, False or
+    None (not known yet) for one server, (up, of) for several replicas."""
+    if isinstance(reachable, tuple):
+        up, of = reachable
+        colour = "fg:ansigreen" if up == of else "fg:ansired" if not up else "fg:ansiyellow"
+        return f"● {up} of {of} replicas reachable", f"● {up}/{of} up", colour
+    return ({True: "● reachable", False: "● unreachable", None: "● connecting"}[reachable],
+            {True: "● up", False: "● down", None: "● …"}[reachable],
+            {True: "fg:ansigreen", False: "fg:ansired", None: "fg:ansiyellow"}[reachable])
+
+
 def toolbar_forms(address, reachable, counts, user):
     """The toolbar from its longest form to its shortest, as prompt_toolkit fragments."""
-    long_state = {True: "● reachable", False: "● unreachable",
-                  None: "● connecting"}[reachable]
-    short_state = {True: "● up", False: "● down", None: "● …"}[reachable]
-    colour = {True: "fg:ansigreen", False: "fg:ansired", None: "fg:ansiyellow"}[reachable]
+    long_state, short_state, colour = reach_words(reachable)
     long_online = f"{counts.connected:,} online of {counts.total:,}" if counts else "online: —"
     short_online = f"{counts.connected:,}/{counts.total:,} online" if counts else "—"
     me = [("bold", f"  as {user}")] if user else []
@@ -601,9 +612,10 @@ def describe_error(error, client):
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         reason = f"no answer within {client.timeout:g} s"
     else:
-        host = client.address.rpartition(":")[0].strip("[]") or client.address
+        host = client.failed_at.rpartition(":")[0].strip("[]") or client.failed_at
         reason = unreachable_reason(details, host, client.tls)
-    return f"server {client.address} is unreachable: {reason}", EXIT_UNREACHABLE
+    who = f"servers {client.address} are" if client.several else f"server {client.address} is"
+    return f"{who} unreachable: {reason}", EXIT_UNREACHABLE
 
 
 def stream_end_reason(error):
@@ -637,43 +649,104 @@ class Tls:
                                             certificate_chain=read(self.cert))
 
 
+class Replica:
+    """One server address: its own channel (TLS checks this host's name), its stubs, and whether
+    the channel is connected now, for a client that knows several replicas."""
+
+    def __init__(self, address, credentials=None, watched=False):
+        self.address = address
+        self.channel = (grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+                        if credentials else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+        self.stub = pb_grpc.ClientServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.connected = False
+        if watched:
+            self.channel.subscribe(self._on_connectivity, try_to_connect=True)
+
+    def _on_connectivity(self, state):
+        """Note whether the channel is connected, so calls go to a replica that is up."""
+        logger.debug("channel to replica %s is %s", self.address, state.name)
+        self.connected = state is grpc.ChannelConnectivity.READY
+
+    def close(self):
+        """Stop watching the channel's state, then close it."""
+        self.channel.unsubscribe(self._on_connectivity)
+        self.channel.close()
+
+
 class PresenceClient:
-    """The service's calls with our deadline and token, over one channel that retries
-    UNAVAILABLE itself; TLS when asked for."""
+    """The service's calls with our deadline and token, over a channel per server address that
+    retries UNAVAILABLE itself; TLS when asked for. Given several replicas (a:1,b:2), each call
+    goes to the next connected one in turn (round robin), and one that answers UNAVAILABLE
+    (a replica that died) is tried on the next within the same deadline."""
 
     def __init__(self, address, timeout=DEFAULT_TIMEOUT, credentials=None, token=""):
         self.address = address
         self.timeout = timeout
         self.tls = credentials is not None
-        self.channel = (grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-                        if credentials else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+        addresses = address.split(",")
+        self.several = len(addresses) > 1
+        self.replicas = [Replica(each, credentials, watched=self.several) for each in addresses]
+        self.failed_at = addresses[0]  # the replica of the last UNAVAILABLE, for its host name
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._stub = pb_grpc.ClientServiceStub(self.channel)
+        self._turn = 0
+        self._lock = threading.Lock()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
-        self.channel.close()
+        self.close()
+
+    def close(self):
+        """Close every replica's channel."""
+        for replica in self.replicas:
+            replica.close()
+
+    def in_turn(self):
+        """Every replica, starting one further along at each call, the connected ones first."""
+        with self._lock:
+            self._turn = (self._turn + 1) % len(self.replicas)
+            turn = self.replicas[self._turn:] + self.replicas[:self._turn]
+        return sorted(turn, key=lambda replica: not replica.connected)
+
+    def _call(self, method, request, timeout=None):
+        """A unary call on the next replica; UNAVAILABLE from one goes on to the next, all
+        within one deadline."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        replicas = self.in_turn()
+        for replica in replicas:
+            try:
+                return getattr(replica.stub, method)(
+                    request, timeout=max(deadline - time.monotonic(), 0.01),
+                    metadata=self._metadata)
+            except grpc.RpcError as error:
+                self.failed_at = replica.address
+                if error.code() is not grpc.StatusCode.UNAVAILABLE or replica is replicas[-1]:
+                    raise
+                logger.info("replica %s is unavailable; trying the next", replica.address)
 
     def send(self, client_id, message, session_id="", lease=0, timeout=None):
         request = pb.MessageRequest(client_id=client_id, message=message, session_id=session_id,
                                     lease_seconds=lease)
-        return self._stub.SendMessage(request, timeout=timeout or self.timeout,
-                                      metadata=self._metadata)
+        return self._call("SendMessage", request, timeout)
 
     def watch(self, since_revision=0, wait_for_ready=False):
-        """The Watch stream: no deadline, it runs until cancelled."""
-        return self._stub.Watch(pb.WatchRequest(since_revision=since_revision),
-                                metadata=self._metadata, wait_for_ready=wait_for_ready)
+        """The Watch stream on the next replica: no deadline, it runs until cancelled."""
+        return self.in_turn()[0].stub.Watch(pb.WatchRequest(since_revision=since_revision),
+                                            metadata=self._metadata,
+                                            wait_for_ready=wait_for_ready)
 
     def follow(self, on_break):
         """Watch messages for as long as they are read: a stream the server ends (a shutdown, a
-        cut-off) is resumed from the last revision seen once it is back, after on_break(reason,
-        revision) says why. A first call that fails raises, as any call does."""
+        cut-off) or that breaks (its replica killed) is resumed from the last revision seen,
+        after on_break(reason, revision) says why. One server is waited for until it is back;
+        with several replicas, each attempt goes to the next connected one. A first call that
+        fails raises, as any call does, once every replica has answered UNAVAILABLE."""
         revision, started, pause = 0, False, RESUME_BACKOFF[0]
+        untried = len(self.replicas)
         while True:
-            call = self.watch(revision, wait_for_ready=started)
+            call = self.watch(revision, wait_for_ready=started and not self.several)
             try:
                 for message in call:
                     started, pause = True, RESUME_BACKOFF[0]
@@ -682,7 +755,10 @@ class PresenceClient:
                     yield message
                 reason = "the server closed the stream (it may be stopping or restarting)"
             except grpc.RpcError as error:
+                untried -= 1
                 if not started:
+                    if untried and error.code() is grpc.StatusCode.UNAVAILABLE:
+                        continue
                     raise
                 reason = stream_end_reason(error)
             finally:
@@ -691,10 +767,21 @@ class PresenceClient:
             time.sleep(pause)  # a server that refuses at once is not asked again at once
             pause = min(pause * 2, RESUME_BACKOFF[1])
 
+    def serving(self, timeout=QUICK_TIMEOUT):
+        """How many replicas answer the standard health check as serving this service."""
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        up = 0
+        for replica in self.replicas:
+            try:
+                reply = replica.health.Check(request, timeout=timeout, metadata=self._metadata)
+                up += reply.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError as error:
+                logger.debug("replica %s is not serving: %s", replica.address, error.code().name)
+        return up
+
     def status(self, client_id):
         """One client's records; built from the old string map if the server sends no records."""
-        response = self._stub.GetClientStatus(pb.ClientStatusRequest(client_id=client_id),
-                                              timeout=self.timeout, metadata=self._metadata)
+        response = self._call("GetClientStatus", pb.ClientStatusRequest(client_id=client_id))
         return list(response.clients) or [
             pb.Client(client_id=name, status=WORD_STATUSES.get(word, pb.STATUS_UNSPECIFIED))
             for name, word in response.statuses.items()]
@@ -708,16 +795,14 @@ class PresenceClient:
             size = PAGE_SIZE if rows is None else min(PAGE_SIZE, rows - len(found))
             request = pb.ListClientsRequest(page_size=size, page_token=token,
                                             status=query.status, id_prefix=query.prefix)
-            reply = self._stub.ListClients(request, timeout=timeout or self.timeout,
-                                           metadata=self._metadata)
+            reply = self._call("ListClients", request, timeout)
             found.extend(reply.clients)
             token = reply.next_page_token
             if not token or (rows is not None and len(found) >= rows):
                 return found, token
 
     def count(self, timeout=None):
-        return self._stub.CountClients(pb.CountClientsRequest(), timeout=timeout or self.timeout,
-                                       metadata=self._metadata)
+        return self._call("CountClients", pb.CountClientsRequest(), timeout)
 
     def browse(self, query, token="", first=1, rows=PAGE_ROWS):
         """A page of rows clients from token on, with the counts that say how many match."""
@@ -786,11 +871,13 @@ class IdCache:
 
 
 class ServerMonitor:
-    """The toolbar's facts: reachability from the channel, the online count from daemon threads.
+    """The toolbar's facts: reachability, the online count from daemon threads.
 
     One thread counts (CountClients); another follows the Watch stream from the counted
     revision, tells the id cache of each client it names, and asks for a recount whenever
-    changes arrive, so the count and the completions move with them.
+    changes arrive, so the count and the completions move with them. One server's reachability
+    is its channel's state; with several replicas, a third thread health-checks each of them
+    (which also reconnects one that is back) and counts those serving.
     """
 
     def __init__(self, client, interval=COUNT_INTERVAL, user=None, ids=None):
@@ -803,9 +890,13 @@ class ServerMonitor:
         self._watch_call = None
         self._wake = threading.Event()
         self._stopped = threading.Event()
-        client.channel.subscribe(self._on_connectivity, try_to_connect=True)
-        self._threads = [threading.Thread(target=loop, name=name, daemon=True) for loop, name in
-                         ((self._count_loop, "toolbar-count"), (self._watch_loop, "toolbar-watch"))]
+        loops = [(self._count_loop, "toolbar-count"), (self._watch_loop, "toolbar-watch")]
+        if client.several:
+            loops.append((self._health_loop, "toolbar-health"))
+        else:
+            client.replicas[0].channel.subscribe(self._on_connectivity, try_to_connect=True)
+        self._threads = [threading.Thread(target=loop, name=name, daemon=True)
+                         for loop, name in loops]
         for thread in self._threads:
             thread.start()
 
@@ -826,6 +917,12 @@ class ServerMonitor:
                 self.counts = None
             self._stopped.wait(MIN_COUNT_SPACING)
             self._wake.wait(self._interval)
+
+    def _health_loop(self):
+        """Count the replicas that pass a health check, every HEALTH_INTERVAL."""
+        while not self._stopped.is_set():
+            self.reachable = (self._client.serving(), len(self._client.replicas))
+            self._stopped.wait(HEALTH_INTERVAL)
 
     def _watch_loop(self):
         while not self._stopped.is_set():
@@ -859,7 +956,8 @@ class ServerMonitor:
             self._watch_call.cancel()
         for thread in self._threads:
             thread.join(QUICK_TIMEOUT * 2)
-        self._client.channel.unsubscribe(self._on_connectivity)
+        if not self._client.several:
+            self._client.replicas[0].channel.unsubscribe(self._on_connectivity)
 
     def toolbar(self, width=None):
         """The toolbar's fragments, as wide as the running prompt's terminal unless told."""
@@ -1335,6 +1433,15 @@ def _whole_seconds(text):
     return int(text)
 
 
+def _servers(text):
+    """A --server value: one HOST:PORT, or several replicas' joined by commas (spaces dropped)."""
+    addresses = [address.strip() for address in text.split(",")]
+    if not all(addresses):
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT or HOST:PORT,HOST:PORT,... with no "
+                                         f"empty address, got {text!r}")
+    return ",".join(addresses)
+
+
 def _log_level(text):
     """A --log-level value in any case, checked here so a bad one is a usage error."""
     if text.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -1379,8 +1486,11 @@ class Option:
 
 
 OPTIONS = (
-    Option("--server", "PRESENCE_SERVER", "the server to talk to", DEFAULT_SERVER,
-           metavar="HOST:PORT", in_file=True),
+    Option("--server", "PRESENCE_SERVER", "the server to talk to, or several replicas of one "
+           "service joined by commas: each call goes to the next connected replica in turn, "
+           "one that is down is skipped, a watch resumes on another; the toolbar counts the "
+           "replicas that answer", DEFAULT_SERVER, _servers, "HOST:PORT[,HOST:PORT...]",
+           in_file=True),
     Option("--timeout", "PRESENCE_TIMEOUT", "deadline of each call, retries included",
            DEFAULT_TIMEOUT, _seconds, "SECONDS", in_file=True),
     Option("--json", "PRESENCE_JSON", "print answers as JSON, shapes below", False, switch=True),
@@ -1419,6 +1529,7 @@ EPILOG = """\
 examples:
   python client.py                                    the menu, with completion and history
   python client.py --server db1:50051 status          every client, a page at a time
+  python client.py --server db1:50051,db2:50051       the menu over two replicas
   python client.py send alice hello                   mark alice connected
   python client.py --json status alice                one client as JSON
   python client.py --json list online al              every connected client whose id starts al

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import allure
 import pexpect
@@ -222,6 +223,8 @@ def test_menu_lists_numbers_words_and_usage():
     (True, counts(3, 4), "● reachable  3 online of 7"),
     (False, None, "● unreachable  online: —"),
     (None, None, "● connecting"),
+    ((3, 3), counts(3, 4), "● 3 of 3 replicas reachable  3 online of 7"),
+    ((2, 3), counts(3, 4), "● 2 of 3 replicas reachable  3 online of 7"),
 ])
 def test_toolbar_text_names_address_reachability_and_online_count(reachable, answer, shown):
     text = "".join(fragment for _, fragment in
@@ -405,7 +408,7 @@ def test_unreachable_server_is_one_line_with_a_retry_hint(consoles):
 @allure.story("REPL")
 def test_an_unexpected_failure_is_one_line_and_the_session_goes_on(address, consoles):
     closed = client.PresenceClient(address)
-    closed.channel.close()
+    closed.close()
     dispatcher = make_dispatcher(closed, consoles)
     assert dispatcher.onecmd("status alice") == client.EXIT_SERVER_ERROR
     assert text_of(consoles[1]).startswith("error: status failed: ")
@@ -1042,6 +1045,13 @@ def test_toolbar_shortens_to_the_width(width, shown, absent):
 
 
 @allure.story("Narrow terminals")
+def test_a_narrow_toolbar_counts_the_replicas_in_short():
+    fragments = client.render_toolbar("a:1,b:2,c:3", (2, 3), counts(3, 4), None, 40)
+    text = "".join(fragment for _, fragment in fragments)
+    assert "● 2/3 up  3/7 online" in text and cell_len(text) <= 40
+
+
+@allure.story("Narrow terminals")
 @pytest.mark.parametrize("columns", [60, 80, 200])
 def test_status_in_a_terminal_fits_its_width(repl, address, stub, columns):
     for index, client_id in enumerate(LONG_IDS):
@@ -1647,3 +1657,137 @@ def test_piped_answers_have_no_trailing_spaces(address):
     assert "send ID MESSAGE" in result.stdout
     padded = [line for line in result.stdout.splitlines() if line.endswith(" ")]
     assert padded == [], "rich pads the menu's grid to its width"
+
+
+# --- several replicas ------------------------------------------------------------------------
+
+
+@allure.story("Replicas")
+@pytest.mark.parametrize("value", ["a:1,,b:2", "a:1,", ","])
+def test_an_empty_address_among_the_replicas_is_a_usage_error(capsys, value):
+    assert client.main(["--server", value, "status"]) == client.EXIT_USAGE
+    assert "--server: must be HOST:PORT or HOST:PORT,HOST:PORT" in capsys.readouterr().err
+
+
+@allure.story("Replicas")
+def test_replicas_come_from_the_flag_the_environment_or_the_config_file(home):
+    assert settings(home, ["--server", "a:1, b:2"]).server == "a:1,b:2"
+    assert settings(home, environ={"PRESENCE_SERVER": "a:1,b:2,c:3"}).server == "a:1,b:2,c:3"
+    assert settings(home, config='server = "a:1 ,b:2"').server == "a:1,b:2"
+
+
+@allure.story("Replicas")
+def test_calls_spread_over_the_replicas_and_skip_one_that_is_down(server_processes):
+    # Two servers with stores of their own show where each call went; the second is named by
+    # host name, the way a user writes it.
+    first, second = (server_processes("--store", "memory://") for _ in range(2))
+    down = free_address()
+    servers = f"{first.address},localhost:{second.address.rpartition(':')[2]},{down}"
+    script = "".join(f"send user{n} hello\n" for n in range(6))
+    result = run_client("--server", servers, "--json", stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 6
+    held = []
+    for server in (first, second):
+        with connect(server.address) as channel:
+            held.append(pb_grpc.ClientServiceStub(channel).CountClients(
+                pb.CountClientsRequest(), timeout=DEADLINE).total)
+    assert sum(held) == 6 and min(held) >= 1, f"every call went to one replica: {held}"
+
+
+@allure.story("Replicas")
+def test_a_one_shot_call_gets_through_wherever_the_dead_replica_is_listed(server_processes):
+    address, down = server_processes("--store", "memory://").address, free_address()
+    for servers in (f"{down},{address}", f"{address},{down}"):
+        result = run_client("--server", servers, "send", "alice", "hello")
+        assert (result.returncode, result.stderr) == (0, ""), servers
+        watcher = subprocess.Popen([sys.executable, CLIENT, "--server", servers, "--json",
+                                    "watch"], cwd=ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        assert json.loads(Lines(watcher.stdout).next())["kind"] == "snapshot", servers
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(DEADLINE) == client.EXIT_INTERRUPTED
+
+
+@allure.story("Replicas")
+def test_every_replica_down_is_one_line_naming_them_all():
+    servers = f"{free_address()},{free_address()}"
+    result = run_client("--server", servers, "status")
+    assert result.returncode == client.EXIT_UNREACHABLE
+    assert result.stderr == f"error: servers {servers} are unreachable: connection refused\n"
+
+
+def toolbar_says(child, texts):
+    """Which of texts the toolbar shows next, telling the terminal's cursor position to the
+    prompt whenever it asks (it draws its toolbar only once it knows)."""
+    while True:
+        found = child.expect_exact(["\x1b[6n", *texts])
+        if found == 0:
+            child.send("\x1b[12;1R")
+        else:
+            return found - 1
+
+
+def open_watchers(replica):
+    """How many Watch streams a replica has open, from its Prometheus metrics."""
+    url = replica.wait_for_log(r"metrics on (http://\S+/metrics)").group(1)
+    with urllib.request.urlopen(url, timeout=DEADLINE) as response:
+        text = response.read().decode()
+    return int(float(re.search(r"^presence_watchers (\S+)$", text, re.M).group(1)))
+
+
+def the_one_watched(replicas):
+    """The replica that holds the one Watch stream, once it is open."""
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        watched = [replica for replica in replicas if open_watchers(replica)]
+        if watched:
+            return watched[0]
+    raise AssertionError("no replica holds the watch stream")
+
+
+@allure.story("Replicas")
+def test_a_killed_replica_leaves_the_repl_and_a_json_watch_going_on_the_others(
+        repl, server_processes, redis_url):
+    replicas = [server_processes("--store", redis_url, "--metrics-port", "0") for _ in range(3)]
+    servers = ",".join(replica.address for replica in replicas)
+    with connect(replicas[0].address) as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        for n in range(3):
+            hello(stub, f"before{n}")
+    with allure.step("a --json watch on three replicas: the snapshot, from one of them"):
+        watcher = subprocess.Popen([sys.executable, CLIENT, "--server", servers, "--json",
+                                    "watch"], cwd=ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        lines, errors = Lines(watcher.stdout), Lines(watcher.stderr)
+        snapshot = [json.loads(lines.next()) for _ in range(3)]
+        assert {entry["kind"] for entry in snapshot} == {"snapshot"}
+        assert {entry["revision"] for entry in snapshot} == {3}
+        watched = the_one_watched(replicas)
+    with allure.step("a REPL on the same three: its toolbar counts them"):
+        child = repl(servers, answer_cpr=True)
+        assert toolbar_says(child, ["● 3 of 3 replicas reachable"]) == 0
+    with allure.step("the watch's replica is killed (kill -9)"):
+        watched.kill()
+        assert re.fullmatch(r"watch: the server went away \(.*\); resuming from revision 3\n",
+                            errors.next())
+    with allure.step("the REPL answers every command until its toolbar says two are left"):
+        sent, deadline = 0, time.monotonic() + DEADLINE
+        while True:
+            child.send(f"send after{sent} hello\r")
+            child.expect_exact(f"Client after{sent} marked as connected.")
+            sent += 1
+            left = ["● 2 of 3 replicas reachable", "● 3 of 3 replicas reachable"]
+            if toolbar_says(child, left) == 0:
+                break
+            assert time.monotonic() < deadline, "the toolbar never counted the killed replica"
+    with allure.step("the watch goes on from another replica: the next revisions, each once"):
+        changes = [json.loads(lines.next()) for _ in range(sent)]
+        assert [(change["kind"], change["revision"], change["client"]["client_id"])
+                for change in changes] == [("connected", 4 + n, f"after{n}")
+                                           for n in range(sent)]
+    watcher.send_signal(signal.SIGINT)
+    assert watcher.wait(DEADLINE) == client.EXIT_INTERRUPTED
+    child.send("exit\r")
+    child.expect(pexpect.EOF)
+    assert "Traceback" not in child.logfile_read.getvalue()

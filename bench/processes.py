@@ -85,6 +85,18 @@ class ServerProcess:
             raise
         self.address = f"{match.group(1)}:{match.group(2)}"
 
+    @property
+    def addresses(self):
+        """Where the load goes: this one server."""
+        return [self.address]
+
+    @property
+    def pids(self):
+        """The processes whose CPU is the server's: this one."""
+        return [self.pid]
+
+    engine_pids = ()  # no store engine of its own beside it
+
     def _read_log(self):
         """Keep every line as it comes (noting when the server said it listens)."""
         for line in self.process.stderr:

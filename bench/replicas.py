@@ -10,7 +10,6 @@ from collections import deque
 
 import redis
 
-from bench.machine import process_ticks
 from bench.processes import LOG_TIMEOUT, STOP_TIMEOUT, BenchError, die_with_parent
 
 REDIS_READY = re.compile(r"Ready to accept connections")
@@ -103,10 +102,6 @@ class Replicas:
     def engine_pids(self):
         """Redis's process: its CPU is neither the servers' nor noise."""
         return [self.redis.pid]
-
-    def readings(self):
-        """Redis's CPU seconds (its own count) and each replica's CPU ticks, now."""
-        return self.redis.cpu_seconds(), [process_ticks(pid) for pid in self.pids]
 
     def check(self):
         """Fail loudly when Redis or a replica died under load."""

@@ -109,12 +109,13 @@ def measure_load(run, server, *, label, shape="asyncio", **specs):
     args = run.args
     window = args.window
     run.show(f"{label}: starting {args.processes} load process(es)")
-    readings = server.readings if isinstance(server, Replicas) else nothing
-    with LoadGroup(load_specs(run, server.addresses, shape=shape, processes=args.processes,
-                              in_flight=args.in_flight, **specs)) as group:
+    redis_cpu = server.redis.cpu_seconds if isinstance(server, Replicas) else nothing
+    jobs = load_specs(run, server.addresses, shape=shape, processes=args.processes,
+                      in_flight=args.in_flight, **specs)
+    with LoadGroup(jobs) as group:
         group.wait_ready()
         measured = measured_window(run, server, group, warmup=args.warmup, seconds=window,
-                                   label=label, at_start=readings, at_end=readings)
+                                   label=label, at_start=redis_cpu, at_end=redis_cpu)
     latencies = [value for outcome in measured.outcomes for value in outcome["latencies"]]
     errors = Counter()
     for outcome in measured.outcomes:
@@ -127,23 +128,25 @@ def measure_load(run, server, *, label, shape="asyncio", **specs):
         **measured.cpu(len(latencies) + sum(errors.values())),
     }
     if isinstance(server, Replicas):
-        figures.update(redis_figures(measured, figures["calls"] + sum(errors.values())))
+        figures.update(redis_figures(measured, figures["calls"] + sum(errors.values()), jobs))
     if figures["noise_cores"] > NOISE_WARNING:
         logger.warning("%s: other processes used %.2f cores meanwhile; these figures are noisy",
                        label, figures["noise_cores"])
     return figures
 
 
-def redis_figures(measured, calls):
+def redis_figures(measured, calls, jobs):
     """Redis's own CPU in the window, per write (every call of the load is a change), and the
-    busiest replica's share of the replicas' CPU (1 for one replica; near 0.5 for two when the
+    busiest replica's share of the calls answered (1 for one replica; near 0.5 for two when the
     load is spread evenly)."""
-    (redis_before, ticks_before), (redis_after, ticks_after) = measured.at_start, measured.at_end
-    redis_cpu_s = redis_after - redis_before
-    used = [after - before for before, after in zip(ticks_before, ticks_after)]
+    redis_cpu_s = measured.at_end - measured.at_start
+    answered = Counter()
+    for job, outcome in zip(jobs, measured.outcomes, strict=True):
+        answered[job.address] += len(outcome["latencies"])
+    total = sum(answered.values())
     return {"redis_cpu_s": redis_cpu_s,
             "redis_cpu_us_per_write": redis_cpu_s * 1e6 / calls if calls else None,
-            "busiest_replica_share": max(used) / sum(used) if sum(used) else None}
+            "busiest_replica_share": max(answered.values()) / total if total else None}
 
 
 def one_round(run, servers, number, shape):
@@ -253,7 +256,7 @@ def caption_of(load, measured):
             row = measured["median"][name]
             caption += (f"\n{name}: Redis's own CPU {fmt(row['redis_cpu_us_per_write'], 1)} µs "
                         "per write (INFO cpu, system + user), server CPU summed over the "
-                        f"replicas, the busiest replica's share of it "
+                        f"replicas, the busiest replica's share of the calls "
                         f"{fmt(row['busiest_replica_share'], 2)}")
     return caption
 

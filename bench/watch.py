@@ -70,6 +70,8 @@ def run_watch(run):
     addresses = server.addresses
     watcher_specs = [Watchers(addresses[index % len(addresses)], share, keep=True)
                      for index, share in enumerate(split(count, processes))]
+    per_replica = [sum(spec.watchers for spec in watcher_specs if spec.address == address)
+                   for address in addresses]
     writer_spec = SteadyChanges(addresses[0], args.watch_rate, WATCH_IDS, args.call_timeout)
     with grpc.insecure_channel(addresses[0]) as channel, \
             LoadGroup(watcher_specs) as group, LoadGroup([writer_spec]) as writer:
@@ -89,7 +91,7 @@ def run_watch(run):
                "delivered_s": seconds, "first_revision": base + 1, "last_revision": final}
     figures.update(watch_figures(made, outcomes, range(base + 1, final + 1), cpu))
     figures.update(target=args.watch_target, rate=args.watch_rate, seconds=args.watch_seconds,
-                   ids=WATCH_IDS, replicas=len(addresses))
+                   ids=WATCH_IDS, watchers_per_replica=per_replica)
     figures["verdicts"] = verdicts(GOALS, figures)
     return figures
 
@@ -177,7 +179,12 @@ def render_watch(figures):
                         f"(hello/goodbye over {figures['ids']} ids, one writer process)")
     add = table.add_row
     add("every watcher had its snapshot after", f"{figures['snapshots_s']:.1f} s", "")
-    add("server threads", f"{figures['server_threads']:,}", "")
+    if len(figures["watchers_per_replica"]) > 1:
+        add("watchers on each replica (the writer on the first)",
+            " + ".join(f"{count:,}" for count in figures["watchers_per_replica"]), "")
+        add("server threads (all replicas)", f"{figures['server_threads']:,}", "")
+    else:
+        add("server threads", f"{figures['server_threads']:,}", "")
     add("server cores, watchers idle", fmt(figures["idle_server_cores"], 2), "")
     unchanged = f", {figures['unchanged']:,} unchanged" if figures["unchanged"] else ""
     add("changes made (calls, acknowledged)",

@@ -34,7 +34,7 @@ PRESETS = {
               "modes": ["throughput", "scale", "connections", "watch"]},
     "full": {"rounds": 7, "window": 10.0, "load": ["asyncio", "threads"],
              "targets": ["ceiling+protobuf", "floor", "asyncio-dict", "memory", "memory+lease",
-                         "sqlite"],
+                         "sqlite", "redis", "redis-2"],
              "scale": [100_000, 1_000_000], "connections": 4_000,
              "connections_seconds": 20.0, "watchers": 1_000, "soak_seconds": 60.0,
              "modes": ["throughput", "scale", "connections", "watch", "soak"]},
@@ -56,6 +56,8 @@ def build_parser():
         "`python -m bench --only scale --scale 1000000`, "
         "`python -m bench --only throughput --load threads`, "
         "`python -m bench --only watch --watchers 1000`, "
+        "`python -m bench --only throughput --targets redis redis-2`, "
+        "`python -m bench --only watch --watchers 1000 --watch-target redis-2`, "
         "`python -m bench --only soak --soak-seconds 600`, `make bench ARGS=--full`. Results "
         "go to the terminal and, with every per-round figure, to the --output JSON file.",
     )

@@ -14,6 +14,7 @@ from bench.baselines import BASELINES
 from bench.figures import SECOND_NS, cpu_figures
 from bench.machine import CpuSample, cpu_sample, server_digest
 from bench.processes import SERVER_PROGRAM, START_TIMEOUT, STOP_TIMEOUT, ServerProcess
+from bench.replicas import RedisProcess, Replicas
 
 logger = logging.getLogger("bench")
 
@@ -78,25 +79,49 @@ class Run:
         return f"sqlite:///{self.tmpdir / f'bench-{self._servers}.db'}"
 
     def start_server(self, target, flags=(), store=None):
-        """A fresh server for target: a baseline, memory:// (also memory+lease) or SQLite on a
-        new file (or on store); flags are added to server.py's command line."""
+        """A fresh server for target: a baseline, memory:// (also memory+lease), SQLite on a
+        new file (or on store), or replicas on a new Redis (redis: one, redis-N: N); flags are
+        added to server.py's command line."""
         if target in BASELINES:
             program, args = ("-m", "bench", "_baseline", target), ()
+        elif target.startswith("redis"):
+            return self.start_replicas(target, flags)
         else:
             store = store or ("memory://" if target.startswith("memory") else self.new_database())
             program, args = SERVER_PROGRAM, ("--store", store, "--log-level", "INFO")
-        self.show(f"starting the {target} server")
+        server = self.start_process(target, program, (*args, *flags))
+        self.stack.callback(server.stop)
+        return server
+
+    def start_replicas(self, target, flags):
+        """A redis-server of its own in a new folder and target's replicas on it (redis-N: N)."""
+        count = int(target.partition("-")[2] or 1)
+        self._servers += 1
+        folder = self.tmpdir / f"redis-{self._servers}"
+        folder.mkdir()
+        self.show(f"starting redis-server for {target}")
+        replicas = Replicas(RedisProcess(folder), [])
+        self.stack.callback(replicas.stop)
+        logger.info("%s: redis-server pid %d on port %d", target, replicas.redis.pid,
+                    replicas.redis.port)
+        args = ("--store", replicas.redis.url, "--log-level", "INFO", *flags)
+        for number in range(count):
+            replicas.servers.append(
+                self.start_process(f"{target} replica {number + 1}", SERVER_PROGRAM, args))
+        return replicas
+
+    def start_process(self, name, program, args):
+        """One server process, noting which server.py it runs."""
+        self.show(f"starting the {name} server")
         digest = server_digest()
         if self.server_sources and digest not in self.server_sources:
             logger.warning("server.py changed during this run (now %s): the modes measure "
                            "different versions", digest)
-        server = ServerProcess(*args, *flags, program=program, name=target,
-                               keep=SERVER_LOG_LINES, grace=STOP_TIMEOUT, detach=True,
-                               timeout=START_TIMEOUT)
-        logger.info("%s server: pid %d on %s", target, server.pid, server.address)
+        server = ServerProcess(*args, program=program, name=name, keep=SERVER_LOG_LINES,
+                               grace=STOP_TIMEOUT, detach=True, timeout=START_TIMEOUT)
+        logger.info("%s server: pid %d on %s", name, server.pid, server.address)
         self.server_sources.setdefault(digest, []).append(
-            f"{target} at {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
-        self.stack.callback(server.stop)
+            f"{name} at {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
         return server
 
     def show(self, description, total=None, completed=0):
@@ -118,7 +143,8 @@ class Run:
 
     def cpu(self, server, *groups):
         """A CpuSample now; the load is every process of the groups."""
-        return cpu_sample(server.pid, [pid for group in groups for pid in group.pids])
+        return cpu_sample(server.pids, [pid for group in groups for pid in group.pids],
+                          server.engine_pids)
 
 
 def positive_int(text):
@@ -156,7 +182,7 @@ def measured_window(run, server, group, *, warmup, seconds, label, others=(),
     run.wait_until(start_ns, f"{label}: warm-up")
     first = at_start()
     before = run.cpu(server, group, *others)
-    logger.debug("%s: window of %g s starts (server pid %d)", label, seconds, server.pid)
+    logger.debug("%s: window of %g s starts (server pids %s)", label, seconds, server.pids)
     during = (measure(start_ns, end_ns) if measure
               else run.wait_until(end_ns, f"{label}: measuring"))
     after = run.cpu(server, group, *others)

@@ -18,21 +18,24 @@ CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 
 @dataclass
 class CpuSample:
-    """CPU ticks used so far by the server, the load processes, bench itself and the machine."""
+    """CPU ticks used so far by the server, the load processes, bench itself, the machine and
+    the store's engine (Redis) when the server has one."""
 
     server: int
     load: int
     own: int
     machine: int
+    engine: int = 0
 
 
-def cpu_sample(server_pid, load_pids):
+def cpu_sample(server_pids, load_pids, engine_pids=()):
     """A CpuSample now."""
     return CpuSample(
-        server=process_ticks(server_pid),
+        server=sum(process_ticks(pid) for pid in server_pids),
         load=sum(process_ticks(pid) for pid in load_pids),
         own=process_ticks(os.getpid()),
         machine=machine_ticks(),
+        engine=sum(process_ticks(pid) for pid in engine_pids),
     )
 
 

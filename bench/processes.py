@@ -60,6 +60,8 @@ class ServerProcess:
     has Linux end it when its parent dies.
     """
 
+    engine_pids = ()  # no store engine (as Redis) in processes of its own beside it
+
     def __init__(self, *args, env=None, prefix=(), program=SERVER_PROGRAM, name="server",
                  keep=None, grace=0.0, detach=False, timeout=LOG_TIMEOUT):
         self.name = name
@@ -84,6 +86,16 @@ class ServerProcess:
             self.stop()
             raise
         self.address = f"{match.group(1)}:{match.group(2)}"
+
+    @property
+    def addresses(self):
+        """Where the load goes: this one server."""
+        return [self.address]
+
+    @property
+    def pids(self):
+        """The processes whose CPU is the server's: this one."""
+        return [self.pid]
 
     def _read_log(self):
         """Keep every line as it comes (noting when the server said it listens)."""

@@ -13,12 +13,13 @@ from bench.harness import Mode, measured_window, positive_float, positive_int
 from bench.machine import fd_count, rss_bytes, thread_count
 from bench.mixed import SOAK_LEASE_SECONDS, SOAK_MIX, SOAK_OPS, Mix
 from bench.processes import START_TIMEOUT, LoadGroup
-from bench.watch import TARGETS, WATCH_DRAIN_SECONDS
+from bench.watch import WATCH_DRAIN_SECONDS
 from bench.watchers import Watchers
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
 
 SOAK_PROCESSES = 4
+SOAK_TARGETS = ("memory", "sqlite")  # one server each: the soak reads one process's memory
 SOAK_WATCHERS = 100
 SOAK_SLICE_SECONDS = 10
 RSS_SAMPLE_SECONDS = 1.0
@@ -40,7 +41,7 @@ def add_flags(parser, quick, full):
                        help="clients, each on a channel of its own, in "
                        f"{SOAK_PROCESSES} load processes (default: %(default)s, what the ceiling "
                        "serves on 2 cores; 4,000 is past it)")
-    group.add_argument("--soak-target", choices=TARGETS, default="memory",
+    group.add_argument("--soak-target", choices=SOAK_TARGETS, default="memory",
                        help="server soaked (default: %(default)s)")
     group.add_argument("--soak-watchers", type=int, default=SOAK_WATCHERS, metavar="N",
                        help="watchers meanwhile, in a load process of their own; 0 for none "

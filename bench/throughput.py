@@ -2,6 +2,7 @@
 order, under one or both load shapes; every ratio is to the ceiling of the same round."""
 
 import logging
+import math
 import statistics
 import time
 from collections import Counter
@@ -10,17 +11,19 @@ from rich.table import Table
 
 from bench.figures import (Goal, fmt, fmt_errors, fmt_ratio, latency_figures, mark, median,
                            ratio, rotate, verdicts)
-from bench.harness import Mode, measured_window, positive_int
+from bench.harness import Mode, measured_window, nothing, positive_int
 from bench.jobs import LEASE_PASSES, LOAD_SHAPES, scale_width
 from bench.processes import LoadGroup
+from bench.replicas import Replicas
 
 logger = logging.getLogger("bench")
 
 # The targets beside the ceiling: the floor (the least a correct plain call does, see
 # FloorService), asyncio-dict (the simplest earlier implementation), ours with memory://, ours
-# with memory:// and every call naming a session with a lease, ours with SQLite.
+# with memory:// and every call naming a session with a lease, ours with SQLite, ours as one
+# replica on a Redis of its own, and as two replicas on one Redis with the load over both.
 TARGETS = ("ceiling", "ceiling+protobuf", "floor", "asyncio-dict", "memory", "memory+lease",
-           "sqlite")
+           "sqlite", "redis", "redis-2")
 LABELS = {"ceiling+protobuf": "ceiling + protobuf", "asyncio-dict": "asyncio dict"}
 NOTES = {
     "ceiling": "baseline: grpcio alone",
@@ -43,6 +46,8 @@ SHAPE_GAP_GOALS = (
     Goal("throughput_ratio_shape_gap", "calls/s × moves under the other load by", 0.1, unit="×"),
     Goal("p99_ratio_shape_gap", "p99 × moves under the other load by", 0.1, unit="×"),
 )
+# redis-2 beside redis: what a second replica on the same Redis costs each call.
+REPLICA_RATIOS = {"cpu_vs_redis": "cpu_us_per_call", "throughput_vs_redis": "calls_per_s"}
 GOALS = {
     "memory": (Goal("cpu_ratio", "CPU", 1.30, unit="×"),
                Goal("cpu_vs_asyncio_dict", "CPU vs asyncio dict", 1.0, unit="×", strict=True),
@@ -51,6 +56,10 @@ GOALS = {
     "sqlite": (Goal("cpu_ratio", "CPU", 1.60, unit="×"),
                Goal("throughput_ratio", "calls/s", 0.75, at_most=False, unit="×"),
                Goal("p99_ratio", "p99", 1.5, unit="×"), *SHAPE_GAP_GOALS),
+    "redis": (Goal("cpu_ratio", "CPU", 1.8, unit="×"),
+              Goal("throughput_ratio", "calls/s", 0.55, at_most=False, unit="×"),
+              Goal("redis_cpu_us_per_write", "Redis's CPU per write", 50, unit=" µs")),
+    "redis-2": (Goal("cpu_vs_redis", "CPU vs one replica", 1.0, unit="×"),),
 }
 
 
@@ -65,7 +74,9 @@ def add_flags(parser, quick, full):
                        "parsed, a reply of our size serialised, our pool); floor (the least a "
                        "correct plain hello or goodbye does); asyncio-dict (a grpc.aio server "
                        "setting a dict entry); memory; memory+lease (every call with a session "
-                       f"and a {LEASE_SECONDS} s lease); sqlite (quick: "
+                       f"and a {LEASE_SECONDS} s lease); sqlite; redis (one replica on a "
+                       "redis-server of the benchmark's own); redis-2 (two replicas on one Redis, "
+                       "the load spread over both) (quick: "
                        f"{' '.join(quick['targets'])}, --full: {' '.join(full['targets'])})")
     group.add_argument("--load", nargs="+", choices=list(LOAD_SHAPES), metavar="SHAPE",
                        help="load shapes, the first one judged: asyncio (grpc.aio coroutines on "
@@ -73,16 +84,24 @@ def add_flags(parser, quick, full):
                        f"(quick: {' '.join(quick['load'])}, --full: {' '.join(full['load'])})")
 
 
-def load_specs(run, address, *, shape, processes, in_flight, tag, preloaded=0, lease=0):
-    """One spec per load process. With preloaded=N the load flips the first of the N preloaded
-    clients instead of new ones; with a lease every call names a session with that lease."""
+def load_specs(run, addresses, *, shape, processes, in_flight, tag, preloaded=0, lease=0):
+    """One spec per load process and address: with several addresses (replicas) each of the
+    processes becomes one per address, its calls in flight shared among them. With
+    preloaded=N the load flips the first of the N preloaded clients (on one server) instead of
+    new ones; with a lease every call names a session with that lease."""
     args, job = run.args, LOAD_SHAPES[shape]
     if preloaded:
+        (address,) = addresses
         ids = min(args.ids, preloaded // processes)
         return [job(address, tag, in_flight, ids, args.call_timeout, first=index * ids,
                     width=scale_width(preloaded)) for index in range(processes)]
-    return [job(address, f"{tag}-p{index}", in_flight, args.ids, args.call_timeout, lease=lease)
-            for index in range(processes)]
+    if len(addresses) == 1:
+        return [job(addresses[0], f"{tag}-p{index}", in_flight, args.ids, args.call_timeout,
+                    lease=lease) for index in range(processes)]
+    share = math.ceil(in_flight / len(addresses))
+    return [job(address, f"{tag}-p{index}-r{number}", share, args.ids, args.call_timeout,
+                lease=lease)
+            for index in range(processes) for number, address in enumerate(addresses)]
 
 
 def measure_load(run, server, *, label, shape="asyncio", **specs):
@@ -90,11 +109,13 @@ def measure_load(run, server, *, label, shape="asyncio", **specs):
     args = run.args
     window = args.window
     run.show(f"{label}: starting {args.processes} load process(es)")
-    with LoadGroup(load_specs(run, server.address, shape=shape, processes=args.processes,
-                              in_flight=args.in_flight, **specs)) as group:
+    redis_cpu = server.redis.cpu_seconds if isinstance(server, Replicas) else nothing
+    jobs = load_specs(run, server.addresses, shape=shape, processes=args.processes,
+                      in_flight=args.in_flight, **specs)
+    with LoadGroup(jobs) as group:
         group.wait_ready()
-        measured = measured_window(run, server, group, warmup=args.warmup,
-                                   seconds=window, label=label)
+        measured = measured_window(run, server, group, warmup=args.warmup, seconds=window,
+                                   label=label, at_start=redis_cpu, at_end=redis_cpu)
     latencies = [value for outcome in measured.outcomes for value in outcome["latencies"]]
     errors = Counter()
     for outcome in measured.outcomes:
@@ -106,10 +127,26 @@ def measure_load(run, server, *, label, shape="asyncio", **specs):
         "errors": dict(errors),
         **measured.cpu(len(latencies) + sum(errors.values())),
     }
+    if isinstance(server, Replicas):
+        figures.update(redis_figures(measured, figures["calls"] + sum(errors.values()), jobs))
     if figures["noise_cores"] > NOISE_WARNING:
         logger.warning("%s: other processes used %.2f cores meanwhile; these figures are noisy",
                        label, figures["noise_cores"])
     return figures
+
+
+def redis_figures(measured, calls, jobs):
+    """Redis's own CPU in the window, per write (every call of the load is a change), and the
+    busiest replica's share of the calls answered (1 for one replica; near 0.5 for two when the
+    load is spread evenly)."""
+    redis_cpu_s = measured.at_end - measured.at_start
+    answered = Counter()
+    for job, outcome in zip(jobs, measured.outcomes, strict=True):
+        answered[job.address] += len(outcome["latencies"])
+    total = sum(answered.values())
+    return {"redis_cpu_s": redis_cpu_s,
+            "redis_cpu_us_per_write": redis_cpu_s * 1e6 / calls if calls else None,
+            "busiest_replica_share": max(answered.values()) / total if total else None}
 
 
 def one_round(run, servers, number, shape):
@@ -133,6 +170,9 @@ def one_round(run, servers, number, shape):
         for key, figure in LEASE_RATIOS.items():
             figures["memory+lease"][key] = ratio(figures["memory+lease"][figure],
                                                  figures["memory"][figure])
+    if "redis-2" in figures and "redis" in figures:
+        for key, figure in REPLICA_RATIOS.items():
+            figures["redis-2"][key] = ratio(figures["redis-2"][figure], figures["redis"][figure])
     return {"round": number + 1, "order": order, "targets": {name: figures[name] for name in names}}
 
 
@@ -211,6 +251,13 @@ def caption_of(load, measured):
         caption += (f"\nmemory+lease: every call names a session with a {load['lease_seconds']} s "
                     f"lease; per id {passes} calls: a hello starting it, {passes - 2} renewing "
                     f"it, a goodbye (2 in {passes} calls are changes; plain memory: every call)")
+    for name in ("redis", "redis-2"):
+        if name in measured["median"]:
+            row = measured["median"][name]
+            caption += (f"\n{name}: Redis's own CPU {fmt(row['redis_cpu_us_per_write'], 1)} µs "
+                        "per write (INFO cpu, system + user), server CPU summed over the "
+                        f"replicas, the busiest replica's share of the calls "
+                        f"{fmt(row['busiest_replica_share'], 2)}")
     return caption
 
 
@@ -275,5 +322,6 @@ def rounds_table(shape, measured):
 
 MODE = Mode("throughput", "SendMessage against the ceiling (grpcio alone), asyncio dict, "
             "memory://, memory+lease and SQLite under the asyncio load; --full adds ceiling + "
-            "protobuf, the floor and the threaded load",
+            "protobuf, the floor, Redis (one replica, and two on one Redis) and the threaded "
+            "load",
             add_flags, run_throughput, render_throughput)

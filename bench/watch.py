@@ -20,7 +20,7 @@ WATCH_PROCESSES = 4
 WATCH_IDS = 100
 WATCH_IDLE_SECONDS = 2.0
 WATCH_DRAIN_SECONDS = 15.0
-TARGETS = ("memory", "sqlite")
+TARGETS = ("memory", "sqlite", "redis", "redis-2")
 GOALS = (
     Goal("missing", "events missing", 0),
     Goal("duplicates", "events repeated", 0),
@@ -41,7 +41,9 @@ def add_flags(parser, quick, full):
     group.add_argument("--watch-seconds", type=positive_float, default=10.0, metavar="S",
                        help="seconds of changes (default: %(default)s)")
     group.add_argument("--watch-target", choices=TARGETS, default="memory",
-                       help="server watched (default: %(default)s)")
+                       help="server watched: memory, sqlite, redis (one replica) or redis-2 "
+                       "(two replicas on one Redis, the watchers spread over both, the writer "
+                       "on the first) (default: %(default)s)")
     group.add_argument("--watch-processes", type=positive_int, default=WATCH_PROCESSES,
                        metavar="P", help="load processes holding the watchers "
                        "(default: %(default)s)")
@@ -54,7 +56,8 @@ def run_watch(run):
     delivery latency of an event is its receive time minus the time its change was sent: all
     processes read CLOCK_MONOTONIC, which Linux keeps system-wide. Every revision the server
     makes meanwhile (CountClients before and after) is expected by every watcher, acknowledged
-    or not; the latency is known for those acknowledged (the reply names the revision).
+    or not; the latency is known for those acknowledged (the reply names the revision). With
+    replicas, the watcher processes take turns over them and the writer calls the first.
     """
     args = run.args
     count = args.watchers
@@ -64,16 +67,19 @@ def run_watch(run):
     label = f"watch: {count:,} watchers"
     run.show(f"{label}: opening the streams")
     began = time.monotonic()
-    watcher_specs = [Watchers(server.address, share, keep=True)
-                     for share in split(count, processes)]
-    writer_spec = SteadyChanges(server.address, args.watch_rate, WATCH_IDS, args.call_timeout)
-    with grpc.insecure_channel(server.address) as channel, \
+    addresses = server.addresses
+    watcher_specs = [Watchers(addresses[index % len(addresses)], share, keep=True)
+                     for index, share in enumerate(split(count, processes))]
+    per_replica = [sum(spec.watchers for spec in watcher_specs if spec.address == address)
+                   for address in addresses]
+    writer_spec = SteadyChanges(addresses[0], args.watch_rate, WATCH_IDS, args.call_timeout)
+    with grpc.insecure_channel(addresses[0]) as channel, \
             LoadGroup(watcher_specs) as group, LoadGroup([writer_spec]) as writer:
         count_clients = pb_grpc.ClientServiceStub(channel).CountClients
         group.wait_ready(START_TIMEOUT + 30)
         snapshots_s = time.monotonic() - began
         writer.wait_ready()
-        threads = thread_count(server.pid)
+        threads = sum(thread_count(pid) for pid in server.pids)
         idle = idle_figures(run, server, group, writer, label)
         base = count_clients(pb.CountClientsRequest(), timeout=args.call_timeout).revision
         made, final, outcomes, seconds, cpu = fan_out(run, server, group, writer,
@@ -85,7 +91,7 @@ def run_watch(run):
                "delivered_s": seconds, "first_revision": base + 1, "last_revision": final}
     figures.update(watch_figures(made, outcomes, range(base + 1, final + 1), cpu))
     figures.update(target=args.watch_target, rate=args.watch_rate, seconds=args.watch_seconds,
-                   ids=WATCH_IDS)
+                   ids=WATCH_IDS, watchers_per_replica=per_replica)
     figures["verdicts"] = verdicts(GOALS, figures)
     return figures
 
@@ -173,7 +179,12 @@ def render_watch(figures):
                         f"(hello/goodbye over {figures['ids']} ids, one writer process)")
     add = table.add_row
     add("every watcher had its snapshot after", f"{figures['snapshots_s']:.1f} s", "")
-    add("server threads", f"{figures['server_threads']:,}", "")
+    if len(figures["watchers_per_replica"]) > 1:
+        add("watchers on each replica (the writer on the first)",
+            " + ".join(f"{count:,}" for count in figures["watchers_per_replica"]), "")
+        add("server threads (all replicas)", f"{figures['server_threads']:,}", "")
+    else:
+        add("server threads", f"{figures['server_threads']:,}", "")
     add("server cores, watchers idle", fmt(figures["idle_server_cores"], 2), "")
     unchanged = f", {figures['unchanged']:,} unchanged" if figures["unchanged"] else ""
     add("changes made (calls, acknowledged)",

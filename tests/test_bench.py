@@ -27,7 +27,8 @@ from generated import connection_pb2_grpc as pb_grpc
 
 pytestmark = [allure.feature("Benchmark")]
 
-TARGETS = ["ceiling", "ceiling+protobuf", "floor", "asyncio-dict", "memory", "sqlite"]
+TARGETS = ["ceiling", "ceiling+protobuf", "floor", "asyncio-dict", "memory", "sqlite", "redis",
+           "redis-2"]
 SMOKE = ["--only", "throughput", "scale", "connections", "watch", "soak",
          "--targets", *TARGETS[1:], "--load", "asyncio", "threads", "--rounds", "1",
          "--window", "0.5",
@@ -137,7 +138,7 @@ def test_throughput_compares_every_target_with_the_ceiling_of_the_same_round(smo
             rows["memory"]["cpu_us_per_call"] / rows["asyncio-dict"]["cpu_us_per_call"])
     assert medians["memory"]["cpu_ratio"] == pytest.approx(
         medians["memory"]["cpu_us_per_call"] / medians["ceiling"]["cpu_us_per_call"])
-    assert set(throughput["verdicts"]) == {"memory", "sqlite"}
+    assert set(throughput["verdicts"]) == {"memory", "sqlite", "redis", "redis-2"}
 
 
 @allure.story("Throughput")
@@ -151,6 +152,51 @@ def test_the_goals_are_judged_under_the_first_load_shape_and_compared_with_the_o
             shapes["threads"]["median"][name]["cpu_ratio"]
             - shapes["asyncio"]["median"][name]["cpu_ratio"]))
     assert throughput["verdicts"]["memory"]["cpu_vs_asyncio_dict"]["target"] == "< 1×"
+
+
+@allure.story("Throughput")
+@pytest.mark.parametrize("shape", ["asyncio", "threads"])
+def test_redis_reports_its_own_cpu_per_write_and_two_replicas_share_the_load(smoke, shape):
+    throughput = smoke[2]["throughput"]
+    for entry in throughput["shapes"][shape]["rounds"]:
+        rows = entry["targets"]
+        for name in ("redis", "redis-2"):
+            figures = rows[name]
+            assert figures["redis_cpu_s"] > 0, name
+            assert figures["redis_cpu_us_per_write"] == pytest.approx(
+                figures["redis_cpu_s"] * 1e6 / figures["calls"]), name
+        assert rows["redis"]["busiest_replica_share"] == 1
+        assert 0.5 <= rows["redis-2"]["busiest_replica_share"] < 1, "both replicas served calls"
+        assert rows["redis-2"]["cpu_vs_redis"] == pytest.approx(
+            rows["redis-2"]["cpu_us_per_call"] / rows["redis"]["cpu_us_per_call"])
+    medians, verdicts = throughput["shapes"]["asyncio"]["median"], throughput["verdicts"]
+    assert verdicts["redis"]["redis_cpu_us_per_write"]["value"] == (
+        medians["redis"]["redis_cpu_us_per_write"])
+    assert verdicts["redis"]["redis_cpu_us_per_write"]["target"] == "≤ 50 µs"
+    assert verdicts["redis-2"]["cpu_vs_redis"]["value"] == medians["redis-2"]["cpu_vs_redis"]
+    assert "redis: Redis's own CPU" in " ".join(smoke[1].split())
+
+
+@allure.story("Scale, connections, watch, soak")
+def test_watchers_spread_over_two_replicas_get_every_change_and_nothing_is_left_running(
+        tmp_path):
+    output = tmp_path / "results.json"
+    token = uuid.uuid4().hex
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "watch", "--watch-target", "redis-2",
+         "--watchers", "4", "--watch-processes", "2", "--watch-seconds", "1",
+         "--output", str(output)],
+        cwd=ROOT, capture_output=True, text=True, timeout=90,
+        env={**os.environ, "PRESENCE_BENCH_SMOKE": token})
+    left = processes_ended(f"PRESENCE_BENCH_SMOKE={token}".encode())
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert left == [], "the benchmark left processes running"
+    watch = json.loads(output.read_text())["watch"]
+    assert watch["target"] == "redis-2" and watch["watchers_per_replica"] == [2, 2]
+    assert watch["events_received"] == watch["events_expected"] == 4 * watch["changes"] > 0
+    assert (watch["missing"], watch["duplicates"], watch["cut_off"]) == (0, 0, 0)
 
 
 @allure.story("Scale, connections, watch, soak")

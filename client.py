@@ -27,7 +27,7 @@ from pathlib import Path
 # when grpc is imported; the client says what went wrong in one line of its own instead.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-import grpc  # noqa: E402 (after the verbosity above)
+import grpc
 from prompt_toolkit import PromptSession
 from prompt_toolkit.application import get_app
 from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
@@ -304,7 +304,7 @@ def fit_end(text, cells):
 
 def shared_start(first, second):
     """How many leading characters two strings share."""
-    return next((index for index, (a, b) in enumerate(zip(first, second)) if a != b),
+    return next((index for index, (a, b) in enumerate(zip(first, second, strict=False)) if a != b),
                 min(len(first), len(second)))
 
 

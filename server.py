@@ -43,19 +43,20 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
+from typing import NamedTuple, Protocol
 
 import grpc
 import redis
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from google.protobuf.message import DecodeError
 from grpc import _common as grpc_common  # grpcio's private parts: see CallGate
 from grpc import _server as grpc_internals
 from grpc._cython import cygrpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -764,7 +765,7 @@ class SharedRegistry(Registry):
         self._wait_applied(stream_id(result.ids[-1]))
         final = [(record._replace(revision=revision), change and Change(
                      change.kind, record._replace(revision=revision), change.session_id))
-                 for (record, change), revision in zip(results, result.revisions)]
+                 for (record, change), revision in zip(results, result.revisions, strict=True)]
         if logger.isEnabledFor(logging.DEBUG):
             for _, change in final:
                 if change:
@@ -1222,7 +1223,7 @@ def decode_sessions(text):
     return DEFAULT_SESSIONS if sessions == DEFAULT_SESSIONS else sessions
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _upsert_statement(rows):
     """INSERT OR REPLACE of this many client rows, one statement."""
     return "INSERT OR REPLACE INTO clients VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * rows)
@@ -1709,7 +1710,7 @@ class RedisStore:
             return []
         _, revisions, currents, _ = self._run_commit("each", items)
         return [(True, revision, None) if revision else (False, 0, current)
-                for revision, current in zip(revisions, currents)]
+                for revision, current in zip(revisions, currents, strict=True)]
 
     def _run_commit(self, mode, items):
         """Call the commit script on items."""
@@ -2105,7 +2106,7 @@ class ClientService(pb_grpc.ClientServiceServicer):
             results = self._registry.apply_many(messages, check=answer_fits)
         return pb.SendMessagesResponse(responses=[
             message_response(message, record, change)
-            for message, (record, change) in zip(messages, results)])
+            for message, (record, change) in zip(messages, results, strict=True)])
 
     def GetClientStatus(self, request, context):
         client_id = request.client_id

@@ -13,8 +13,8 @@ from concurrent import futures
 import allure
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from google.protobuf import text_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import server as presence
@@ -969,7 +969,7 @@ def test_watchers_past_the_limit_are_resource_exhausted(make_server):
         watches[0].call.cancel()
         assert watches[0].next().code() == grpc.StatusCode.CANCELLED
         third = Watch(stub)
-        for attempt in range(50):  # the slot frees when the server sees the cancel
+        for _ in range(50):  # the slot frees when the server sees the cancel
             message = third.next()
             if isinstance(message, pb.WatchResponse):
                 break

@@ -5,10 +5,10 @@ import argparse
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 from bench.baselines import BASELINES
 from bench.figures import SECOND_NS, cpu_figures
@@ -95,7 +95,7 @@ class Run:
                                timeout=START_TIMEOUT)
         logger.info("%s server: pid %d on %s", target, server.pid, server.address)
         self.server_sources.setdefault(digest, []).append(
-            f"{target} at {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+            f"{target} at {datetime.now(UTC).isoformat(timespec='seconds')}")
         self.stack.callback(server.stop)
         return server
 

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, suppress
 from typing import NamedTuple
 
 import allure
@@ -149,10 +149,8 @@ def first_watch_answer(target, start, request):
 
 def record(outcome_name):
     """Count an outcome in Hypothesis' statistics (--hypothesis-show-statistics)."""
-    try:
+    with suppress(HypothesisInvalidArgument):  # a plain test, not a Hypothesis one
         event(outcome_name)
-    except HypothesisInvalidArgument:  # a plain test, not a Hypothesis one
-        pass
 
 
 def assert_documented(answer, request):
@@ -247,7 +245,7 @@ def check_send_messages(request, answer):
         return
     assert_ok(answer, request)
     assert len(answer.responses) == len(request.requests)
-    for one, reply in zip(request.requests, answer.responses):
+    for one, reply in zip(request.requests, answer.responses, strict=True):
         assert reply.success and reply.client.client_id == one.client_id
 
 
@@ -472,7 +470,7 @@ def test_count_clients_stays_consistent_with_the_all_clients_map_between_any_cal
 
 @allure.story("Fuzzed requests to every RPC")
 def test_a_refusal_of_a_long_message_text_stays_invalid_argument(target):
-    """Any other message is INVALID_ARGUMENT `Invalid message type: <message>` (README, wire contract)."""
+    """Other texts: INVALID_ARGUMENT `Invalid message type: <message>` (README, wire contract)."""
     request = pb.MessageRequest(client_id="alice", message="é" * 5000)
     assert request.ByteSize() < MAX_REQUEST
     answer = outcome(target.stub.SendMessage, request)
@@ -518,10 +516,7 @@ MALFORMED = [
 def raw_outcome(target, method, data):
     """Send data as the serialized request; the answer parsed, or the RpcError."""
     call = target.raw(method)
-    if method == "Watch":
-        answer = first_watch_answer(target, call, data)
-    else:
-        answer = outcome(call, data)
+    answer = first_watch_answer(target, call, data) if method == "Watch" else outcome(call, data)
     if isinstance(answer, bytes):
         return RESPONSE_TYPES[method].FromString(answer)
     return answer
@@ -672,7 +667,7 @@ def hung_up(sock):
             pass
     except (ConnectionResetError, BrokenPipeError):
         pass
-    except socket.timeout:
+    except TimeoutError:
         return False
     return True
 
@@ -828,7 +823,7 @@ class Writer:
             except grpc.RpcError as error:
                 self.errors.append(error)
                 return
-            for op, reply in zip(ops, replies):
+            for op, reply in zip(ops, replies, strict=True):
                 known = known_from(reply.client)
                 expected = after(self.state[op.client_id].sessions, op)
                 if known.sessions != expected:
@@ -977,7 +972,7 @@ def test_sigterm_under_load_finishes_calls_ends_watches_cleanly_and_keeps_every_
             assert codes <= set(STOPPED), f"seed {seed}: writes failed with {writer.errors}"
         writer_channel.close()
     with allure.step("watchers that were set up ended cleanly, with no change skipped"):
-        for watcher, start in zip(watchers, since):
+        for watcher, start in zip(watchers, since, strict=True):
             events, _, end = drain(watcher)
             assert end is None, f"a set-up watcher ended with {end!r}"
             revisions = [event.revision for event in events]

@@ -55,7 +55,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, te
 from google.protobuf.message import DecodeError
 from grpc import _common as grpc_common  # grpcio's private parts: see CallGate
 from grpc import _server as grpc_internals
-from grpc._cython import cygrpc
+from grpc._cython import cygrpc  # type: ignore[attr-defined]  # not in grpc-stubs
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from redis.backoff import NoBackoff
@@ -2173,7 +2173,8 @@ class ClientService(pb_grpc.ClientServiceServicer):
         watcher.since = since
         self._fanout.add(watcher)
 
-    Watch.experimental_non_blocking = True  # gRPC passes `send`; the stream outlives the call
+    # gRPC passes `send`; the stream outlives the call (an attribute grpcio reads off the function)
+    Watch.experimental_non_blocking = True  # type: ignore[attr-defined]
 
     def _watch_ended(self, watcher):
         self._fanout.remove(watcher)
@@ -2295,7 +2296,7 @@ def refuse_unauthenticated(request, context):
     context.abort(*REFUSAL)
 
 
-refuse_unauthenticated.refusal = REFUSAL
+refuse_unauthenticated.refusal = REFUSAL  # type: ignore[attr-defined]  # what CallGate reads
 
 
 class TokenCheck(grpc.ServerInterceptor):

@@ -79,7 +79,8 @@ def protoc(proto_path, out_dir, *proto_files, cwd=ROOT):
     """Run the bundled protoc the way `make proto` does."""
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", f"--proto_path={proto_path}",
-         f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", *proto_files],
+         f"--python_out={out_dir}", f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}",
+         *proto_files],
         check=True, cwd=cwd, timeout=DEADLINE * 4,
     )
 
@@ -185,8 +186,8 @@ def test_generated_code_matches_a_fresh_protoc_run(tmp_path):
     protos = sorted(path.name for path in ROOT.glob("*.proto"))
     assert protos == ["connection.proto", "notifications.proto"]
     protoc("generated=.", str(tmp_path), *protos)
-    fresh = sorted(path.name for path in (tmp_path / "generated").glob("*.py"))
-    assert fresh == sorted(path.name for path in (ROOT / "generated").glob("*_pb2*.py"))
+    fresh = sorted(path.name for path in (tmp_path / "generated").glob("*.py*"))  # .py, .pyi
+    assert fresh == sorted(path.name for path in (ROOT / "generated").glob("*_pb2*.py*"))
     for name in fresh:
         fresh_text = (tmp_path / "generated" / name).read_text()
         assert fresh_text == (ROOT / "generated" / name).read_text(), (

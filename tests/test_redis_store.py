@@ -342,7 +342,7 @@ def test_a_silent_network_times_out_and_a_cut_connection_is_made_again(redis_ser
         store.commit("alice", None, hello("alice"), (EventKind.CONNECTED, ""))
         proxy.pause()
         watcher.sendall(b"PING\r\n")
-        with pytest.raises(StoreError, match="is unreachable: Timeout"):
+        with pytest.raises(StoreError, match="did not answer in time .*Timeout"):
             store.fetch("alice")
         proxy.resume()
         with allure.step("healed: what waited goes through, and the store works again"):

@@ -788,6 +788,7 @@ class Writer:
         self.in_flight = []
         self.errors = []
         self.surprises = []
+        self.stopping = threading.Event()  # set: end after the call in flight
         self._stub, self._ids, self._rng, self._tally = stub, client_ids, rng, tally
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -810,7 +811,7 @@ class Writer:
         return Op(client_id, "goodbye")
 
     def _run(self):
-        while True:
+        while not self.stopping.is_set():
             ops = [self._op() for _ in range(self._rng.randint(2, 4))] if (
                 self._rng.random() < 0.1) else [self._op()]
             self.in_flight = ops
@@ -1236,3 +1237,59 @@ def test_deleting_the_database_under_a_running_server_refuses_writes_and_says_wh
         assert observe(stub, "alice").sessions == frozenset({""})
         again = outcome(stub.SendMessage, pb.MessageRequest(client_id="carol", message="hello"))
         assert isinstance(again, grpc.RpcError) and again.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# --- 8. replicas on one Redis: a replica or Redis killed at random moments -----------------
+
+
+@allure.story("Replicas: kill -9 at random moments")
+def test_replicas_lose_no_acknowledged_change_when_a_replica_or_redis_is_killed(
+        server_processes, redis_server):
+    seed = replay_seed("replicas_lose_no_acknowledged_change")
+    rng = random.Random(seed)
+    client_ids = [f"user{n}" for n in range(48)]
+    replicas = [server_processes("--store", redis_server.url) for _ in range(2)]
+    state, highest_revision, server_revision = {}, 0, 0
+    victims = rng.sample(["replica 0", "replica 1", "Redis"], 3)
+    victims.append(rng.choice(victims))
+    for cycle, victim in enumerate(victims, 1):
+        wanted = rng.randint(20, 300)
+        with allure.step(f"cycle {cycle}: writers on both replicas; {victim} killed after "
+                         f"{wanted} acknowledged changes"):
+            tally = Tally()
+            halves = (client_ids[:24], client_ids[24:])
+            started = [start_writers(replica.address, ids, state, rng, tally, 3)
+                       for replica, ids in zip(replicas, halves, strict=True)]
+            tally.wait_for(wanted)
+            if victim == "Redis":
+                redis_server.kill()
+            else:
+                replicas[int(victim[-1])].kill()
+            for channel, writers in started:
+                for writer in writers:
+                    writer.stopping.set()  # the writers on a replica that lives end here
+                    writer.join()
+                channel.close()
+            writers = [writer for _, group in started for writer in group]
+            highest_revision = max(highest_revision, tally.revision)
+            for writer in writers:
+                assert not writer.surprises, writer.surprises[:3]
+        with allure.step(f"cycle {cycle}: {victim} back; every acknowledged change is there"):
+            if victim == "Redis":
+                redis_server.start()
+            else:
+                replicas[int(victim[-1])] = server_processes("--store", redis_server.url)
+            for replica in replicas:
+                observed, revision = observe_all(replica.address, client_ids)
+                fates = [writer.check_survived(observed) for writer in writers]
+                assert revision >= server_revision, (
+                    f"seed {seed}: the revision went back from {server_revision} to {revision}")
+                assert revision >= highest_revision, (
+                    f"seed {seed}: revision {revision} is below the acknowledged "
+                    f"{highest_revision}")
+            summary = (f"cycle {cycle}: {victim} killed after {tally.count} acknowledged "
+                       f"changes, revision {revision}; writers: "
+                       + ", ".join(f"{fates.count(fate)} {fate}" for fate in sorted(set(fates))))
+            allure.attach(summary, f"cycle {cycle}")
+            print(summary)
+            state, server_revision = observed, revision

@@ -1,0 +1,267 @@
+"""Several replicas on one real Redis: one revision sequence, reads that see every earlier
+write, no lost updates, watchers that see every replica, leases that expire once, and what a
+replica does while it cannot reach Redis."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import allure
+import grpc
+import pytest
+
+import server as presence
+from conftest import DEADLINE, Watch, connect, goodbye, hello
+from generated import connection_pb2 as pb
+from generated import connection_pb2_grpc as pb_grpc
+
+pytestmark = [allure.feature("Replicas")]
+
+CALL_DEADLINE = 10.0
+
+
+@pytest.fixture
+def replica_processes(server_processes, redis_url):
+    """Start `replica_processes(n)` real server.py processes on this test's Redis."""
+    def start(count, url=redis_url):
+        return [server_processes("--store", url) for _ in range(count)]
+    return start
+
+
+@pytest.fixture
+def in_process_replicas(redis_url, clock):
+    """Start `in_process_replicas(n)` servers in this process on this test's Redis, sharing
+    the test's clock (so leases come due when the test says); all are stopped afterwards."""
+    started = []
+
+    def start(count):
+        for _ in range(count):
+            server = presence.create_server("127.0.0.1:0", presence.RedisStore(redis_url),
+                                            clock=clock)
+            server.start()
+            started.append(server)
+        return started[-count:]
+
+    yield start
+    for server in started:
+        server.stop(0)
+        server.registry._store.close()
+
+
+def stubs_for(addresses):
+    channels = [connect(address) for address in addresses]
+    return channels, [pb_grpc.ClientServiceStub(channel) for channel in channels]
+
+
+@allure.story("One revision sequence")
+def test_revisions_from_every_replica_form_one_strictly_increasing_sequence(replica_processes):
+    replicas = replica_processes(3)
+    channels, stubs = stubs_for([replica.address for replica in replicas])
+
+    def write(index):
+        """Alternate hello and goodbye on ids of our own and on ids every writer shares."""
+        stub, seen = stubs[index % 3], []
+        for n in range(40):
+            client_id = f"shared{n % 5}" if n % 2 else f"own{index}-{n % 7}"
+            reply = stub.SendMessage(pb.MessageRequest(
+                client_id=client_id, message="hello" if (n // 2) % 2 else "goodbye"),
+                timeout=CALL_DEADLINE)
+            if reply.changed:
+                seen.append(reply.client.revision)
+        return seen
+
+    with ThreadPoolExecutor(6) as pool:
+        per_writer = list(pool.map(write, range(6)))
+    for seen in per_writer:
+        assert seen == sorted(seen) and len(set(seen)) == len(seen), "one writer's went back"
+    every = [revision for seen in per_writer for revision in seen]
+    assert len(set(every)) == len(every), "a revision was given to two changes"
+    for stub in stubs:
+        assert stub.CountClients(pb.CountClientsRequest(),
+                                 timeout=CALL_DEADLINE).revision == max(every)
+    for channel in channels:
+        channel.close()
+
+
+@allure.story("Reads see every earlier write")
+def test_a_write_acknowledged_on_one_replica_is_seen_by_a_read_on_another(replica_processes):
+    replicas = replica_processes(2)
+    channels, (first, second) = stubs_for([replica.address for replica in replicas])
+
+    def write_here_read_there(index):
+        writer, reader = (first, second) if index % 2 else (second, first)
+        for n in range(30):
+            client_id = f"c{index}-{n}"
+            reply = writer.SendMessage(pb.MessageRequest(client_id=client_id, message="hello"),
+                                       timeout=CALL_DEADLINE)
+            read = reader.GetClientStatus(pb.ClientStatusRequest(client_id=client_id),
+                                          timeout=CALL_DEADLINE).clients[0]
+            assert (read.status, read.revision) == (pb.STATUS_CONNECTED, reply.client.revision)
+            page = reader.ListClients(pb.ListClientsRequest(id_prefix=client_id),
+                                      timeout=CALL_DEADLINE)
+            assert page.revision >= reply.client.revision
+            assert [client.client_id for client in page.clients] == [client_id]
+            count = reader.CountClients(pb.CountClientsRequest(), timeout=CALL_DEADLINE)
+            assert count.revision >= reply.client.revision
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(write_here_read_there, range(4)))
+    for channel in channels:
+        channel.close()
+
+
+@allure.story("No lost updates")
+def test_writers_on_different_replicas_never_lose_each_others_sessions(replica_processes):
+    replicas = replica_processes(2)
+    channels, stubs = stubs_for([replica.address for replica in replicas])
+
+    def add_sessions(index):
+        for n in range(8):
+            assert hello(stubs[index % 2], "shared", f"w{index}-s{n}").changed
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(add_sessions, range(8)))
+    for stub in stubs:
+        record = stub.GetClientStatus(pb.ClientStatusRequest(client_id="shared"),
+                                      timeout=CALL_DEADLINE).clients[0]
+        assert len(record.sessions) == 64
+        assert record.revision == 64
+    for channel in channels:
+        channel.close()
+
+
+@allure.story("Watchers see every replica")
+def test_a_watcher_gets_every_change_of_every_replica_once_and_resumes_on_another(
+        replica_processes):
+    replicas = replica_processes(2)
+    channels, (first, second) = stubs_for([replica.address for replica in replicas])
+    watch = Watch(first)
+    assert watch.snapshot()[1] == 0
+    with allure.step("100 changes, half on each replica"):
+        for n in range(50):
+            hello(first, f"a{n}")
+            hello(second, f"b{n}")
+    assert [event.revision for event in watch.events(100)] == list(range(1, 101))
+    with allure.step("the watcher's replica is killed; it resumes on the other"):
+        replicas[0].kill()
+        for n in range(20):
+            goodbye(second, f"a{n}")
+        resumed = Watch(second, since_revision=100)
+        events = resumed.events(20)
+        assert [event.revision for event in events] == list(range(101, 121))
+        assert {event.client.client_id for event in events} == {f"a{n}" for n in range(20)}
+        hello(second, "after")
+        assert [event.client.client_id for event in resumed.events(1)] == ["after"]
+    for channel in channels:
+        channel.close()
+
+
+@allure.story("Leases expire once")
+def test_a_lease_due_on_every_replica_expires_once_with_one_event(in_process_replicas, clock):
+    replicas = in_process_replicas(3)
+    channels, stubs = stubs_for([f"127.0.0.1:{replica.port}" for replica in replicas])
+    leased = hello(stubs[0], "alice", "tty", lease=30).client
+    watches = [Watch(stub, since_revision=leased.revision) for stub in stubs]
+    clock.advance(31)
+    start = threading.Barrier(len(replicas))
+
+    def expire(replica):
+        start.wait(DEADLINE)
+        return replica.registry.expire_due()
+
+    with ThreadPoolExecutor(len(replicas)) as pool:
+        expired = [change for changes in pool.map(expire, replicas) for change in changes]
+    assert [(change.record.client_id, change.reason) for change in expired] == [
+        ("alice", "lease expired")]
+    hello(stubs[1], "marker")  # the event after the expiry: no second expiry came between
+    for watch in watches:
+        events = watch.events(2)
+        assert [(event.client.client_id, event.reason) for event in events] == [
+            ("alice", "lease expired"), ("marker", "hello")]
+    for channel in channels:
+        channel.close()
+
+
+@allure.story("Leases expire once")
+def test_leases_that_ran_out_while_every_replica_was_down_expire_when_one_comes_back(
+        in_process_replicas, clock):
+    first, = in_process_replicas(1)
+    with connect(f"127.0.0.1:{first.port}") as channel:
+        hello(pb_grpc.ClientServiceStub(channel), "bob", "tty", lease=60)
+    first.stop(0)
+    clock.advance(61)
+    back, = in_process_replicas(1)  # its start expires what ran out while none was up
+    with connect(f"127.0.0.1:{back.port}") as channel:
+        record = pb_grpc.ClientServiceStub(channel).GetClientStatus(
+            pb.ClientStatusRequest(client_id="bob"), timeout=CALL_DEADLINE).clients[0]
+    assert (record.status, record.reason) == (pb.STATUS_DISCONNECTED, "lease expired")
+
+
+def refusal(call, request):
+    """The error a call ends with; fails the test if it succeeds."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call(request, timeout=CALL_DEADLINE)
+    return caught.value
+
+
+@allure.story("Redis stopped and back")
+def test_replicas_refuse_while_redis_is_away_and_recover_by_themselves(replica_processes,
+                                                                       redis_server):
+    replica, = replica_processes(1)
+    with connect(replica.address) as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        hello(stub, "alice")
+        watch = Watch(stub)
+        assert watch.snapshot()[1] == 1
+        with allure.step("Redis stops: writes and reads are UNAVAILABLE, with the reason"):
+            redis_server.stop()
+            for call, request in ((stub.SendMessage, pb.MessageRequest(client_id="bob",
+                                                                        message="hello")),
+                                  (stub.GetClientStatus, pb.ClientStatusRequest(client_id="alice")),
+                                  (stub.CountClients, pb.CountClientsRequest())):
+                error = refusal(call, request)
+                assert error.code() == grpc.StatusCode.UNAVAILABLE
+                assert "shared store (Redis at" in error.details()
+            replica.wait_for_log("refusing calls until it is back")
+        with allure.step("Redis is back with what it saved: the replica serves again"):
+            redis_server.start()
+            replica.wait_for_log("the shared store is reachable again")
+            assert hello(stub, "bob").client.revision == 2
+            assert [event.client.client_id for event in watch.events(1)] == ["bob"]
+
+
+@allure.story("A replica cut off from Redis")
+def test_a_replica_cut_off_from_redis_refuses_while_the_others_go_on_and_catches_up(
+        replica_processes, redis_server, tcp_proxy):
+    proxy = tcp_proxy(redis_server.port)
+    healthy, = replica_processes(1)
+    cut_off, = replica_processes(1, url=f"redis://127.0.0.1:{proxy.port}/0?timeout=1")
+    channels, (good, cut) = stubs_for([healthy.address, cut_off.address])
+    hello(good, "before")
+    assert cut.GetClientStatus(pb.ClientStatusRequest(client_id="before"),
+                               timeout=CALL_DEADLINE).clients[0].revision == 1
+    with allure.step("the network to Redis drops everything: that replica refuses"):
+        proxy.pause()
+        error = refusal(cut.SendMessage, pb.MessageRequest(client_id="x", message="hello"))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "may still be saved" in error.details()
+        error = refusal(cut.GetClientStatus, pb.ClientStatusRequest(client_id="before"))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        for n in range(5):
+            hello(good, f"during{n}")
+    with allure.step("healed: it catches up with what the others did meanwhile"):
+        proxy.resume()
+        record = cut.GetClientStatus(pb.ClientStatusRequest(client_id="during4"),
+                                     timeout=CALL_DEADLINE).clients[0]
+        assert (record.status, record.revision) == (pb.STATUS_CONNECTED, 6)
+        # The refused write's bytes may have waited in the network and reached Redis once it
+        # healed (its answer said so); then it holds revision 7, and nothing else does.
+        try:
+            x = cut.GetClientStatus(pb.ClientStatusRequest(client_id="x"),
+                                    timeout=CALL_DEADLINE).clients[0].revision
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+            x = None
+        assert x in (None, 7)
+        assert hello(cut, "after").client.revision == (8 if x else 7)
+    for channel in channels:
+        channel.close()

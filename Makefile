@@ -10,7 +10,7 @@ ALLURE_VERSION := 2.46.1
 ALLURE := $(VENV)/allure/node_modules/.bin/allure
 CHROMIUM ?= chromium
 
-.PHONY: server client test report bench proto tools venv clean
+.PHONY: server client test lint coverage report bench proto tools venv clean
 
 server: $(STAMP)  ## run the server on localhost:50051 with the default SQLite store
 	$(BIN)/python server.py
@@ -20,6 +20,16 @@ client: $(STAMP)  ## open the interactive client
 
 test: $(STAMP) tools  ## run every test, results for Allure in allure-results/ (emptied first)
 	$(BIN)/python -m pytest test_grpc_system.py tests --alluredir=allure-results --clean-alluredir
+
+lint: $(STAMP)  ## ruff check and mypy, with the settings in pyproject.toml (CI runs it before the tests)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+coverage: $(STAMP) tools  ## every test under coverage, the servers and clients they start too; line coverage of server.py and client.py
+	rm -f .coverage .coverage.*
+	$(BIN)/python -m coverage run -m pytest test_grpc_system.py tests
+	$(BIN)/python -m coverage combine --quiet
+	$(BIN)/python -m coverage report
 
 report: $(STAMP) $(ALLURE)  ## the HTML report of the last make test in allure-report/, checked in Chromium
 	@test -f allure-results/environment.properties || { echo "no test results: run make test first"; exit 1; }
@@ -33,7 +43,7 @@ bench: $(STAMP)  ## benchmark beside grpcio alone (python -m bench --help); more
 	$(BIN)/python -m bench $(ARGS)
 
 proto: $(STAMP)  ## regenerate generated/ from connection.proto and notifications.proto
-	$(BIN)/python -m grpc_tools.protoc --proto_path=generated=. --python_out=. --grpc_python_out=. connection.proto notifications.proto
+	$(BIN)/python -m grpc_tools.protoc --proto_path=generated=. --python_out=. --pyi_out=. --grpc_python_out=. connection.proto notifications.proto
 
 tools:  ## the commands the tests use (openssl makes TLS certificates, redis-server is the shared store), from apt when missing
 	@missing=$$(for tool in openssl setsid prlimit redis-server; do command -v $$tool >/dev/null || echo $$tool; done); \
@@ -45,7 +55,7 @@ tools:  ## the commands the tests use (openssl makes TLS certificates, redis-ser
 venv: $(STAMP)  ## only the setup: .venv with requirements.txt installed
 
 clean:
-	rm -rf $(VENV) $(VENV).lock allure-results allure-report .pytest_cache
+	rm -rf $(VENV) $(VENV).lock allure-results allure-report .pytest_cache .coverage .coverage.* .mypy_cache .ruff_cache
 
 # Under the lock, and only if no other make did it meanwhile.
 $(STAMP): requirements.txt

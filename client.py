@@ -19,6 +19,7 @@ import threading
 import time
 import tomllib
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 # when grpc is imported; the client says what went wrong in one line of its own instead.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-import grpc  # noqa: E402 (after the verbosity above)
+import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prompt_toolkit import PromptSession
 from prompt_toolkit.application import get_app
@@ -306,7 +307,7 @@ def fit_end(text, cells):
 
 def shared_start(first, second):
     """How many leading characters two strings share."""
-    return next((index for index, (a, b) in enumerate(zip(first, second)) if a != b),
+    return next((index for index, (a, b) in enumerate(zip(first, second, strict=False)) if a != b),
                 min(len(first), len(second)))
 
 
@@ -1060,8 +1061,11 @@ class Dispatcher:
     command that failed so far.
     """
 
-    def __init__(self, client, out, err, *, json_output=False, read=None, clock=time.time,
-                 pager=None, toolbar=None, page_rows=PAGE_ROWS):
+    def __init__(self, client: "PresenceClient", out: Console, err: Console, *,
+                 json_output: bool = False, read: Callable[[str, str], str] | None = None,
+                 clock: Callable[[], float] = time.time,
+                 pager: Callable[[str], object] | None = None,
+                 toolbar: Callable[[], object] | None = None, page_rows: int = PAGE_ROWS):
         self.client = client
         self.out = out
         self.err = err
@@ -1073,9 +1077,9 @@ class Dispatcher:
         self.page_rows = page_rows
         self.stopped = False
         self.worst = EXIT_OK
-        self._next_page = None  # (query, token, first) of the page `more` shows
+        self._next_page: tuple[Query, str, int] | None = None  # the page `more` shows
 
-    def onecmd(self, line):
+    def onecmd(self, line: str) -> int:
         """Run one menu line: a number or word, any arguments inline; missing ones are asked for.
 
         A number asks for every missing argument; a word only for the required ones, so
@@ -1121,7 +1125,7 @@ class Dispatcher:
                                  f"usage: {command.usage}")
         return answers
 
-    def run(self, command, args):
+    def run(self, command: Command, args: list[str]) -> int:
         """Run a command with all its arguments; a failure is one line on stderr and a code."""
         try:
             answer = getattr(self, f"do_{command.name}")(*args)
@@ -1141,7 +1145,7 @@ class Dispatcher:
             self.show(answer)
         return EXIT_OK
 
-    def show(self, answer):
+    def show(self, answer: Answer) -> None:
         """Print an answer: a JSON line with --json, else the renderable, through the pager when
         there is one and the answer is taller than the screen."""
         if self.json_output:
@@ -1157,21 +1161,21 @@ class Dispatcher:
             self.out.file.write(text)
             self.out.file.flush()
 
-    def write_json(self, data):
+    def write_json(self, data: object) -> None:
         """One JSON line, flushed at once so a reader of a pipe sees each answer as it comes."""
         self.out.file.write(json.dumps(data, ensure_ascii=False) + "\n")
         self.out.file.flush()
 
-    def fail(self, message, code):
+    def fail(self, message: str, code: int) -> int:
         self.err.print(Text(f"error: {message}", style="red"), soft_wrap=True)
         self.worst = max(self.worst, code)
         return code
 
-    def do_send(self, client_id, message):
+    def do_send(self, client_id: str, message: str) -> Answer:
         response = self.client.send(client_id, message)
         return Answer(render_send(response, self.clock(), self.out.width), send_json(response))
 
-    def do_status(self, client_id):
+    def do_status(self, client_id: str) -> Answer:
         """One client by id; with PREFIX* or no id, a page of clients (all with --json)."""
         if client_id.endswith("*"):
             return self._browse(Query(prefix=client_id[:-1]))
@@ -1182,7 +1186,7 @@ class Dispatcher:
                           {"client": client_json(clients[0])})
         return self._browse(Query(), listed=False)
 
-    def do_list(self, state, prefix):
+    def do_list(self, state: str, prefix: str) -> Answer:
         """Clients by status and prefix; a lone word that is no status is the prefix."""
         if state.lower() not in STATES:
             if prefix:
@@ -1191,7 +1195,7 @@ class Dispatcher:
             state, prefix = "", state
         return self._browse(Query(STATES[state.lower()], prefix))
 
-    def do_more(self):
+    def do_more(self) -> Answer:
         """The page after the last one shown by list or status."""
         if self._next_page is None:
             raise UsageError("nothing more to show — list or status shows the first page")
@@ -1214,7 +1218,7 @@ class Dispatcher:
                 "; --json lists every one")
         return Answer(render_page(page, self.clock(), self.out.width, hint))
 
-    def do_watch(self):
+    def do_watch(self) -> None:
         """Follow the Watch stream until Ctrl-C, resuming it when the server ends it."""
         if self.json_output:
             self._print_watch_json()
@@ -1243,10 +1247,10 @@ class Dispatcher:
             self.out.print(Text("watch stopped", style="dim"))
             raise
 
-    def do_help(self):
+    def do_help(self) -> Answer:
         return Answer(render_menu(self.client.address), help_json())
 
-    def do_exit(self):
+    def do_exit(self) -> None:
         self.stopped = True
 
 

@@ -2,16 +2,16 @@
 
 import fcntl
 import io
+import os
 import platform
 import queue
 import re
 import selectors
-import struct
-import termios
-import os
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 from importlib import metadata
 from pathlib import Path

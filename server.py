@@ -33,8 +33,8 @@ import heapq
 import hmac
 import itertools
 import json
-import operator
 import logging
+import operator
 import os
 import re
 import signal
@@ -44,18 +44,20 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable, Iterable, NamedTuple, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtobufMessage
 from grpc import _common as grpc_common  # grpcio's private parts: see CallGate
 from grpc import _server as grpc_internals
-from grpc._cython import cygrpc
+from grpc._cython import cygrpc  # type: ignore[attr-defined]  # not in grpc-stubs
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from sortedcontainers import SortedList
 
@@ -168,6 +170,10 @@ class Change:
     @property
     def reason(self):
         return self.record.reason
+
+
+# A record after a message, and the change the message made (None: it changed nothing).
+Applied = tuple[Client, Change | None]
 
 
 class Message(NamedTuple):
@@ -312,23 +318,25 @@ class Registry:
     atomic. Leases sit in a heap ordered by expiry, so finding the due ones never scans.
     """
 
-    def __init__(self, store, clock=time.time, history=DEFAULT_WATCH_HISTORY,
-                 max_sessions=DEFAULT_MAX_SESSIONS):
+    def __init__(self, store: "Store", clock: Callable[[], float] = time.time,
+                 history: int = DEFAULT_WATCH_HISTORY, max_sessions: int = DEFAULT_MAX_SESSIONS):
         self._store = store
         self._clock = clock
         self._max_sessions = max_sessions
         self._lock = threading.Lock()
-        self._clients = {}  # client id -> its durable record: what readers see
-        self._pending = {}  # client id -> its latest record the store has yet to confirm
+        self._clients: dict[str, Client] = {}  # client id -> its durable record: readers see it
+        self._pending: dict[str, Client] = {}  # client id -> its latest, yet to be confirmed
         # (position, records, changes) of each hand-over the store has yet to confirm, in order
-        self._unpublished = collections.deque()
+        self._unpublished: collections.deque[tuple[int, Sequence[Client], Sequence[Change]]] = (
+            collections.deque())
         self._handed_over = 0  # the position of the last hand-over to the store
         self._published = 0  # the position of the last hand-over readers can see
         self._ids = {Status.CONNECTED: SortedList(), Status.DISCONNECTED: SortedList()}
         # One heap entry per leased session, at or before its expiry: a renewal only moves
         # the session's expiry, and an entry that comes due early is pushed back then.
-        self._leases = []
-        self._lease_entries = {}  # (client id, session id) -> the time of its heap entry
+        self._leases: list[tuple[float, str, str]] = []
+        # (client id, session id) -> the time of its heap entry
+        self._lease_entries: dict[tuple[str, str], float] = {}
         self._live_sessions = 0
         self.revision = 0  # the last revision given to a change, durable or not
         self.durable_revision = 0  # the last revision readers can see
@@ -339,7 +347,7 @@ class Registry:
     def _load_from(self, store):
         self._load(store.load())
 
-    def close(self):
+    def close(self) -> None:
         """Stop what the registry runs besides the calls (nothing, for a local store)."""
 
     def _load(self, records):
@@ -347,7 +355,7 @@ class Registry:
         work done by C loops (dict, zip, map) rather than a Python loop per record."""
         records = records if isinstance(records, list) else list(records)
         ids = [record[0] for record in records]
-        self._clients = dict(zip(ids, records))
+        self._clients = dict(zip(ids, records, strict=True))
         self.revision = max(map(operator.itemgetter(3), records), default=0)
         self._live_sessions = sum(map(len, map(operator.itemgetter(5), records)))
         self._ids = {
@@ -360,7 +368,7 @@ class Registry:
 
     # -- changes
 
-    def apply_one(self, message):
+    def apply_one(self, message: Message) -> tuple[Client, Change | None]:
         """Apply one message and wait until it is durable: (record, change or None)."""
         now = self._clock()
         with self._lock:
@@ -371,7 +379,8 @@ class Registry:
             logger.debug("%s", describe_change(change))
         return record, change
 
-    def apply_many(self, messages, check=None):
+    def apply_many(self, messages: Sequence[Message],
+                   check: Callable[[list[Applied]], object] | None = None) -> list[Applied]:
         """Apply messages in order, durable together; a (record, change or None) for each.
 
         Nothing is applied when one of them breaks a limit, or when check(results) raises."""
@@ -402,11 +411,12 @@ class Registry:
             results.append((record, change))
         return results
 
-    def expire_due(self):
+    def expire_due(self) -> list[Change]:
         """End every session whose lease has run out; return the changes made."""
         now = self._clock()
         with self._lock:
-            results, overlay = [], {}
+            results: list[Applied] = []
+            overlay: dict[str, Client] = {}
             while self._leases and self._leases[0][0] <= now:
                 due, client_id, session_id = heapq.heappop(self._leases)
                 if self._lease_entries.get((client_id, session_id)) != due:
@@ -433,7 +443,7 @@ class Registry:
             logger.info("%d more leases expired", len(changes) - 10)
         return changes
 
-    def seconds_to_next_expiry(self):
+    def seconds_to_next_expiry(self) -> float:
         """How long until the earliest lease may run out (it may have been renewed)."""
         with self._lock:
             return self._leases[0][0] - self._clock() if self._leases else float("inf")
@@ -597,16 +607,17 @@ class Registry:
 
     # -- reads: only what the store has confirmed
 
-    def get(self, client_id):
+    def get(self, client_id: str) -> Client | None:
         """The client's durable record, or None when it is unknown."""
         return self._clients.get(client_id)
 
-    def snapshot(self):
+    def snapshot(self) -> tuple[list[Client], int]:
         """Every durable record and the revision they are at, for a watcher's first answer."""
         with self._lock:
             return list(self._clients.values()), self.durable_revision
 
-    def page(self, limit, after="", status=None, prefix=""):
+    def page(self, limit: int, after: str = "", status: Status | None = None,
+             prefix: str = "") -> tuple[list[Client], bool, int]:
         """Up to limit records ordered by id, after `after`; also whether more follow."""
         with self._lock:
             lists = [self._ids[status]] if status else list(self._ids.values())
@@ -621,7 +632,7 @@ class Registry:
         start = max(ids.bisect_right(after) if after else 0, ids.bisect_left(prefix))
         return ids.islice(start)
 
-    def counts(self):
+    def counts(self) -> Counts:
         """Clients per status and live sessions, without listing them."""
         with self._lock:
             return Counts(len(self._ids[Status.CONNECTED]), len(self._ids[Status.DISCONNECTED]),
@@ -654,13 +665,15 @@ class SharedRegistry(Registry):
     so each expires once, whichever replicas are alive.
     """
 
-    def __init__(self, store, clock=time.time, history=DEFAULT_WATCH_HISTORY,
-                 max_sessions=DEFAULT_MAX_SESSIONS):
+    _store: "RedisStore"  # type: ignore[assignment]  # the shared store's API, not Store's
+
+    def __init__(self, store: "RedisStore", clock: Callable[[], float] = time.time,
+                 history: int = DEFAULT_WATCH_HISTORY, max_sessions: int = DEFAULT_MAX_SESSIONS):
         self._applied = (0, 0)  # the stream position the cache has reached
         self._unreachable = None  # why the follower cannot reach the store, or None
         self._failures = 0  # the follower's failed reads so far
         self._retry = threading.Event()  # set to have the follower try again at once
-        super().__init__(store, clock, history, max_sessions)
+        super().__init__(store, clock, history, max_sessions)  # type: ignore[arg-type]
         self._caught_up = threading.Condition(self._lock)
         self._stopping = threading.Event()
         self._follower = threading.Thread(target=self._follow, name="store-follower", daemon=True)
@@ -772,11 +785,12 @@ class SharedRegistry(Registry):
 
     # -- writes: compare-and-set in the store, retried from the stored record
 
-    def apply_one(self, message):
+    def apply_one(self, message: Message) -> tuple[Client, Change | None]:
         (record, change), = self.apply_many((message,))
         return record, change
 
-    def apply_many(self, messages, check=None):
+    def apply_many(self, messages: Sequence[Message],
+                   check: Callable[[list[Applied]], object] | None = None) -> list[Applied]:
         if not messages:
             return []
         now = self._clock()
@@ -805,7 +819,7 @@ class SharedRegistry(Registry):
                            "yet: %s", error)
         final = [(record._replace(revision=revision), change and Change(
                      change.kind, record._replace(revision=revision), change.session_id))
-                 for (record, change), revision in zip(results, result.revisions)]
+                 for (record, change), revision in zip(results, result.revisions, strict=True)]
         if logger.isEnabledFor(logging.DEBUG):
             for _, change in final:
                 if change:
@@ -823,7 +837,7 @@ class SharedRegistry(Registry):
                           (change.kind, change.session_id) if change else None))
         return items
 
-    def expire_due(self):
+    def expire_due(self) -> list[Change]:
         """End the sessions whose lease ran out, as the store's lease set says: each once."""
         now = self._clock()
         changes = []
@@ -843,7 +857,7 @@ class SharedRegistry(Registry):
             logger.info("%s", describe_change(change))
         return changes
 
-    def seconds_to_next_expiry(self):
+    def seconds_to_next_expiry(self) -> float:
         return REAPER_MAX_SLEEP  # the lease set is in the store: look again each second
 
     def _add_lease_locked(self, expires_at, client_id, session_id):
@@ -851,19 +865,20 @@ class SharedRegistry(Registry):
 
     # -- reads: only once the cache has every write acknowledged before them
 
-    def get(self, client_id):
+    def get(self, client_id: str) -> Client | None:
         self._catch_up()
         return super().get(client_id)
 
-    def snapshot(self):
+    def snapshot(self) -> tuple[list[Client], int]:
         self._catch_up()
         return super().snapshot()
 
-    def page(self, limit, after="", status=None, prefix=""):
+    def page(self, limit: int, after: str = "", status: Status | None = None,
+             prefix: str = "") -> tuple[list[Client], bool, int]:
         self._catch_up()
         return super().page(limit, after, status, prefix)
 
-    def counts(self):
+    def counts(self) -> Counts:
         self._catch_up()
         return super().counts()
 
@@ -1221,10 +1236,10 @@ class Store(Protocol):
     def load(self) -> Iterable["Client"]:
         """Every record saved, at start."""
 
-    def submit(self, records: Sequence["Client"], position: int) -> object:
+    def submit(self, records: Sequence["Client"], position: int) -> Any:
         """Take records to save; a ticket for wait. StoreError if it can no longer save."""
 
-    def wait(self, ticket: object) -> int:
+    def wait(self, ticket: Any) -> int:
         """Return once the ticket's records are durable: the last durable position."""
 
     def close(self) -> None:
@@ -1237,16 +1252,16 @@ class MemoryStore:
     immediate = True
     durable = 0
 
-    def load(self):
+    def load(self) -> list[Client]:
         return []
 
-    def submit(self, records, position):
+    def submit(self, records: Sequence[Client], position: int) -> int:
         return position
 
-    def wait(self, ticket):
+    def wait(self, ticket: int) -> int:
         return ticket
 
-    def close(self):
+    def close(self) -> None:
         pass
 
 
@@ -1272,7 +1287,7 @@ def decode_sessions(text):
     return DEFAULT_SESSIONS if sessions == DEFAULT_SESSIONS else sessions
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _upsert_statement(rows):
     """INSERT OR REPLACE of this many client rows, one statement."""
     return "INSERT OR REPLACE INTO clients VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * rows)
@@ -1773,7 +1788,7 @@ class RedisStore:
         with self._talking():
             values = self._redis.hmget(self._clients, client_ids) if client_ids else []
             return {client_id: ((decode_record(client_id, value) if value is not None else None),
-                                value) for client_id, value in zip(client_ids, values)}
+                                value) for client_id, value in zip(client_ids, values, strict=True)}
 
     def commit(self, client_id: str, expected: bytes | None, record: Client,
                change: tuple[EventKind, str] | None) -> tuple[bool, int, bytes | None]:
@@ -1802,7 +1817,7 @@ class RedisStore:
             return []
         _, revisions, currents, _ = self._run_commit("each", items)
         return [(True, revision, None) if revision else (False, 0, current)
-                for revision, current in zip(revisions, currents)]
+                for revision, current in zip(revisions, currents, strict=True)]
 
     def _run_commit(self, mode, items):
         """Call the commit script on items."""
@@ -1899,7 +1914,7 @@ class RedisStore:
                 fields.get(b"s", b"").decode())
 
 
-def open_store(url):
+def open_store(url: str) -> "Store | RedisStore":
     """Open the store a --store URL names: memory://, sqlite:///PATH[?sync=normal|full], or a
     shared Redis (redis://[:PASSWORD@]HOST:PORT/DB, rediss:// for TLS)."""
     if url == "memory://":
@@ -1939,7 +1954,7 @@ def _set_timestamp(timestamp, seconds):
     timestamp.nanos = int((seconds - whole) * 1e9)
 
 
-def client_to_pb(record):
+def client_to_pb(record: Client) -> pb.Client:
     """The wire form of a client record."""
     message = pb.Client()
     fill_client(message, record)
@@ -1950,11 +1965,12 @@ def client_to_pb(record):
 DEFAULT_SESSIONS_WIRE = pb.Client(sessions=[pb.Session()]).SerializeToString()
 
 
-def fill_client(message, record):
+def fill_client(message: pb.Client, record: Client) -> None:
     """Set a Client message from a record, field by field: the cheapest way with upb."""
     client_id, changed_at, last_seen, revision, reason, sessions = record
     message.client_id = client_id
-    message.status = Status.CONNECTED if sessions else Status.DISCONNECTED
+    # Our Status holds the wire enum's values.
+    message.status = Status.CONNECTED if sessions else Status.DISCONNECTED  # type: ignore[assignment]
     message.revision = revision
     message.reason = reason
     _set_timestamp(message.changed_at, changed_at)
@@ -1968,13 +1984,13 @@ def fill_client(message, record):
             _set_timestamp(added.expires_at, session.expires_at)
 
 
-def change_to_pb(change):
+def change_to_pb(change: Change) -> pb.Event:
     """The wire form of a change."""
     return pb.Event(revision=change.revision, kind=change.kind, client=client_to_pb(change.record),
                     session_id=change.session_id, reason=change.reason)
 
 
-def change_wire(change):
+def change_wire(change: Change) -> bytes:
     """The change as a serialized one-event WatchResponse, made once for every watcher.
 
     Such messages concatenate into one WatchResponse with all their events and the
@@ -1986,10 +2002,11 @@ def change_wire(change):
     return change.wire
 
 
-def messages_of(changes):
+def messages_of(changes: Iterable[Change]) -> Iterator[tuple[bytes, int]]:
     """The changes as WatchResponse bytes of at most EVENTS_PER_MESSAGE events that fit one
     answer each, with the revision each message reaches."""
-    parts, size, last = [], 0, 0
+    parts: list[bytes] = []
+    size = last = 0
     for change in changes:
         wire = change_wire(change)
         if parts and (len(parts) == EVENTS_PER_MESSAGE or size + len(wire) > MAX_ANSWER_BYTES):
@@ -2002,7 +2019,7 @@ def messages_of(changes):
         yield b"".join(parts), last
 
 
-def client_wire_bound(record):
+def client_wire_bound(record: Client) -> int:
     """At most how many bytes a record takes on the wire: 4 bytes a character at most, and
     a generous allowance for the tags, lengths and timestamps."""
     size = 64 + 4 * (len(record.client_id) + len(record.reason))
@@ -2011,13 +2028,14 @@ def client_wire_bound(record):
     return size
 
 
-def reply_wire_bound(record):
+def reply_wire_bound(record: Client) -> int:
     """At most how many bytes one SendMessage answer with this record takes: the record, and
     an info text that may name the client and a session."""
     return client_wire_bound(record) + 128 + 4 * (len(record.client_id) + MAX_ID_LENGTH)
 
 
-def fitting(records, budget=MAX_ANSWER_BYTES, bound=client_wire_bound):
+def fitting(records: Sequence[Client], budget: int = MAX_ANSWER_BYTES,
+            bound: Callable[[Client], int] = client_wire_bound) -> int:
     """How many of records, from the first, fit in one answer of budget bytes (at least one)."""
     used = 0
     for count, record in enumerate(records):
@@ -2027,7 +2045,7 @@ def fitting(records, budget=MAX_ANSWER_BYTES, bound=client_wire_bound):
     return len(records)
 
 
-def split_to_fit(records, count):
+def split_to_fit(records: Sequence[Client], count: int) -> Iterator[Sequence[Client]]:
     """records in slices of at most count records that each fit in one answer."""
     start = 0
     while start < len(records):
@@ -2036,7 +2054,7 @@ def split_to_fit(records, count):
         start += size
 
 
-def serialize_statuses(records):
+def serialize_statuses(records: Sequence[Client]) -> bytes:
     """The all-clients answer, serialized chunk by chunk.
 
     Serialized messages concatenate into their merge, so chunks give the same
@@ -2050,9 +2068,10 @@ def serialize_statuses(records):
         for start in range(0, len(records), STATUS_MAP_CHUNK))
 
 
-def serialize_response(response):
+def serialize_response(response: bytes | ProtobufMessage) -> bytes:
     """Serialize a response, passing through one already serialized in parts."""
-    return response if type(response) is bytes else response.SerializeToString()
+    # type() is, not isinstance: the cheaper test, which mypy cannot narrow the other way.
+    return response if type(response) is bytes else response.SerializeToString()  # type: ignore[union-attr]
 
 
 class Malformed(NamedTuple):
@@ -2062,9 +2081,10 @@ class Malformed(NamedTuple):
     error: str
 
 
-def parse_request_bytes(message_class):
+def parse_request_bytes(
+        message_class: type[ProtobufMessage]) -> Callable[[bytes], ProtobufMessage | Malformed]:
     """A deserializer that hands a Malformed on instead of failing the call as INTERNAL."""
-    def parse(data):
+    def parse(data: bytes) -> ProtobufMessage | Malformed:
         try:
             return message_class.FromString(data)
         except DecodeError as error:
@@ -2111,7 +2131,8 @@ def _status_filter(value):
     return Status(value)
 
 
-def parse_request(request, max_lease, index=None):
+def parse_request(request: pb.MessageRequest, max_lease: int,
+                  index: int | None = None) -> Message:
     """Validate one MessageRequest into a Message; index names it within a batch."""
     client_id, session_id, lease = request.client_id, request.session_id, request.lease_seconds
     try:
@@ -2131,7 +2152,7 @@ def parse_request(request, max_lease, index=None):
     return Message(client_id, status, session_id, lease)
 
 
-def reply_info(message, record):
+def reply_info(message: Message, record: Client) -> str:
     """The info text: the original one, or what happened to a named session."""
     if not record.sessions:
         return f"Client {record.client_id} marked as disconnected."
@@ -2141,7 +2162,8 @@ def reply_info(message, record):
     return f"Client {record.client_id} marked as connected."
 
 
-def message_response(message, record, change):
+def message_response(message: Message, record: Client,
+                     change: Change | None) -> pb.MessageResponse:
     """The answer to one Hello or Goodbye."""
     response = pb.MessageResponse(success=True, info=reply_info(message, record),
                                   changed=change is not None)
@@ -2204,7 +2226,7 @@ class ClientService(pb_grpc.ClientServiceServicer):
             results = self._registry.apply_many(messages, check=answer_fits)
         return pb.SendMessagesResponse(responses=[
             message_response(message, record, change)
-            for message, (record, change) in zip(messages, results)])
+            for message, (record, change) in zip(messages, results, strict=True)])
 
     def GetClientStatus(self, request, context):
         client_id = request.client_id
@@ -2271,7 +2293,8 @@ class ClientService(pb_grpc.ClientServiceServicer):
         watcher.since = since
         self._fanout.add(watcher)
 
-    Watch.experimental_non_blocking = True  # gRPC passes `send`; the stream outlives the call
+    # gRPC passes `send`; the stream outlives the call (an attribute grpcio reads off the function)
+    Watch.experimental_non_blocking = True  # type: ignore[attr-defined]
 
     def _watch_ended(self, watcher):
         self._fanout.remove(watcher)
@@ -2393,7 +2416,7 @@ def refuse_unauthenticated(request, context):
     context.abort(*REFUSAL)
 
 
-refuse_unauthenticated.refusal = REFUSAL
+refuse_unauthenticated.refusal = REFUSAL  # type: ignore[attr-defined]  # what CallGate reads
 
 
 class TokenCheck(grpc.ServerInterceptor):

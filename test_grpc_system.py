@@ -13,8 +13,8 @@ from concurrent import futures
 import allure
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from google.protobuf import text_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import server as presence
@@ -79,7 +79,8 @@ def protoc(proto_path, out_dir, *proto_files, cwd=ROOT):
     """Run the bundled protoc the way `make proto` does."""
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", f"--proto_path={proto_path}",
-         f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", *proto_files],
+         f"--python_out={out_dir}", f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}",
+         *proto_files],
         check=True, cwd=cwd, timeout=DEADLINE * 4,
     )
 
@@ -185,8 +186,8 @@ def test_generated_code_matches_a_fresh_protoc_run(tmp_path):
     protos = sorted(path.name for path in ROOT.glob("*.proto"))
     assert protos == ["connection.proto", "notifications.proto"]
     protoc("generated=.", str(tmp_path), *protos)
-    fresh = sorted(path.name for path in (tmp_path / "generated").glob("*.py"))
-    assert fresh == sorted(path.name for path in (ROOT / "generated").glob("*_pb2*.py"))
+    fresh = sorted(path.name for path in (tmp_path / "generated").glob("*.py*"))  # .py, .pyi
+    assert fresh == sorted(path.name for path in (ROOT / "generated").glob("*_pb2*.py*"))
     for name in fresh:
         fresh_text = (tmp_path / "generated" / name).read_text()
         assert fresh_text == (ROOT / "generated" / name).read_text(), (
@@ -989,7 +990,7 @@ def test_watchers_past_the_limit_are_resource_exhausted(make_server):
         watches[0].call.cancel()
         assert watches[0].next().code() == grpc.StatusCode.CANCELLED
         third = Watch(stub)
-        for attempt in range(50):  # the slot frees when the server sees the cancel
+        for _ in range(50):  # the slot frees when the server sees the cancel
             message = third.next()
             if isinstance(message, pb.WatchResponse):
                 break

@@ -8,13 +8,19 @@ import logging
 import os
 import signal
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import (BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn,
-                           TimeElapsedColumn)
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from bench import connections, scale, soak, throughput, watch
 from bench.baselines import STOP_SIGNALS, serve_baseline
@@ -156,7 +162,7 @@ def main(argv=None):
         signal.signal(signum, _interrupt)
     raise_fd_limit()
     results = {
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "source": {**source_version(), "server_py": {}},
         "options": {key: value if not isinstance(value, Path) else str(value)

@@ -4,8 +4,16 @@ import math
 import time
 from collections import Counter
 
-from bench.figures import (Goal, cores_rows, figure_table, fmt, latency_figures, outcome_rows,
-                           split, verdicts)
+from bench.figures import (
+    Goal,
+    cores_rows,
+    figure_table,
+    fmt,
+    latency_figures,
+    outcome_rows,
+    split,
+    verdicts,
+)
 from bench.harness import Mode, measured_window, positive_float, positive_int
 from bench.jobs import Connections
 from bench.machine import fd_count

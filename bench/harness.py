@@ -5,10 +5,10 @@ import argparse
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 from bench.baselines import BASELINES
 from bench.figures import SECOND_NS, cpu_figures
@@ -121,7 +121,7 @@ class Run:
                                grace=STOP_TIMEOUT, detach=True, timeout=START_TIMEOUT)
         logger.info("%s server: pid %d on %s", name, server.pid, server.address)
         self.server_sources.setdefault(digest, []).append(
-            f"{name} at {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+            f"{name} at {datetime.now(UTC).isoformat(timespec='seconds')}")
         return server
 
     def show(self, description, total=None, completed=0):

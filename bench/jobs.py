@@ -139,7 +139,7 @@ class ClosedLoop(Job):
                  for number in numbers]
         if not self.lease:
             return [[pb.MessageRequest(client_id=name, message=MESSAGES[(number + flip) % 2])
-                     for name, number in zip(names, numbers)] for flip in (1, 0)]
+                     for name, number in zip(names, numbers, strict=True)] for flip in (1, 0)]
         renew = [pb.MessageRequest(client_id=name, message="hello", session_id=LEASE_SESSION,
                                    lease_seconds=self.lease) for name in names]
         end = [pb.MessageRequest(client_id=name, message="goodbye", session_id=LEASE_SESSION)

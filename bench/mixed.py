@@ -87,7 +87,7 @@ class Mix(Job):
         try:
             await asyncio.wait_for(asyncio.gather(*(
                 register(name, channel, gate, setup_errors, connection)
-                for name, channel in zip(names, channels))), START_TIMEOUT)
+                for name, channel in zip(names, channels, strict=True))), START_TIMEOUT)
             start_ns, end_ns = await ready_then_go(connection)
             go_ns = time.monotonic_ns()
             outcome = {"starts": array("q"), "latencies": array("q"), "kinds": array("b"),

@@ -10,8 +10,7 @@ import grpc
 from rich.table import Table
 
 import server as presence
-from bench.figures import (SECOND_NS, Goal, fmt, fmt_errors, mark, ms, percentile, ratio,
-                           verdicts)
+from bench.figures import SECOND_NS, Goal, fmt, fmt_errors, mark, ms, percentile, ratio, verdicts
 from bench.harness import Mode, positive_int
 from bench.jobs import BIG_MESSAGE, ClosedLoop, Preload, scale_id, scale_width
 from bench.machine import CLOCK_TICK, process_ticks, rss_bytes
@@ -176,7 +175,7 @@ def measure_map(run, server, stub, label):
 
 def others_meanwhile(outcome, began, ended):
     """The probe's calls during the map, and its p99 before it."""
-    calls = list(zip(outcome["starts"], outcome["latencies"]))
+    calls = list(zip(outcome["starts"], outcome["latencies"], strict=True))
     during = [latency for start, latency in calls if start < ended and start + latency > began]
     before = [latency for start, latency in calls if start + latency <= began]
     return {

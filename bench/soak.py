@@ -6,9 +6,25 @@ import time
 from collections import Counter
 
 import grpc
-from bench.figures import (SECOND_NS, Goal, checked, cores_rows, figure_table, fmt, fmt_errors,
-                           fmt_ratio, latency_figures, ms, outcome_rows, percentile, ratio,
-                           slope, split, verdicts)
+
+from bench.figures import (
+    SECOND_NS,
+    Goal,
+    checked,
+    cores_rows,
+    figure_table,
+    fmt,
+    fmt_errors,
+    fmt_ratio,
+    latency_figures,
+    ms,
+    outcome_rows,
+    percentile,
+    ratio,
+    slope,
+    split,
+    verdicts,
+)
 from bench.harness import Mode, measured_window, positive_float, positive_int
 from bench.machine import fd_count, rss_bytes, thread_count
 from bench.mixed import SOAK_LEASE_SECONDS, SOAK_MIX, SOAK_OPS, Mix
@@ -157,7 +173,7 @@ def soak_slices(outcomes, start_ns, seconds, rss):
     width = SOAK_SLICE_SECONDS * SECOND_NS
     for outcome in outcomes:
         for began, latency, kind in zip(outcome["starts"], outcome["latencies"],
-                                        outcome["kinds"]):
+                                        outcome["kinds"], strict=True):
             by_slice[min(slices - 1, (began - start_ns) // width)].append(latency)
             by_kind[kind].append(latency)
         for began in outcome["error_starts"]:
@@ -172,8 +188,8 @@ def soak_slices(outcomes, start_ns, seconds, rss):
                                      if at <= (index + 1) * SOAK_SLICE_SECONDS), None)}
                    for index, values in enumerate(by_slice)],
         "p99_ms_by_call": {op: ms(percentile(values, 0.99))
-                           for op, values in zip(SOAK_OPS, by_kind)},
-        "calls_by_kind": {op: len(values) for op, values in zip(SOAK_OPS, by_kind)},
+                           for op, values in zip(SOAK_OPS, by_kind, strict=True)},
+        "calls_by_kind": {op: len(values) for op, values in zip(SOAK_OPS, by_kind, strict=True)},
         "drift": ratio(p99s[-1], p99s[0]),
         "rss_start_mib": rss[0][1] / 2**20, "rss_end_mib": rss[-1][1] / 2**20,
         "rss_peak_mib": max(size for _, size in rss) / 2**20,

@@ -9,8 +9,18 @@ from collections import Counter
 
 from rich.table import Table
 
-from bench.figures import (Goal, fmt, fmt_errors, fmt_ratio, latency_figures, mark, median,
-                           ratio, rotate, verdicts)
+from bench.figures import (
+    Goal,
+    fmt,
+    fmt_errors,
+    fmt_ratio,
+    latency_figures,
+    mark,
+    median,
+    ratio,
+    rotate,
+    verdicts,
+)
 from bench.harness import Mode, measured_window, nothing, positive_int
 from bench.jobs import LEASE_PASSES, LOAD_SHAPES, scale_width
 from bench.processes import LoadGroup

@@ -5,9 +5,23 @@ import time
 from collections import Counter
 
 import grpc
+
 import server as presence
-from bench.figures import (SECOND_NS, Goal, checked, cores_rows, cpu_figures, figure_table,
-                           fmt, fmt_errors, latency_figures, ms, percentile, split, verdicts)
+from bench.figures import (
+    SECOND_NS,
+    Goal,
+    checked,
+    cores_rows,
+    cpu_figures,
+    figure_table,
+    fmt,
+    fmt_errors,
+    latency_figures,
+    ms,
+    percentile,
+    split,
+    verdicts,
+)
 from bench.harness import Mode, positive_float, positive_int
 from bench.jobs import SteadyChanges
 from bench.machine import thread_count
@@ -130,7 +144,7 @@ def fan_out(run, server, group, writer, count_clients, base, label):
 
 def watch_figures(made, outcomes, expected, cpu):
     """Compare what every watcher received with the revisions expected."""
-    sent = dict(zip(made["revisions"], made["sent"]))
+    sent = dict(zip(made["revisions"], made["sent"], strict=True))
     changes = len(expected)
     latencies, received, missing, duplicates, gaps = [], 0, 0, 0, 0
     ended = Counter()
@@ -138,14 +152,14 @@ def watch_figures(made, outcomes, expected, cpu):
         duplicates += sum(outcome["duplicates"])
         gaps += sum(outcome["gaps"])
         ended.update(code for code in outcome["ended"] if code)
-        for revisions, times in zip(outcome["revisions"], outcome["times"]):
+        for revisions, times in zip(outcome["revisions"], outcome["times"], strict=True):
             seen = first_arrivals(revisions, times, expected)
             latencies += [arrived - sent[revision] for revision, arrived in seen.items()
                           if revision in sent]
             received += len(seen)
             missing += changes - len(seen)
     writes = [acknowledged - began
-              for began, acknowledged in zip(made["sent"], made["acknowledged"])]
+              for began, acknowledged in zip(made["sent"], made["acknowledged"], strict=True)]
     watchers_count = sum(len(outcome["last"]) for outcome in outcomes)
     return {
         "changes": changes, "calls": made["made"], "acknowledged": len(sent),
@@ -164,7 +178,7 @@ def watch_figures(made, outcomes, expected, cpu):
 def first_arrivals(revisions, times, expected):
     """Each expected revision one watcher received, and when it first arrived."""
     seen = {}
-    for revision, arrived in zip(revisions, times):
+    for revision, arrived in zip(revisions, times, strict=True):
         if revision in expected and revision not in seen:
             seen[revision] = arrived
     return seen

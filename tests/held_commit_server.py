@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import server  # noqa: E402 (after the path above)
+import server
 
 logger = logging.getLogger("held_commit")
 

@@ -24,8 +24,22 @@ from rich.cells import cell_len
 from rich.console import Console
 
 import client
-from conftest import (ANSI, CLIENT, DEADLINE, PROMPT, ROOT, Lines, Watch, complete, connect,
-                      free_address, goodbye, hello, run_client, tls_flags)
+from conftest import (
+    ANSI,
+    CLIENT,
+    DEADLINE,
+    PROMPT,
+    ROOT,
+    Lines,
+    Watch,
+    complete,
+    connect,
+    free_address,
+    goodbye,
+    hello,
+    run_client,
+    tls_flags,
+)
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
 

@@ -15,7 +15,6 @@ from grpc_reflection.v1alpha import reflection_pb2
 import server as presence
 from conftest import DEADLINE, Watch, connect
 from generated import connection_pb2 as pb
-from generated import connection_pb2_grpc as pb_grpc
 from generated import notifications_pb2 as old_pb
 from generated import notifications_pb2_grpc as old_pb_grpc
 

@@ -12,12 +12,12 @@ import h2.errors
 import h2.settings
 import pytest
 from grpc import _server as grpc_internals
+from raw_http2 import RawConnection, grpc_frame, gzipped
 
 import server as presence
 from conftest import ROOT, connect
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
-from raw_http2 import RawConnection, grpc_frame, gzipped
 
 pytestmark = [allure.feature("Hostile peers")]
 

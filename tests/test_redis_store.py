@@ -204,11 +204,11 @@ def test_read_changes_returns_the_entries_after_an_id_in_order(stores):
             in entries] == [("3-0", "c2", "s2"), ("4-0", "c3", "s3"), ("5-0", "c4", "s4")]
     assert [entry_id for entry_id, *_ in reader.read_changes("0-0", 0, 2)] == ["1-0", "2-0"]
     assert reader.read_changes("5-0", 0, 10) == []
-    with allure.step("a blocked read returns with the next write, made by another store"):
-        with futures.ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(reader.read_changes, "5-0", 10, 10)
-            writer.commit("c5", None, hello("c5"), (EventKind.CONNECTED, ""))
-            assert [entry_id for entry_id, *_ in waiting.result(timeout=10)] == ["6-0"]
+    with (allure.step("a blocked read returns with the next write, made by another store"),
+          futures.ThreadPoolExecutor(1) as pool):
+        waiting = pool.submit(reader.read_changes, "5-0", 10, 10)
+        writer.commit("c5", None, hello("c5"), (EventKind.CONNECTED, ""))
+        assert [entry_id for entry_id, *_ in waiting.result(timeout=10)] == ["6-0"]
 
 
 @allure.story("Change stream")
@@ -251,7 +251,7 @@ def test_a_lease_due_on_two_stores_is_ended_by_one_of_them(stores):
     assert [replica.due_leases(NOW + 10, 10) for replica in replicas] == [[("alice", "a")]] * 2
     ended = [replica.commit("alice", stored, record._replace(sessions=(), reason="lease expired"),
                             (EventKind.DISCONNECTED, "a"))
-             for replica, (record, stored) in zip(replicas, read)]
+             for replica, (record, stored) in zip(replicas, read, strict=True)]
     assert [saved for saved, _, _ in ended] == [True, False]
     with allure.step("the one refused reads again and finds nothing left to end"):
         record = presence.decode_record("alice", ended[1][2])
@@ -390,9 +390,9 @@ def test_open_store_opens_redis_with_a_password_and_over_tls(tmp_path, certifica
                        "--tls-ca-cert-file", str(certificates / "ca.pem"),
                        "--tls-auth-clients", "no")
     try:
-        with allure.step("a wrong password is refused"):
-            with pytest.raises(StoreError, match="Redis at 127.0.0.1"):
-                presence.open_store(f"redis://:wrong@127.0.0.1:{redis_server.port}/0")
+        with (allure.step("a wrong password is refused"),
+              pytest.raises(StoreError, match="Redis at 127.0.0.1")):
+            presence.open_store(f"redis://:wrong@127.0.0.1:{redis_server.port}/0")
         store = presence.open_store(
             f"rediss://:s3cret@127.0.0.1:{tls_port}/1?ca={certificates / 'ca.pem'}")
         try:

@@ -1,13 +1,17 @@
 """The Makefile's setup and the Allure report: two makes at once share one install, and the
-report shows every test as its own case, titled in words, with its environment."""
+report shows every test as its own case, titled in words, with its environment; CI lints
+before it tests, and coverage counts what the server subprocesses run."""
 
+import ast
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 
 import allure
+import coverage
 
 from conftest import DEADLINE, ROOT
 
@@ -39,6 +43,48 @@ def test_make_test_starts_from_empty_allure_results():
                           timeout=DEADLINE, check=True).stdout
     pytest_line = next(line for line in plan.splitlines() if "-m pytest" in line)
     assert "--alluredir=allure-results --clean-alluredir" in pytest_line
+
+
+@allure.story("Lint and coverage")
+def test_ci_runs_ruff_and_mypy_before_the_tests():
+    steps = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+             if line.startswith("make ")]
+    assert steps == ["make lint", "make test"]
+    plan = subprocess.run(["make", "-n", "lint"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=DEADLINE, check=True).stdout
+    commands = [line.split() for line in plan.splitlines()
+                if line.split(" ", 1)[0].endswith(("/ruff", "/mypy"))]
+    assert [[os.path.basename(words[0]), *words[1:]] for words in commands] == [
+        ["ruff", "check", "."], ["mypy"]]  # mypy checks the files pyproject.toml names
+
+
+def function_lines(path, name):
+    """The line numbers of a top-level function's body."""
+    function = next(node for node in ast.parse(path.read_text()).body
+                    if isinstance(node, ast.FunctionDef) and node.name == name)
+    return set(range(function.body[0].lineno, function.end_lineno + 1))
+
+
+@allure.story("Lint and coverage")
+def test_coverage_counts_the_lines_a_server_subprocess_runs(tmp_path):
+    """serve() runs only in `python server.py`, a subprocess of the test under coverage."""
+    data_file = tmp_path / ".coverage"
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("COVERAGE_")}  # this run's own, even under make coverage
+    with allure.step("a test that starts server.py twice, under coverage as make coverage runs"):
+        subprocess.run(
+            [sys.executable, "-m", "coverage", "run", "-m", "pytest", "-q", "-p",
+             "no:cacheprovider", "test_grpc_system.py", "-k", "signal_stops_cleanly and 15"],
+            cwd=ROOT, env={**env, "COVERAGE_FILE": str(data_file)}, capture_output=True,
+            timeout=DEADLINE * 8, check=True)
+        subprocess.run([sys.executable, "-m", "coverage", "combine", "--quiet"], cwd=ROOT,
+                       env={**env, "COVERAGE_FILE": str(data_file)}, timeout=DEADLINE * 2,
+                       check=True)
+    with allure.step("the lines serve() ran in the server subprocesses are counted"):
+        data = coverage.CoverageData(basename=str(data_file))
+        data.read()
+        measured = set(data.lines(str(ROOT / "server.py")) or ())
+        assert measured & function_lines(ROOT / "server.py", "serve")
 
 
 def features_in_tests():

@@ -402,7 +402,8 @@ class RedisServer:
         """Start redis-server and return once it answers PING."""
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--dir", str(self.folder), *self.flags],
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder),
+             *self.flags],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         log, seen = Lines(self.process.stdout), ""
         while not REDIS_READY.search(seen):

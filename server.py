@@ -7,11 +7,13 @@ file reads top to bottom, each part whole in one section:
   rules         what an id, a message and a page token must be; sessions
   the registry  every client in memory behind one lock (Registry): a change is
                 worked out, handed to the store, and shown to readers only
-                once the store has it; leases expire (LeaseReaper)
+                once the store has it; leases expire (LeaseReaper); on redis://
+                each replica's registry is a cache of the shared one (SharedRegistry)
   watch         the change log and its fan-out: durable changes in revision
                 order (ChangeLog), sent to every watcher by a few threads
                 (Fanout, Sender, Watcher)
-  stores        the Store protocol: memory://, sqlite:/// (group commit)
+  stores        the Store protocol: memory://, sqlite:/// (group commit), and
+                redis:// shared by several replicas (RedisStore)
   wire format   records and changes as protobuf, answers cut to fit a
                 default client, guarded request parsing
   handlers      ClientService and NotificationService (an older contract):

@@ -1,5 +1,6 @@
 """The rules without gRPC: validation, the registry's pages and counts, the SQLite store."""
 
+import contextlib
 import re
 import sqlite3
 import threading
@@ -211,6 +212,17 @@ class ControlledSqliteStore(presence.SqliteStore):
         super()._save(records)
 
 
+@contextlib.contextmanager
+def commits_held(store):
+    """Hold the store's commits within the block, and let them go however it ends (so a failed
+    assertion does not leave a writer waiting forever)."""
+    store.hold()
+    try:
+        yield
+    finally:
+        store.released.set()
+
+
 def in_background(pool, call, *args):
     """call(*args) in another thread; its future."""
     return pool.submit(call, *args)
@@ -228,8 +240,7 @@ def test_readers_see_a_change_only_once_its_commit_is_done(tmp_path):
     registry = Registry(store)
     registry.apply_one(Message("alice", CONNECTED))
     before = reads(registry)
-    store.hold()
-    with futures.ThreadPoolExecutor(1) as pool:
+    with futures.ThreadPoolExecutor(1) as pool, commits_held(store):
         goodbye = in_background(pool, registry.apply_one, Message("alice", DISCONNECTED))
         assert store.holding.wait(10), "the goodbye never reached a commit"
         with allure.step("while the commit is held, every read shows the state before it"):
@@ -276,8 +287,7 @@ def test_a_refused_change_of_any_kind_leaves_memory_exactly_as_the_store_has_it(
     store = ControlledSqliteStore(path)
     registry = setup_for_refusal(store, lambda: now[0])
     now[0] += 31 if kind == "lease expiry" else 5
-    store.hold()
-    with futures.ThreadPoolExecutor(2) as pool:
+    with futures.ThreadPoolExecutor(2) as pool, commits_held(store):
         earlier = in_background(pool, registry.apply_one, Message("carol", CONNECTED))
         assert store.holding.wait(10) and store.submitted.acquire(timeout=10)
         message = REFUSED_CHANGES[kind]

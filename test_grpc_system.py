@@ -271,13 +271,13 @@ def test_any_printable_unicode_id_up_to_128_characters_is_accepted(stub, client_
 
 @pytest.fixture
 def clocked_server(make_server, clock):
-    """A started memory server whose time the test moves."""
+    """A started server (on each store in turn) whose time the test moves."""
     return make_server(clock=clock)
 
 
 @pytest.fixture
 def clocked_stub(clocked_server):
-    """A stub on a memory server whose time the test moves."""
+    """A stub on a server (on each store in turn) whose time the test moves."""
     with connect(f"127.0.0.1:{clocked_server.port}") as channel:
         yield pb_grpc.ClientServiceStub(channel)
 

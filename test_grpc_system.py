@@ -85,6 +85,120 @@ def protoc(proto_path, out_dir, *proto_files, cwd=ROOT):
     )
 
 
+@pytest.fixture
+def clocked_server(make_server, clock):
+    """A started server (on each store in turn) whose time the test moves."""
+    return make_server(clock=clock)
+
+
+@pytest.fixture
+def clocked_stub(clocked_server):
+    """A stub on a server (on each store in turn) whose time the test moves."""
+    with connect(f"127.0.0.1:{clocked_server.port}") as channel:
+        yield pb_grpc.ClientServiceStub(channel)
+
+
+class AckedWriters:
+    """Threads writing fresh ids until stopped, remembering every acknowledged change."""
+
+    def __init__(self, address, prefix, threads=6):
+        self.prefix = prefix
+        self.acked = {}
+        self.enough = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.ClientServiceStub(self._channel)
+        self._threads = [threading.Thread(target=self._write, args=(n,)) for n in range(threads)]
+
+    def start(self, enough):
+        self._wanted = enough
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _write(self, worker):
+        for n in itertools.count():
+            if self._stop.is_set():
+                return
+            client_id = f"{self.prefix}-writer{worker}-{n}"
+            try:
+                reply = send(self._stub, client_id, "hello")
+            except grpc.RpcError:
+                return
+            with self._lock:
+                self.acked[client_id] = reply.client.revision
+                if len(self.acked) >= self._wanted:
+                    self.enough.set()
+
+    def join(self):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(DEADLINE)
+        self._channel.close()
+
+
+def samples(flag):
+    """Two texts the flag accepts, each with what it parses to."""
+    if flag.choices:
+        return [(choice.lower(), choice) for choice in flag.choices[:2]]
+    texts = {float: ("2.5", "9.5"), str: ("some-text", "other-text")}.get(flag.type, ("7", "8"))
+    return [(text, flag.type(text)) for text in texts]
+
+
+def status_of(stub, client_id):
+    return stub.GetClientStatus(pb.ClientStatusRequest(client_id=client_id)).clients[0]
+
+
+# The largest records the limits allow: 128-character ids of 4-byte characters, each client
+# with the 64 sessions of the default cap, session ids as long.
+WIDE = "\U0001d54f"  # 𝕏, 4 bytes in UTF-8
+BIG_IDS = [f"{n:03d}" + WIDE * 125 for n in range(130)]
+BIG_SESSIONS = [f"{n:02d}" + WIDE * 126 for n in range(presence.DEFAULT_MAX_SESSIONS)]
+
+
+def big_messages(client_ids, session_ids, message="hello"):
+    return pb.SendMessagesRequest(requests=[
+        pb.MessageRequest(client_id=client_id, message=message, session_id=session_id)
+        for session_id in session_ids for client_id in client_ids])
+
+
+@pytest.fixture(scope="module")
+def big_registry():
+    """A memory server holding 130 of the largest records the limits allow (4.5 MB of them)."""
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(),
+                                    max_request_bytes=4 << 20)
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[
+            ("grpc.max_send_message_length", 8 << 20)]) as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        for client_id in BIG_IDS:
+            stub.SendMessages(big_messages([client_id], BIG_SESSIONS), timeout=DEADLINE)
+    yield server
+    server.stop(0)
+
+
+@pytest.fixture
+def default_stub(big_registry):
+    """A stub on a channel with gRPC's default limits: it takes messages up to 4 MiB."""
+    with connect(f"127.0.0.1:{big_registry.port}") as channel:
+        yield pb_grpc.ClientServiceStub(channel)
+
+
+def describe(events):
+    return [(event.client.client_id, pb.EventKind.Name(event.kind), event.session_id,
+             event.reason) for event in events]
+
+
+def scrape(url):
+    """The samples of a Prometheus endpoint, by (name, labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(url, timeout=DEADLINE) as response:
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
 # --- the wire contract ----------------------------------------------------------------
 
 
@@ -269,19 +383,6 @@ def test_any_printable_unicode_id_up_to_128_characters_is_accepted(stub, client_
 # --- revisions, timestamps, listing ------------------------------------------------------
 
 
-@pytest.fixture
-def clocked_server(make_server, clock):
-    """A started server (on each store in turn) whose time the test moves."""
-    return make_server(clock=clock)
-
-
-@pytest.fixture
-def clocked_stub(clocked_server):
-    """A stub on a server (on each store in turn) whose time the test moves."""
-    with connect(f"127.0.0.1:{clocked_server.port}") as channel:
-        yield pb_grpc.ClientServiceStub(channel)
-
-
 @allure.feature("Semantics")
 @allure.story("Revisions")
 def test_every_change_gets_the_next_revision_and_repeats_get_none(clocked_stub):
@@ -380,46 +481,6 @@ def test_concurrent_writers_end_in_their_last_states_with_unique_revisions(stub)
 
 
 # --- durability -------------------------------------------------------------------------
-
-
-class AckedWriters:
-    """Threads writing fresh ids until stopped, remembering every acknowledged change."""
-
-    def __init__(self, address, prefix, threads=6):
-        self.prefix = prefix
-        self.acked = {}
-        self.enough = threading.Event()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._channel = grpc.insecure_channel(address)
-        self._stub = pb_grpc.ClientServiceStub(self._channel)
-        self._threads = [threading.Thread(target=self._write, args=(n,)) for n in range(threads)]
-
-    def start(self, enough):
-        self._wanted = enough
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def _write(self, worker):
-        for n in itertools.count():
-            if self._stop.is_set():
-                return
-            client_id = f"{self.prefix}-writer{worker}-{n}"
-            try:
-                reply = send(self._stub, client_id, "hello")
-            except grpc.RpcError:
-                return
-            with self._lock:
-                self.acked[client_id] = reply.client.revision
-                if len(self.acked) >= self._wanted:
-                    self.enough.set()
-
-    def join(self):
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(DEADLINE)
-        self._channel.close()
 
 
 @allure.feature("Durability")
@@ -559,14 +620,6 @@ def test_help_explains_every_flag_and_its_environment_twin():
             f"README's server section does not name {flag.name} and {flag.env}")
 
 
-def samples(flag):
-    """Two texts the flag accepts, each with what it parses to."""
-    if flag.choices:
-        return [(choice.lower(), choice) for choice in flag.choices[:2]]
-    texts = {float: ("2.5", "9.5"), str: ("some-text", "other-text")}.get(flag.type, ("7", "8"))
-    return [(text, flag.type(text)) for text in texts]
-
-
 @allure.feature("Operations")
 @allure.story("Command line")
 @pytest.mark.parametrize("flag", presence.FLAGS, ids=[flag.name for flag in presence.FLAGS])
@@ -634,10 +687,6 @@ def test_port_in_use_fails_at_start_with_a_clear_error(tmp_path):
 
 
 # --- leases and sessions ----------------------------------------------------------------
-
-
-def status_of(stub, client_id):
-    return stub.GetClientStatus(pb.ClientStatusRequest(client_id=client_id)).clients[0]
 
 
 @allure.feature("Leases")
@@ -768,41 +817,6 @@ def test_sessions_past_the_cap_are_resource_exhausted_and_renewals_still_pass(ma
             assert hello(stub, "erin", "d").changed
 
 
-# The largest records the limits allow: 128-character ids of 4-byte characters, each client
-# with the 64 sessions of the default cap, session ids as long.
-WIDE = "\U0001d54f"  # 𝕏, 4 bytes in UTF-8
-BIG_IDS = [f"{n:03d}" + WIDE * 125 for n in range(130)]
-BIG_SESSIONS = [f"{n:02d}" + WIDE * 126 for n in range(presence.DEFAULT_MAX_SESSIONS)]
-
-
-def big_messages(client_ids, session_ids, message="hello"):
-    return pb.SendMessagesRequest(requests=[
-        pb.MessageRequest(client_id=client_id, message=message, session_id=session_id)
-        for session_id in session_ids for client_id in client_ids])
-
-
-@pytest.fixture(scope="module")
-def big_registry():
-    """A memory server holding 130 of the largest records the limits allow (4.5 MB of them)."""
-    server = presence.create_server("127.0.0.1:0", presence.MemoryStore(),
-                                    max_request_bytes=4 << 20)
-    server.start()
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[
-            ("grpc.max_send_message_length", 8 << 20)]) as channel:
-        stub = pb_grpc.ClientServiceStub(channel)
-        for client_id in BIG_IDS:
-            stub.SendMessages(big_messages([client_id], BIG_SESSIONS), timeout=DEADLINE)
-    yield server
-    server.stop(0)
-
-
-@pytest.fixture
-def default_stub(big_registry):
-    """A stub on a channel with gRPC's default limits: it takes messages up to 4 MiB."""
-    with connect(f"127.0.0.1:{big_registry.port}") as channel:
-        yield pb_grpc.ClientServiceStub(channel)
-
-
 @allure.feature("Limits")
 @allure.story("Every answer fits a default client")
 def test_pages_of_the_largest_records_are_cut_to_fit_and_still_walk_everything(default_stub):
@@ -871,11 +885,6 @@ def test_a_watcher_behind_by_many_large_changes_gets_them_in_messages_that_fit(d
 
 
 # --- the watch stream -------------------------------------------------------------------
-
-
-def describe(events):
-    return [(event.client.client_id, pb.EventKind.Name(event.kind), event.session_id,
-             event.reason) for event in events]
 
 
 @allure.feature("Watch")
@@ -1155,15 +1164,6 @@ def test_leases_longer_than_max_lease_are_refused(make_server, tmp_path):
 
 
 # --- metrics ------------------------------------------------------------------------------
-
-
-def scrape(url):
-    """The samples of a Prometheus endpoint, by (name, labels)."""
-    from prometheus_client.parser import text_string_to_metric_families
-    with urllib.request.urlopen(url, timeout=DEADLINE) as response:
-        text = response.read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 @allure.feature("Operations")

@@ -95,6 +95,51 @@ def smoke(tmp_path_factory):
     return bench_process.returncode, text, results, left
 
 
+class Aborted(Exception):
+    """What context.abort raises here, as gRPC's own context does."""
+
+class Context:
+    """The one part of a gRPC servicer context SendMessage uses."""
+
+    def abort(self, code, details):
+        raise Aborted(code, details)
+
+def answers(service, request):
+    """The serialized reply, or the (code, details) it was refused with."""
+    try:
+        reply = service.SendMessage(request, Context())
+    except Aborted as refusal:
+        return refusal.args
+    return reply.SerializeToString()
+
+@pytest.fixture
+def baseline():
+    """Start one of the benchmark's baselines with `baseline(kind)`; all are stopped after."""
+    started = []
+
+    def start(kind):
+        started.append(ServerProcess(program=("-m", "bench", "_baseline", kind), name=kind))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.stop()
+
+def send(address, client_id, message):
+    """One SendMessage to address: the reply, or the RpcError it was refused with."""
+    with connect(address) as channel:
+        try:
+            return pb_grpc.ClientServiceStub(channel).SendMessage(
+                pb.MessageRequest(client_id=client_id, message=message), timeout=DEADLINE)
+        except grpc.RpcError as error:
+            return error
+
+def events(*revisions):
+    """A Watch message carrying changes with these revisions."""
+    return pb.WatchResponse(events=[pb.Event(revision=revision, reason="hello")
+                                    for revision in revisions])
+
+
 @allure.story("Every mode runs")
 def test_every_mode_runs_stops_what_it_started_and_writes_its_figures(smoke):
     returncode, output, results, left = smoke
@@ -220,26 +265,6 @@ def test_the_other_modes_lose_nothing(smoke):
     assert (soak["watch_missing"], soak["watch_duplicates"]) == (0, 0)
 
 
-class Aborted(Exception):
-    """What context.abort raises here, as gRPC's own context does."""
-
-
-class Context:
-    """The one part of a gRPC servicer context SendMessage uses."""
-
-    def abort(self, code, details):
-        raise Aborted(code, details)
-
-
-def answers(service, request):
-    """The serialized reply, or the (code, details) it was refused with."""
-    try:
-        reply = service.SendMessage(request, Context())
-    except Aborted as refusal:
-        return refusal.args
-    return reply.SerializeToString()
-
-
 @allure.story("Throughput")
 def test_the_floor_answers_plain_calls_as_our_server_does(clock):
     """The floor is only a floor if it does what we do: the same bytes for every plain call,
@@ -262,30 +287,6 @@ def test_memory_per_client_and_the_restart_are_judged_at_a_million_only():
     million_only = {"bytes_per_client", "restart_serving_s", "restart_rss_ratio"}
     assert million_only <= {goal.key for goal in scale_goals(MILLION)}
     assert not million_only & {goal.key for goal in scale_goals(MILLION - 1)}
-
-
-@pytest.fixture
-def baseline():
-    """Start one of the benchmark's baselines with `baseline(kind)`; all are stopped after."""
-    started = []
-
-    def start(kind):
-        started.append(ServerProcess(program=("-m", "bench", "_baseline", kind), name=kind))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.stop()
-
-
-def send(address, client_id, message):
-    """One SendMessage to address: the reply, or the RpcError it was refused with."""
-    with connect(address) as channel:
-        try:
-            return pb_grpc.ClientServiceStub(channel).SendMessage(
-                pb.MessageRequest(client_id=client_id, message=message), timeout=DEADLINE)
-        except grpc.RpcError as error:
-            return error
 
 
 @allure.story("Throughput")
@@ -316,12 +317,6 @@ def test_asyncio_dict_answers_as_the_original_service_does(baseline):
     refusal = send(server.address, "alice", "bye")
     assert (refusal.code(), refusal.details()) == (grpc.StatusCode.INVALID_ARGUMENT,
                                                   "Invalid message type: bye")
-
-
-def events(*revisions):
-    """A Watch message carrying changes with these revisions."""
-    return pb.WatchResponse(events=[pb.Event(revision=revision, reason="hello")
-                                    for revision in revisions])
 
 
 @allure.story("Scale, connections, watch, soak")

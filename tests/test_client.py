@@ -111,6 +111,103 @@ def text_of(console):
 # --- relative time and renderers --------------------------------------------------------
 
 
+def completions(completer, text):
+    return [completion.text for completion in
+            completer.get_completions(Document(text), CompleteEvent(completion_requested=True))]
+
+def next_event(watch):
+    (event,) = watch.events(1)
+    return event
+
+def could_be(shown, client_id):
+    """Whether a table cell could show client_id: whole, or cut where "…" stands."""
+    pieces = shown.split("…")
+    if len(pieces) == 1:
+        return shown == client_id
+    at = 0
+    for number, piece in enumerate(pieces):
+        found = client_id.find(piece, at) if number else (0 if client_id.startswith(piece) else -1)
+        if found < 0:
+            return False
+        at = found + len(piece)
+    return pieces[-1] == "" or client_id.endswith(pieces[-1])
+
+def id_cells(text, ids):
+    """The id cell of each client row of a rendered table (the first word of the row)."""
+    words = ("connected", "disconnected", "on", "off")
+    rows = [line for line in text.splitlines()
+            if set(line.replace("│", " ").split()[1:2]) & set(words)]
+    return [row.replace("│", " ").split()[0] for row in rows], rows
+
+def assert_fits(text, ids, width):
+    """Every client on one line within width, each id whole or cut so it names only itself."""
+    shown, rows = id_cells(text, ids)
+    assert len(rows) == len(ids), text
+    assert all(cell_len(row) <= width for row in rows), text
+    for cell in shown:
+        assert [client_id for client_id in ids if could_be(cell, client_id)] != [], cell
+        assert sum(could_be(cell, client_id) for client_id in ids) == 1, f"{cell} is ambiguous"
+    assert "connec…" not in text and "disconn…" not in text
+
+def register(stub, count, prefix="user", start=0):
+    """count clients prefix00000... in one call per thousand, the odd ones disconnected."""
+    for first in range(start, start + count, 1000):
+        stub.SendMessages(pb.SendMessagesRequest(requests=[
+            pb.MessageRequest(client_id=f"{prefix}{index:05}",
+                              message="goodbye" if index % 2 else "hello")
+            for index in range(first, min(first + 1000, start + count))]))
+
+def shell(command, **kwargs):
+    """Run a shell pipeline in the repository; its result."""
+    return subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True,
+                          timeout=DEADLINE, **kwargs)
+
+def settings(tmp_path, argv=(), environ=None, config=None):
+    """What parse_settings makes of argv and environ with HOME at tmp_path, whose config file
+    holds config (TOML text) when given."""
+    if config is not None:
+        folder = tmp_path / ".config" / "presence"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.toml").write_text(config)
+    return client.parse_settings(list(argv), environ or {})[1]
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return tmp_path
+
+@pytest.fixture
+def server_50_seconds_behind(make_server):
+    """An in-process server whose clock runs 50 s behind, so its clients changed 50 s ago."""
+    return f"127.0.0.1:{make_server(clock=lambda: time.time() - 50).port}"
+
+def toolbar_says(child, texts):
+    """Which of texts the toolbar shows next, telling the terminal's cursor position to the
+    prompt whenever it asks (it draws its toolbar only once it knows)."""
+    while True:
+        found = child.expect_exact(["\x1b[6n", *texts])
+        if found == 0:
+            child.send("\x1b[12;1R")
+        else:
+            return found - 1
+
+def open_watchers(replica):
+    """How many Watch streams a replica has open, from its Prometheus metrics."""
+    url = replica.wait_for_log(r"metrics on (http://\S+/metrics)").group(1)
+    with urllib.request.urlopen(url, timeout=DEADLINE) as response:
+        text = response.read().decode()
+    return int(float(re.search(r"^presence_watchers (\S+)$", text, re.M).group(1)))
+
+def the_one_watched(replicas):
+    """The replica that holds the one Watch stream, once it is open."""
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        watched = [replica for replica in replicas if open_watchers(replica)]
+        if watched:
+            return watched[0]
+    raise AssertionError("no replica holds the watch stream")
+
+
 @allure.story("Rendering")
 @pytest.mark.parametrize("ago, words", [
     (None, "—"),
@@ -263,11 +360,6 @@ def test_json_client_has_stable_fields_and_null_for_unset_times():
 
 SOURCES = {"id": lambda prefix: ["alice", "albert", "bob"],
            "message": lambda prefix: client.MESSAGES}
-
-
-def completions(completer, text):
-    return [completion.text for completion in
-            completer.get_completions(Document(text), CompleteEvent(completion_requested=True))]
 
 
 @allure.story("Completion")
@@ -615,11 +707,6 @@ def test_as_does_not_go_with_a_one_shot_command(capsys):
 # --- the client as people run it: helpers -----------------------------------------------
 
 
-def next_event(watch):
-    (event,) = watch.events(1)
-    return event
-
-
 # --- the client: the REPL in a pseudo-terminal ------------------------------------------
 
 
@@ -954,7 +1041,6 @@ def test_json_watch_prints_each_change_as_one_flushed_line_until_interrupted(add
         assert "Traceback" not in watcher.stderr.read()
 
 
-
 @allure.story("--as keeps a user connected")
 def test_client_as_a_name_the_server_refuses_is_one_line_and_exit_1(address):
     result = run_client("--server", address, "--as", "tab\there", stdin="")
@@ -970,39 +1056,6 @@ LONG_IDS = ["user15", "user150", "user1500", "bob",
             "x" * 120 + "user15", "x" * 120 + "user16",
             "a" * 60 + "1" + "b" * 60, "a" * 60 + "2" + "b" * 60]
 ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]|\r")
-
-
-def could_be(shown, client_id):
-    """Whether a table cell could show client_id: whole, or cut where "…" stands."""
-    pieces = shown.split("…")
-    if len(pieces) == 1:
-        return shown == client_id
-    at = 0
-    for number, piece in enumerate(pieces):
-        found = client_id.find(piece, at) if number else (0 if client_id.startswith(piece) else -1)
-        if found < 0:
-            return False
-        at = found + len(piece)
-    return pieces[-1] == "" or client_id.endswith(pieces[-1])
-
-
-def id_cells(text, ids):
-    """The id cell of each client row of a rendered table (the first word of the row)."""
-    words = ("connected", "disconnected", "on", "off")
-    rows = [line for line in text.splitlines()
-            if set(line.replace("│", " ").split()[1:2]) & set(words)]
-    return [row.replace("│", " ").split()[0] for row in rows], rows
-
-
-def assert_fits(text, ids, width):
-    """Every client on one line within width, each id whole or cut so it names only itself."""
-    shown, rows = id_cells(text, ids)
-    assert len(rows) == len(ids), text
-    assert all(cell_len(row) <= width for row in rows), text
-    for cell in shown:
-        assert [client_id for client_id in ids if could_be(cell, client_id)] != [], cell
-        assert sum(could_be(cell, client_id) for client_id in ids) == 1, f"{cell} is ambiguous"
-    assert "connec…" not in text and "disconn…" not in text
 
 
 @allure.story("Narrow terminals")
@@ -1090,15 +1143,6 @@ def test_toolbar_in_a_60_column_terminal_shows_its_short_form(repl, address, stu
 # --- big registries: filters, pages, the pager ------------------------------------------------
 
 
-def register(stub, count, prefix="user", start=0):
-    """count clients prefix00000... in one call per thousand, the odd ones disconnected."""
-    for first in range(start, start + count, 1000):
-        stub.SendMessages(pb.SendMessagesRequest(requests=[
-            pb.MessageRequest(client_id=f"{prefix}{index:05}",
-                              message="goodbye" if index % 2 else "hello")
-            for index in range(first, min(first + 1000, start + count))]))
-
-
 @allure.story("Big registries")
 def test_more_walks_the_pages_and_says_where_it_stands(presence, consoles, stub):
     register(stub, 450)
@@ -1180,12 +1224,6 @@ def test_a_listing_taller_than_the_terminal_opens_less(repl, address, stub):
 # --- scripts through real pipes ------------------------------------------------------------------
 
 
-def shell(command, **kwargs):
-    """Run a shell pipeline in the repository; its result."""
-    return subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True,
-                          timeout=DEADLINE, **kwargs)
-
-
 PYTHON_CLIENT = f"{shlex.quote(sys.executable)} client.py"
 
 
@@ -1254,22 +1292,6 @@ def test_a_table_whose_reader_is_gone_ends_quietly_with_zero(address, stub):
 
 
 # --- settings: flags, environment twins, the config file, the version ---------------------------
-
-
-def settings(tmp_path, argv=(), environ=None, config=None):
-    """What parse_settings makes of argv and environ with HOME at tmp_path, whose config file
-    holds config (TOML text) when given."""
-    if config is not None:
-        folder = tmp_path / ".config" / "presence"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.toml").write_text(config)
-    return client.parse_settings(list(argv), environ or {})[1]
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    return tmp_path
 
 
 @allure.story("Settings")
@@ -1383,12 +1405,6 @@ def test_watch_view_fits_the_height_with_its_notice_counts_note_and_toolbar_on_s
     assert "showing the 11 most recently changed of 40" in text
     assert lines[-1].startswith(" db1:50051  ● reachable  40 online of 40")
     assert lines[-2] == "the server went away; resuming from revision 40"
-
-
-@pytest.fixture
-def server_50_seconds_behind(make_server):
-    """An in-process server whose clock runs 50 s behind, so its clients changed 50 s ago."""
-    return f"127.0.0.1:{make_server(clock=lambda: time.time() - 50).port}"
 
 
 @allure.story("Watch")
@@ -1729,35 +1745,6 @@ def test_every_replica_down_is_one_line_naming_them_all():
     result = run_client("--server", servers, "status")
     assert result.returncode == client.EXIT_UNREACHABLE
     assert result.stderr == f"error: servers {servers} are unreachable: connection refused\n"
-
-
-def toolbar_says(child, texts):
-    """Which of texts the toolbar shows next, telling the terminal's cursor position to the
-    prompt whenever it asks (it draws its toolbar only once it knows)."""
-    while True:
-        found = child.expect_exact(["\x1b[6n", *texts])
-        if found == 0:
-            child.send("\x1b[12;1R")
-        else:
-            return found - 1
-
-
-def open_watchers(replica):
-    """How many Watch streams a replica has open, from its Prometheus metrics."""
-    url = replica.wait_for_log(r"metrics on (http://\S+/metrics)").group(1)
-    with urllib.request.urlopen(url, timeout=DEADLINE) as response:
-        text = response.read().decode()
-    return int(float(re.search(r"^presence_watchers (\S+)$", text, re.M).group(1)))
-
-
-def the_one_watched(replicas):
-    """The replica that holds the one Watch stream, once it is open."""
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        watched = [replica for replica in replicas if open_watchers(replica)]
-        if watched:
-            return watched[0]
-    raise AssertionError("no replica holds the watch stream")
 
 
 @allure.story("Replicas")

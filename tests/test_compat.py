@@ -52,6 +52,16 @@ def old_stub(channel):
     return old_pb_grpc.NotificationServiceStub(channel)
 
 
+def reflect(channel, version, request):
+    """One reflection request under grpc.reflection.<version>, with v1alpha's messages."""
+    call = channel.stream_stream(
+        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    [reply] = call(iter([request]), timeout=DEADLINE)
+    return reply
+
+
 @allure.story("user_notifications.NotificationService")
 def test_the_older_clients_commands_work_unchanged_against_the_server_process(server_processes):
     server = server_processes("--store", "memory://")
@@ -141,16 +151,6 @@ def test_older_contract_writes_need_the_token_and_reads_follow_public_reads(publ
                     assert rpc_error(call, request).code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         server.stop(0)
-
-
-def reflect(channel, version, request):
-    """One reflection request under grpc.reflection.<version>, with v1alpha's messages."""
-    call = channel.stream_stream(
-        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
-        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
-        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
-    [reply] = call(iter([request]), timeout=DEADLINE)
-    return reply
 
 
 @allure.story("Reflection and health")

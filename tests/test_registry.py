@@ -26,6 +26,75 @@ def registry():
     return Registry(presence.MemoryStore(), clock=lambda: 1_800_000_000.0)
 
 
+class SubmitCountingStore(presence.SqliteStore):
+    """The real SQLite store, which also says when `expected` writes have been handed to it."""
+
+    def __init__(self, path, expected):
+        super().__init__(path)
+        self._left = expected
+        self.all_submitted = threading.Event()
+
+    def submit(self, records, position):
+        batch = super().submit(records, position)
+        self._left -= 1  # the registry calls this under its lock, one writer at a time
+        if not self._left:
+            self.all_submitted.set()
+        return batch
+
+class ControlledSqliteStore(presence.SqliteStore):
+    """The real SQLite store with two seams: its commits can be held open, and made to fail."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.released = threading.Event()
+        self.released.set()
+        self.holding = threading.Event()  # set once a commit waits for `released`
+        self.failing = False  # commits that are not held fail, as a broken disk would
+        self.submitted = threading.Semaphore(0)  # one permit per hand-over
+
+    def hold(self):
+        self.released.clear()
+
+    def submit(self, records, position):
+        batch = super().submit(records, position)
+        self.submitted.release()
+        return batch
+
+    def _save(self, records):
+        if not self.released.is_set():
+            self.holding.set()
+            self.released.wait()
+        elif self.failing:
+            raise sqlite3.OperationalError("disk I/O error (made by the test)")
+        super()._save(records)
+
+@contextlib.contextmanager
+def commits_held(store):
+    """Hold the store's commits within the block, and let them go however it ends (so a failed
+    assertion does not leave a writer waiting forever)."""
+    store.hold()
+    try:
+        yield
+    finally:
+        store.released.set()
+
+def in_background(pool, call, *args):
+    """call(*args) in another thread; its future."""
+    return pool.submit(call, *args)
+
+def reads(registry):
+    """Everything a reader can learn from the registry, for comparing before and after."""
+    return (registry.snapshot(), registry.counts(),
+            registry.page(1000), [registry.get(cid) for cid in ("alice", "bob", "new")])
+
+def setup_for_refusal(store, clock):
+    """alice with a leased session 'tty' and a plain one 'desk', bob on the default session."""
+    registry = Registry(store, clock=clock)
+    registry.apply_many([Message("alice", CONNECTED, "tty", lease=30),
+                         Message("alice", CONNECTED, "desk"), Message("bob", CONNECTED)])
+    return registry
+
+
 @allure.story("Client id rule")
 @pytest.mark.parametrize(("client_id", "reason"), [
     ("", "must not be empty"),
@@ -103,22 +172,6 @@ def test_sqlite_store_reloads_every_record_and_the_revision(tmp_path):
     reopened.close()
 
 
-class SubmitCountingStore(presence.SqliteStore):
-    """The real SQLite store, which also says when `expected` writes have been handed to it."""
-
-    def __init__(self, path, expected):
-        super().__init__(path)
-        self._left = expected
-        self.all_submitted = threading.Event()
-
-    def submit(self, records, position):
-        batch = super().submit(records, position)
-        self._left -= 1  # the registry calls this under its lock, one writer at a time
-        if not self._left:
-            self.all_submitted.set()
-        return batch
-
-
 @allure.story("Group commit")
 def test_writers_arriving_during_a_commit_are_saved_by_one_commit(tmp_path):
     """While a commit waits for the disk, every writer arriving joins the next commit."""
@@ -184,56 +237,6 @@ def test_renewals_keep_one_heap_entry_per_session_and_still_expire_on_time():
 # --- only durable state is ever read --------------------------------------------------------
 
 
-class ControlledSqliteStore(presence.SqliteStore):
-    """The real SQLite store with two seams: its commits can be held open, and made to fail."""
-
-    def __init__(self, path):
-        super().__init__(path)
-        self.released = threading.Event()
-        self.released.set()
-        self.holding = threading.Event()  # set once a commit waits for `released`
-        self.failing = False  # commits that are not held fail, as a broken disk would
-        self.submitted = threading.Semaphore(0)  # one permit per hand-over
-
-    def hold(self):
-        self.released.clear()
-
-    def submit(self, records, position):
-        batch = super().submit(records, position)
-        self.submitted.release()
-        return batch
-
-    def _save(self, records):
-        if not self.released.is_set():
-            self.holding.set()
-            self.released.wait()
-        elif self.failing:
-            raise sqlite3.OperationalError("disk I/O error (made by the test)")
-        super()._save(records)
-
-
-@contextlib.contextmanager
-def commits_held(store):
-    """Hold the store's commits within the block, and let them go however it ends (so a failed
-    assertion does not leave a writer waiting forever)."""
-    store.hold()
-    try:
-        yield
-    finally:
-        store.released.set()
-
-
-def in_background(pool, call, *args):
-    """call(*args) in another thread; its future."""
-    return pool.submit(call, *args)
-
-
-def reads(registry):
-    """Everything a reader can learn from the registry, for comparing before and after."""
-    return (registry.snapshot(), registry.counts(),
-            registry.page(1000), [registry.get(cid) for cid in ("alice", "bob", "new")])
-
-
 @allure.story("Reads show only durable state")
 def test_readers_see_a_change_only_once_its_commit_is_done(tmp_path):
     store = ControlledSqliteStore(str(tmp_path / "db.sqlite"))
@@ -254,14 +257,6 @@ def test_readers_see_a_change_only_once_its_commit_is_done(tmp_path):
         assert registry.counts() == presence.Counts(0, 1, 0, 2)
         assert registry.snapshot()[1] == 2 and registry.log.read(1) == [change]
     store.close()
-
-
-def setup_for_refusal(store, clock):
-    """alice with a leased session 'tty' and a plain one 'desk', bob on the default session."""
-    registry = Registry(store, clock=clock)
-    registry.apply_many([Message("alice", CONNECTED, "tty", lease=30),
-                         Message("alice", CONNECTED, "desk"), Message("bob", CONNECTED)])
-    return registry
 
 
 REFUSED_CHANGES = {

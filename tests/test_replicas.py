@@ -53,6 +53,13 @@ def stubs_for(addresses):
     return channels, [pb_grpc.ClientServiceStub(channel) for channel in channels]
 
 
+def refusal(call, request):
+    """The error a call ends with; fails the test if it succeeds."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call(request, timeout=CALL_DEADLINE)
+    return caught.value
+
+
 @allure.story("One revision sequence")
 def test_revisions_from_every_replica_form_one_strictly_increasing_sequence(replica_processes):
     replicas = replica_processes(3)
@@ -195,13 +202,6 @@ def test_leases_that_ran_out_while_every_replica_was_down_expire_when_one_comes_
         record = pb_grpc.ClientServiceStub(channel).GetClientStatus(
             pb.ClientStatusRequest(client_id="bob"), timeout=CALL_DEADLINE).clients[0]
     assert (record.status, record.reason) == (pb.STATUS_DISCONNECTED, "lease expired")
-
-
-def refusal(call, request):
-    """The error a call ends with; fails the test if it succeeds."""
-    with pytest.raises(grpc.RpcError) as caught:
-        call(request, timeout=CALL_DEADLINE)
-    return caught.value
 
 
 @allure.story("Redis stopped and back")

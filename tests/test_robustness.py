@@ -393,6 +393,382 @@ WATCH_REQUESTS = st.builds(pb.WatchRequest,
 # --- 1. fuzzed requests to every RPC ------------------------------------------------------
 
 
+def raw_outcome(target, method, data):
+    """Send data as the serialized request; the answer parsed, or the RpcError."""
+    call = target.raw(method)
+    answer = first_watch_answer(target, call, data) if method == "Watch" else outcome(call, data)
+    if isinstance(answer, bytes):
+        return RESPONSE_TYPES[method].FromString(answer)
+    return answer
+
+def check_raw(target, method, data):
+    answer = raw_outcome(target, method, data)
+    try:
+        request = REQUEST_TYPES[method].FromString(data)
+    except DecodeError:
+        assert isinstance(answer, grpc.RpcError), f"{method}({data!r}) parsed nowhere but here"
+        assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT, (
+            f"{method}({data!r}): {answer.code().name} {answer.details()!r}")
+        assert answer.details().startswith(
+            f"the request is not a valid {REQUEST_TYPES[method].__name__}"), answer.details()
+    else:
+        if method == "CountClients":
+            assert_ok(answer, data)
+            assert answer.total == answer.connected + answer.disconnected
+        else:
+            CHECKS[method](request, answer)
+    target.still_serves()
+
+def mutate(data, position, cut, insert):
+    """A valid request's bytes with a few bytes replaced and the tail maybe cut."""
+    position %= len(data) + 1
+    return (data[:position] + insert + data[position + len(insert):])[:len(data) + 4 - cut]
+
+def raw_requests(method):
+    valid = VALID_BYTES[method].map(lambda request: request.SerializeToString())
+    return st.one_of(
+        st.binary(max_size=200),
+        valid,
+        st.builds(mutate, valid.filter(bool), st.integers(0, 200), st.integers(0, 6),
+                  st.binary(min_size=1, max_size=4)),
+    )
+
+class SteadyClient:
+    """A normal client calling in a thread, each call with its own deadline, until stopped."""
+
+    def __init__(self, address):
+        self.latencies, self.failures = [], []
+        self._channel = connect(address)
+        self._stub = pb_grpc.ClientServiceStub(self._channel)
+        self._stop = threading.Event()
+        self._done = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            client_id = f"steady-{n}"
+            started = time.monotonic()
+            try:
+                reply = self._stub.SendMessage(
+                    pb.MessageRequest(client_id=client_id, message="hello"), timeout=CALL_DEADLINE)
+                assert reply.success
+                statuses = self._stub.GetClientStatus(
+                    pb.ClientStatusRequest(client_id=client_id), timeout=CALL_DEADLINE).statuses
+                assert statuses == {client_id: "connected"}
+            except (grpc.RpcError, AssertionError) as error:
+                self.failures.append(f"call {n}: {error!r}")
+            with self._done:
+                self.latencies.append(time.monotonic() - started)
+                self._done.notify_all()
+
+    def wait_for_calls(self, count):
+        """Wait until count more calls have finished."""
+        with self._done:
+            wanted = len(self.latencies) + count
+            assert self._done.wait_for(lambda: len(self.latencies) >= wanted, DEADLINE * 2), (
+                f"only {len(self.latencies)} of {wanted} calls finished")
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(DEADLINE)
+        self._channel.close()
+
+def open_junk(port, rng, count):
+    """count raw sockets of each kind: garbage, half a preface, silence, stalled HTTP/2."""
+    junk = {"garbage": [], "partial preface": [], "silent": [], "preface then stall": [],
+            "half a frame": []}
+    for _ in range(count):
+        for kind, sockets in junk.items():
+            sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+            if kind == "garbage":
+                garbage = rng.randbytes(rng.randint(1, 4096))
+                sock.sendall(bytes([garbage[0] ^ 0x80]) + garbage[1:])  # never starts with "P"
+            elif kind == "partial preface":
+                sock.sendall(PREFACE[:rng.randint(1, len(PREFACE) - 1)])
+            elif kind == "preface then stall":
+                sock.sendall(PREFACE + EMPTY_SETTINGS)
+            elif kind == "half a frame":
+                sock.sendall(PREFACE + EMPTY_SETTINGS + HALF_A_FRAME)
+            sockets.append(sock)
+    return junk
+
+def hung_up(sock):
+    """Whether the server closes this connection within the deadline."""
+    sock.settimeout(DEADLINE)
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+class Op(NamedTuple):
+    """One Hello or Goodbye as a writer sends it."""
+
+    client_id: str
+    message: str
+    session_id: str = ""
+    lease: int = 0
+
+    def request(self):
+        return pb.MessageRequest(client_id=self.client_id, message=self.message,
+                                 session_id=self.session_id, lease_seconds=self.lease)
+
+class Known(NamedTuple):
+    """What the server holds for a client: its live sessions (None: unknown) and revision."""
+
+    sessions: frozenset | None
+    revision: int
+
+def after(sessions, op):
+    """The live sessions after op (a Goodbye naming no session ends all of them)."""
+    current = sessions or frozenset()
+    if op.message == "hello":
+        return current | {op.session_id}
+    return current - {op.session_id} if op.session_id else frozenset()
+
+def known_from(client):
+    return Known(frozenset(session.session_id for session in client.sessions), client.revision)
+
+def observe(stub, client_id):
+    """What the server says about one client now."""
+    try:
+        reply = stub.GetClientStatus(pb.ClientStatusRequest(client_id=client_id),
+                                     timeout=CALL_DEADLINE)
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
+        return UNKNOWN
+    client = reply.clients[0]
+    known = known_from(client)
+    assert (client.status == pb.STATUS_CONNECTED) == bool(known.sessions), brief(client)
+    assert reply.statuses[client_id] == ("connected" if known.sessions else "disconnected")
+    return known
+
+class Tally:
+    """Acknowledged changes across writers, so the test can wait for a number of them."""
+
+    def __init__(self):
+        self.count = 0
+        self.revision = 0
+        self._changed = threading.Condition()
+
+    def add(self, count, revision):
+        with self._changed:
+            self.count += count
+            self.revision = max(self.revision, revision)
+            self._changed.notify_all()
+
+    def wait_for(self, count):
+        with self._changed:
+            assert self._changed.wait_for(lambda: self.count >= count, DEADLINE), (
+                f"only {self.count} of {count} changes acknowledged within the deadline")
+
+class Writer:
+    """A thread writing Hellos and Goodbyes (default and named sessions, leases, now and then
+    a batch) to its own clients until a call fails. It records the state every acknowledged
+    reply left, and the single call in flight whose answer never came."""
+
+    SESSIONS = ("", "tty1", "tty2", "phone")
+
+    def __init__(self, stub, client_ids, state, rng, tally):
+        self.state = {client_id: state.get(client_id, UNKNOWN) for client_id in client_ids}
+        self.in_flight = []
+        self.errors = []
+        self.surprises = []
+        self.stopping = threading.Event()  # set: end after the call in flight
+        self._stub, self._ids, self._rng, self._tally = stub, client_ids, rng, tally
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def join(self):
+        self._thread.join(DEADLINE)
+        assert not self._thread.is_alive(), "a writer is stuck in a call"
+
+    def _op(self):
+        rng = self._rng
+        client_id, session = rng.choice(self._ids), rng.choice(self.SESSIONS)
+        roll = rng.random()
+        if roll < 0.55:
+            return Op(client_id, "hello", session, rng.choice([0, 0, 600, MAX_LEASE]))
+        if roll < 0.8:
+            return Op(client_id, "goodbye", session)
+        return Op(client_id, "goodbye")
+
+    def _run(self):
+        while not self.stopping.is_set():
+            ops = [self._op() for _ in range(self._rng.randint(2, 4))] if (
+                self._rng.random() < 0.1) else [self._op()]
+            self.in_flight = ops
+            try:
+                if len(ops) == 1:
+                    replies = [self._stub.SendMessage(ops[0].request(), timeout=CALL_DEADLINE)]
+                else:
+                    replies = self._stub.SendMessages(pb.SendMessagesRequest(
+                        requests=[op.request() for op in ops]), timeout=CALL_DEADLINE).responses
+            except grpc.RpcError as error:
+                self.errors.append(error)
+                return
+            for op, reply in zip(ops, replies, strict=True):
+                known = known_from(reply.client)
+                expected = after(self.state[op.client_id].sessions, op)
+                if known.sessions != expected:
+                    self.surprises.append(f"{op} left {set(known.sessions)}, not {set(expected)}")
+                self.state[op.client_id] = known
+            self.in_flight = []
+            self._tally.add(len(ops), max(reply.client.revision for reply in replies))
+
+    def check_survived(self, observed):
+        """Every acknowledged change is there; the call in flight is there wholly or not at all."""
+        lost = [f"{client_id}: acknowledged {self.state[client_id]}, found {observed[client_id]}"
+                for client_id in self._ids
+                if client_id not in {op.client_id for op in self.in_flight}
+                and observed[client_id] != self.state[client_id]]
+        assert not lost, f"{len(lost)} acknowledged changes lost: {lost[:3]}"
+        if not self.in_flight:
+            return "nothing in flight"
+        before = {op.client_id: self.state[op.client_id] for op in self.in_flight}
+        applied = {op.client_id: self.state[op.client_id].sessions for op in self.in_flight}
+        for op in self.in_flight:
+            applied[op.client_id] = after(applied[op.client_id], op)
+        untouched = all(observed[client_id] == known for client_id, known in before.items())
+        committed = all(observed[client_id].sessions == sessions
+                        and observed[client_id].revision >= before[client_id].revision
+                        for client_id, sessions in applied.items())
+        assert untouched or committed, (
+            f"the call in flight {self.in_flight} was half applied: before {before}, "
+            f"after it {applied}, found { {cid: observed[cid] for cid in before} }")
+        return ("in flight, committed" if committed and not untouched else
+                "in flight, not committed" if untouched and not committed else
+                "in flight, either way")
+
+def start_writers(address, client_ids, state, rng, tally, count):
+    """count writers on one channel, each with its own clients and its own random stream."""
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.ClientServiceStub(channel)
+    share = len(client_ids) // count
+    writers = [Writer(stub, client_ids[n * share:(n + 1) * share], state,
+                      random.Random(rng.random()), tally).start() for n in range(count)]
+    return channel, writers
+
+def observe_all(address, client_ids):
+    """Every client's state and the server-wide revision, as the server reports them."""
+    with connect(address) as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        observed = {client_id: observe(stub, client_id) for client_id in client_ids}
+        revision = stub.CountClients(pb.CountClientsRequest(), timeout=CALL_DEADLINE).revision
+    return observed, revision
+
+def replay_seed(name):
+    """A fresh seed, or the one given in the environment to replay a failure; attached."""
+    seed = int(os.environ.get("ROBUSTNESS_SEED") or random.SystemRandom().randrange(2**32))
+    allure.attach(f"{seed}\nreplay: ROBUSTNESS_SEED={seed} pytest -k {name}", "seed")
+    print(f"seed {seed} (replay with ROBUSTNESS_SEED={seed})")
+    return seed
+
+def drain(watch):
+    """Read a Watch to its end: the events it got, and None (clean end) or the RpcError."""
+    events, messages = [], 0
+    while True:
+        message = watch.next()
+        if not isinstance(message, pb.WatchResponse):
+            return events, messages, message
+        messages += 1
+        events += message.events
+
+@pytest.fixture
+def limited_servers():
+    """Start `server.py --store URL` under prlimit's file size limit; all are killed after."""
+    started = []
+
+    def start(fsize, store_url):
+        started.append(ServerProcess("--store", store_url, prefix=["prlimit", f"--fsize={fsize}"]))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.kill()
+
+def failed_start(store_url, *prefix, env=None):
+    """Run a server that must not start; its finished process."""
+    return subprocess.run(
+        [*prefix, sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0",
+         "--store", store_url], cwd=ROOT, capture_output=True, text=True, timeout=DEADLINE,
+        env=env)
+
+def assert_one_clear_line(result, *words):
+    """Exit code 1 and one log line that says what is wrong; no traceback."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and all(word in lines[0] for word in words), (
+        f"expected one line with {words}:\n{result.stderr}")
+    assert result.returncode == 1
+
+def write_until_refused(stub, prefix, limit=20_000):
+    """Hello after hello until the server refuses one: the acknowledged ids and the refusal."""
+    acked = []
+    for n in range(limit):
+        client_id = f"{prefix}{n}"
+        try:
+            reply = stub.SendMessage(pb.MessageRequest(client_id=client_id, message="hello"),
+                                     timeout=CALL_DEADLINE)
+        except grpc.RpcError as error:
+            return acked, client_id, error
+        acked.append((client_id, reply.client.revision))
+    raise AssertionError(f"{limit} writes and none refused: the file size limit did nothing")
+
+@pytest.fixture(scope="module")
+def written_database(tmp_path_factory):
+    """The bytes of a database a real server wrote 300 clients to, then closed cleanly."""
+    path = tmp_path_factory.mktemp("written") / "connections.db"
+    server = ServerProcess("--store", f"sqlite:///{path}")
+    try:
+        with connect(server.address) as channel:
+            pb_grpc.ClientServiceStub(channel).SendMessages(pb.SendMessagesRequest(requests=[
+                pb.MessageRequest(client_id=f"user{n}", message="hello") for n in range(300)]),
+                timeout=CALL_DEADLINE)
+        assert server.terminate() == 0
+    finally:
+        server.stop()
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = path.read_bytes()
+    assert len(data) >= 3 * 4096, "expected a schema page and data pages"
+    return data
+
+def damage(path, written, how):
+    rng = random.Random(how)
+    if how == "a directory":
+        path.mkdir()
+    elif how == "random bytes":
+        path.write_bytes(rng.randbytes(5000))
+    elif how == "a line of text":
+        path.write_bytes(b"this is not a database\n")
+    elif how == "a SQLite header, then garbage":
+        path.write_bytes(written[:100] + rng.randbytes(len(written) - 100))
+    elif how == "an intact schema page, then garbage":
+        path.write_bytes(written[:4096] + rng.randbytes(len(written) - 4096))
+
+def everything_read(stub, watcher_snapshot):
+    """What readers learn of alice by every read, with the revision each reports."""
+    record = stub.GetClientStatus(pb.ClientStatusRequest(client_id="alice"),
+                                  timeout=CALL_DEADLINE).clients[0]
+    counts = stub.CountClients(pb.CountClientsRequest(), timeout=CALL_DEADLINE)
+    page = stub.ListClients(pb.ListClientsRequest(), timeout=CALL_DEADLINE)
+    clients, revision, _ = watcher_snapshot
+    return {"status": (record.status, record.revision),
+            "count": (counts.connected, counts.disconnected, counts.revision),
+            "list": ([(c.client_id, c.status, c.revision) for c in page.clients], page.revision),
+            "watch": ({cid: (c.status, c.revision) for cid, c in clients.items()}, revision)}
+
+
 @allure.story("Fuzzed requests to every RPC")
 @FUZZ
 @given(request=MESSAGE_REQUESTS)
@@ -513,40 +889,6 @@ MALFORMED = [
 ]
 
 
-def raw_outcome(target, method, data):
-    """Send data as the serialized request; the answer parsed, or the RpcError."""
-    call = target.raw(method)
-    answer = first_watch_answer(target, call, data) if method == "Watch" else outcome(call, data)
-    if isinstance(answer, bytes):
-        return RESPONSE_TYPES[method].FromString(answer)
-    return answer
-
-
-def check_raw(target, method, data):
-    answer = raw_outcome(target, method, data)
-    try:
-        request = REQUEST_TYPES[method].FromString(data)
-    except DecodeError:
-        assert isinstance(answer, grpc.RpcError), f"{method}({data!r}) parsed nowhere but here"
-        assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT, (
-            f"{method}({data!r}): {answer.code().name} {answer.details()!r}")
-        assert answer.details().startswith(
-            f"the request is not a valid {REQUEST_TYPES[method].__name__}"), answer.details()
-    else:
-        if method == "CountClients":
-            assert_ok(answer, data)
-            assert answer.total == answer.connected + answer.disconnected
-        else:
-            CHECKS[method](request, answer)
-    target.still_serves()
-
-
-def mutate(data, position, cut, insert):
-    """A valid request's bytes with a few bytes replaced and the tail maybe cut."""
-    position %= len(data) + 1
-    return (data[:position] + insert + data[position + len(insert):])[:len(data) + 4 - cut]
-
-
 VALID_BYTES = {
     "SendMessage": VALID_REQUESTS, "SendMessages": st.lists(VALID_REQUESTS, max_size=3).map(
         lambda requests: pb.SendMessagesRequest(requests=requests)),
@@ -557,16 +899,6 @@ VALID_BYTES = {
     "CountClients": st.just(pb.CountClientsRequest()),
     "Watch": st.builds(pb.WatchRequest, since_revision=st.integers(0, 50)),
 }
-
-
-def raw_requests(method):
-    valid = VALID_BYTES[method].map(lambda request: request.SerializeToString())
-    return st.one_of(
-        st.binary(max_size=200),
-        valid,
-        st.builds(mutate, valid.filter(bool), st.integers(0, 200), st.integers(0, 6),
-                  st.binary(min_size=1, max_size=4)),
-    )
 
 
 @allure.story("Raw bytes to every method")
@@ -593,83 +925,6 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 # a HEADERS frame on stream 1 announcing 1000 bytes, of which 10 ever come
 HALF_A_FRAME = b"\x00\x03\xe8\x01\x04\x00\x00\x00\x01" + b"\x82" * 10
-
-
-class SteadyClient:
-    """A normal client calling in a thread, each call with its own deadline, until stopped."""
-
-    def __init__(self, address):
-        self.latencies, self.failures = [], []
-        self._channel = connect(address)
-        self._stub = pb_grpc.ClientServiceStub(self._channel)
-        self._stop = threading.Event()
-        self._done = threading.Condition()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        n = 0
-        while not self._stop.is_set():
-            n += 1
-            client_id = f"steady-{n}"
-            started = time.monotonic()
-            try:
-                reply = self._stub.SendMessage(
-                    pb.MessageRequest(client_id=client_id, message="hello"), timeout=CALL_DEADLINE)
-                assert reply.success
-                statuses = self._stub.GetClientStatus(
-                    pb.ClientStatusRequest(client_id=client_id), timeout=CALL_DEADLINE).statuses
-                assert statuses == {client_id: "connected"}
-            except (grpc.RpcError, AssertionError) as error:
-                self.failures.append(f"call {n}: {error!r}")
-            with self._done:
-                self.latencies.append(time.monotonic() - started)
-                self._done.notify_all()
-
-    def wait_for_calls(self, count):
-        """Wait until count more calls have finished."""
-        with self._done:
-            wanted = len(self.latencies) + count
-            assert self._done.wait_for(lambda: len(self.latencies) >= wanted, DEADLINE * 2), (
-                f"only {len(self.latencies)} of {wanted} calls finished")
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join(DEADLINE)
-        self._channel.close()
-
-
-def open_junk(port, rng, count):
-    """count raw sockets of each kind: garbage, half a preface, silence, stalled HTTP/2."""
-    junk = {"garbage": [], "partial preface": [], "silent": [], "preface then stall": [],
-            "half a frame": []}
-    for _ in range(count):
-        for kind, sockets in junk.items():
-            sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
-            if kind == "garbage":
-                garbage = rng.randbytes(rng.randint(1, 4096))
-                sock.sendall(bytes([garbage[0] ^ 0x80]) + garbage[1:])  # never starts with "P"
-            elif kind == "partial preface":
-                sock.sendall(PREFACE[:rng.randint(1, len(PREFACE) - 1)])
-            elif kind == "preface then stall":
-                sock.sendall(PREFACE + EMPTY_SETTINGS)
-            elif kind == "half a frame":
-                sock.sendall(PREFACE + EMPTY_SETTINGS + HALF_A_FRAME)
-            sockets.append(sock)
-    return junk
-
-
-def hung_up(sock):
-    """Whether the server closes this connection within the deadline."""
-    sock.settimeout(DEADLINE)
-    try:
-        while sock.recv(65536):
-            pass
-    except (ConnectionResetError, BrokenPipeError):
-        pass
-    except TimeoutError:
-        return False
-    return True
 
 
 @allure.story("Junk connections on the port")
@@ -706,183 +961,7 @@ def test_garbage_and_half_open_connections_do_not_disturb_other_clients(presence
 # --- writers that know what every acknowledged change left behind -------------------------
 
 
-class Op(NamedTuple):
-    """One Hello or Goodbye as a writer sends it."""
-
-    client_id: str
-    message: str
-    session_id: str = ""
-    lease: int = 0
-
-    def request(self):
-        return pb.MessageRequest(client_id=self.client_id, message=self.message,
-                                 session_id=self.session_id, lease_seconds=self.lease)
-
-
-class Known(NamedTuple):
-    """What the server holds for a client: its live sessions (None: unknown) and revision."""
-
-    sessions: frozenset | None
-    revision: int
-
-
 UNKNOWN = Known(None, 0)
-
-
-def after(sessions, op):
-    """The live sessions after op (a Goodbye naming no session ends all of them)."""
-    current = sessions or frozenset()
-    if op.message == "hello":
-        return current | {op.session_id}
-    return current - {op.session_id} if op.session_id else frozenset()
-
-
-def known_from(client):
-    return Known(frozenset(session.session_id for session in client.sessions), client.revision)
-
-
-def observe(stub, client_id):
-    """What the server says about one client now."""
-    try:
-        reply = stub.GetClientStatus(pb.ClientStatusRequest(client_id=client_id),
-                                     timeout=CALL_DEADLINE)
-    except grpc.RpcError as error:
-        assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
-        return UNKNOWN
-    client = reply.clients[0]
-    known = known_from(client)
-    assert (client.status == pb.STATUS_CONNECTED) == bool(known.sessions), brief(client)
-    assert reply.statuses[client_id] == ("connected" if known.sessions else "disconnected")
-    return known
-
-
-class Tally:
-    """Acknowledged changes across writers, so the test can wait for a number of them."""
-
-    def __init__(self):
-        self.count = 0
-        self.revision = 0
-        self._changed = threading.Condition()
-
-    def add(self, count, revision):
-        with self._changed:
-            self.count += count
-            self.revision = max(self.revision, revision)
-            self._changed.notify_all()
-
-    def wait_for(self, count):
-        with self._changed:
-            assert self._changed.wait_for(lambda: self.count >= count, DEADLINE), (
-                f"only {self.count} of {count} changes acknowledged within the deadline")
-
-
-class Writer:
-    """A thread writing Hellos and Goodbyes (default and named sessions, leases, now and then
-    a batch) to its own clients until a call fails. It records the state every acknowledged
-    reply left, and the single call in flight whose answer never came."""
-
-    SESSIONS = ("", "tty1", "tty2", "phone")
-
-    def __init__(self, stub, client_ids, state, rng, tally):
-        self.state = {client_id: state.get(client_id, UNKNOWN) for client_id in client_ids}
-        self.in_flight = []
-        self.errors = []
-        self.surprises = []
-        self.stopping = threading.Event()  # set: end after the call in flight
-        self._stub, self._ids, self._rng, self._tally = stub, client_ids, rng, tally
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self):
-        self._thread.start()
-        return self
-
-    def join(self):
-        self._thread.join(DEADLINE)
-        assert not self._thread.is_alive(), "a writer is stuck in a call"
-
-    def _op(self):
-        rng = self._rng
-        client_id, session = rng.choice(self._ids), rng.choice(self.SESSIONS)
-        roll = rng.random()
-        if roll < 0.55:
-            return Op(client_id, "hello", session, rng.choice([0, 0, 600, MAX_LEASE]))
-        if roll < 0.8:
-            return Op(client_id, "goodbye", session)
-        return Op(client_id, "goodbye")
-
-    def _run(self):
-        while not self.stopping.is_set():
-            ops = [self._op() for _ in range(self._rng.randint(2, 4))] if (
-                self._rng.random() < 0.1) else [self._op()]
-            self.in_flight = ops
-            try:
-                if len(ops) == 1:
-                    replies = [self._stub.SendMessage(ops[0].request(), timeout=CALL_DEADLINE)]
-                else:
-                    replies = self._stub.SendMessages(pb.SendMessagesRequest(
-                        requests=[op.request() for op in ops]), timeout=CALL_DEADLINE).responses
-            except grpc.RpcError as error:
-                self.errors.append(error)
-                return
-            for op, reply in zip(ops, replies, strict=True):
-                known = known_from(reply.client)
-                expected = after(self.state[op.client_id].sessions, op)
-                if known.sessions != expected:
-                    self.surprises.append(f"{op} left {set(known.sessions)}, not {set(expected)}")
-                self.state[op.client_id] = known
-            self.in_flight = []
-            self._tally.add(len(ops), max(reply.client.revision for reply in replies))
-
-    def check_survived(self, observed):
-        """Every acknowledged change is there; the call in flight is there wholly or not at all."""
-        lost = [f"{client_id}: acknowledged {self.state[client_id]}, found {observed[client_id]}"
-                for client_id in self._ids
-                if client_id not in {op.client_id for op in self.in_flight}
-                and observed[client_id] != self.state[client_id]]
-        assert not lost, f"{len(lost)} acknowledged changes lost: {lost[:3]}"
-        if not self.in_flight:
-            return "nothing in flight"
-        before = {op.client_id: self.state[op.client_id] for op in self.in_flight}
-        applied = {op.client_id: self.state[op.client_id].sessions for op in self.in_flight}
-        for op in self.in_flight:
-            applied[op.client_id] = after(applied[op.client_id], op)
-        untouched = all(observed[client_id] == known for client_id, known in before.items())
-        committed = all(observed[client_id].sessions == sessions
-                        and observed[client_id].revision >= before[client_id].revision
-                        for client_id, sessions in applied.items())
-        assert untouched or committed, (
-            f"the call in flight {self.in_flight} was half applied: before {before}, "
-            f"after it {applied}, found { {cid: observed[cid] for cid in before} }")
-        return ("in flight, committed" if committed and not untouched else
-                "in flight, not committed" if untouched and not committed else
-                "in flight, either way")
-
-
-def start_writers(address, client_ids, state, rng, tally, count):
-    """count writers on one channel, each with its own clients and its own random stream."""
-    channel = grpc.insecure_channel(address)
-    stub = pb_grpc.ClientServiceStub(channel)
-    share = len(client_ids) // count
-    writers = [Writer(stub, client_ids[n * share:(n + 1) * share], state,
-                      random.Random(rng.random()), tally).start() for n in range(count)]
-    return channel, writers
-
-
-def observe_all(address, client_ids):
-    """Every client's state and the server-wide revision, as the server reports them."""
-    with connect(address) as channel:
-        stub = pb_grpc.ClientServiceStub(channel)
-        observed = {client_id: observe(stub, client_id) for client_id in client_ids}
-        revision = stub.CountClients(pb.CountClientsRequest(), timeout=CALL_DEADLINE).revision
-    return observed, revision
-
-
-def replay_seed(name):
-    """A fresh seed, or the one given in the environment to replay a failure; attached."""
-    seed = int(os.environ.get("ROBUSTNESS_SEED") or random.SystemRandom().randrange(2**32))
-    allure.attach(f"{seed}\nreplay: ROBUSTNESS_SEED={seed} pytest -k {name}", "seed")
-    print(f"seed {seed} (replay with ROBUSTNESS_SEED={seed})")
-    return seed
 
 
 # --- 4. kill -9 at random moments ---------------------------------------------------------
@@ -930,17 +1009,6 @@ def test_repeated_kill_9_at_random_moments_loses_no_acknowledged_change(server_p
 
 
 # --- 5. SIGTERM under load ----------------------------------------------------------------
-
-
-def drain(watch):
-    """Read a Watch to its end: the events it got, and None (clean end) or the RpcError."""
-    events, messages = [], 0
-    while True:
-        message = watch.next()
-        if not isinstance(message, pb.WatchResponse):
-            return events, messages, message
-        messages += 1
-        events += message.events
 
 
 @allure.story("SIGTERM under load")
@@ -1003,51 +1071,6 @@ def test_sigterm_under_load_finishes_calls_ends_watches_cleanly_and_keeps_every_
 # --- 6. a full disk and unusable databases ------------------------------------------------
 
 
-@pytest.fixture
-def limited_servers():
-    """Start `server.py --store URL` under prlimit's file size limit; all are killed after."""
-    started = []
-
-    def start(fsize, store_url):
-        started.append(ServerProcess("--store", store_url, prefix=["prlimit", f"--fsize={fsize}"]))
-        return started[-1]
-
-    yield start
-    for server in started:
-        server.kill()
-
-
-def failed_start(store_url, *prefix, env=None):
-    """Run a server that must not start; its finished process."""
-    return subprocess.run(
-        [*prefix, sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0",
-         "--store", store_url], cwd=ROOT, capture_output=True, text=True, timeout=DEADLINE,
-        env=env)
-
-
-def assert_one_clear_line(result, *words):
-    """Exit code 1 and one log line that says what is wrong; no traceback."""
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and all(word in lines[0] for word in words), (
-        f"expected one line with {words}:\n{result.stderr}")
-    assert result.returncode == 1
-
-
-def write_until_refused(stub, prefix, limit=20_000):
-    """Hello after hello until the server refuses one: the acknowledged ids and the refusal."""
-    acked = []
-    for n in range(limit):
-        client_id = f"{prefix}{n}"
-        try:
-            reply = stub.SendMessage(pb.MessageRequest(client_id=client_id, message="hello"),
-                                     timeout=CALL_DEADLINE)
-        except grpc.RpcError as error:
-            return acked, client_id, error
-        acked.append((client_id, reply.client.revision))
-    raise AssertionError(f"{limit} writes and none refused: the file size limit did nothing")
-
-
 FULL_DISK_LIMIT = 256 * 1024  # room for the schema and some dozens of commits in the WAL
 
 
@@ -1059,40 +1082,6 @@ def test_full_disk_at_start_is_one_clear_line_and_exit_1(tmp_path):
                   if not name.startswith("COVERAGE_")}
     result = failed_start(f"sqlite:///{path}", "prlimit", "--fsize=0", env=unmeasured)
     assert_one_clear_line(result, "cannot start", "cannot open SQLite database", str(path))
-
-
-@pytest.fixture(scope="module")
-def written_database(tmp_path_factory):
-    """The bytes of a database a real server wrote 300 clients to, then closed cleanly."""
-    path = tmp_path_factory.mktemp("written") / "connections.db"
-    server = ServerProcess("--store", f"sqlite:///{path}")
-    try:
-        with connect(server.address) as channel:
-            pb_grpc.ClientServiceStub(channel).SendMessages(pb.SendMessagesRequest(requests=[
-                pb.MessageRequest(client_id=f"user{n}", message="hello") for n in range(300)]),
-                timeout=CALL_DEADLINE)
-        assert server.terminate() == 0
-    finally:
-        server.stop()
-    with closing(sqlite3.connect(path)) as db:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    data = path.read_bytes()
-    assert len(data) >= 3 * 4096, "expected a schema page and data pages"
-    return data
-
-
-def damage(path, written, how):
-    rng = random.Random(how)
-    if how == "a directory":
-        path.mkdir()
-    elif how == "random bytes":
-        path.write_bytes(rng.randbytes(5000))
-    elif how == "a line of text":
-        path.write_bytes(b"this is not a database\n")
-    elif how == "a SQLite header, then garbage":
-        path.write_bytes(written[:100] + rng.randbytes(len(written) - 100))
-    elif how == "an intact schema page, then garbage":
-        path.write_bytes(written[:4096] + rng.randbytes(len(written) - 4096))
 
 
 @allure.story("Full disk and unusable database")
@@ -1164,19 +1153,6 @@ def test_a_write_the_store_refused_is_not_visible_to_readers(limited_servers, sq
 
 
 HELD_COMMIT_SERVER = ROOT / "tests" / "held_commit_server.py"
-
-
-def everything_read(stub, watcher_snapshot):
-    """What readers learn of alice by every read, with the revision each reports."""
-    record = stub.GetClientStatus(pb.ClientStatusRequest(client_id="alice"),
-                                  timeout=CALL_DEADLINE).clients[0]
-    counts = stub.CountClients(pb.CountClientsRequest(), timeout=CALL_DEADLINE)
-    page = stub.ListClients(pb.ListClientsRequest(), timeout=CALL_DEADLINE)
-    clients, revision, _ = watcher_snapshot
-    return {"status": (record.status, record.revision),
-            "count": (counts.connected, counts.disconnected, counts.revision),
-            "list": ([(c.client_id, c.status, c.revision) for c in page.clients], page.revision),
-            "watch": ({cid: (c.status, c.revision) for cid, c in clients.items()}, revision)}
 
 
 @allure.story("Reads show only durable state")

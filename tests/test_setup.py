@@ -20,6 +20,18 @@ pytestmark = [allure.feature("Setup and report")]
 TEST_FILES = [ROOT / "test_grpc_system.py", *sorted((ROOT / "tests").glob("test_*.py"))]
 
 
+def function_lines(path, name):
+    """The line numbers of a top-level function's body."""
+    function = next(node for node in ast.parse(path.read_text()).body
+                    if isinstance(node, ast.FunctionDef) and node.name == name)
+    return set(range(function.body[0].lineno, function.end_lineno + 1))
+
+def features_in_tests():
+    """Every feature label the test files give the report."""
+    return {feature for path in TEST_FILES
+            for feature in re.findall(r'allure\.feature\("([^"]+)"\)', path.read_text())}
+
+
 @allure.story("Make targets")
 def test_two_makes_at_once_set_up_the_venv_once_and_both_succeed(tmp_path):
     shutil.copy(ROOT / "Makefile", tmp_path)
@@ -58,13 +70,6 @@ def test_ci_runs_ruff_and_mypy_before_the_tests():
         ["ruff", "check", "."], ["mypy"]]  # mypy checks the files pyproject.toml names
 
 
-def function_lines(path, name):
-    """The line numbers of a top-level function's body."""
-    function = next(node for node in ast.parse(path.read_text()).body
-                    if isinstance(node, ast.FunctionDef) and node.name == name)
-    return set(range(function.body[0].lineno, function.end_lineno + 1))
-
-
 @allure.story("Lint and coverage")
 def test_coverage_counts_the_lines_a_server_subprocess_runs(tmp_path):
     """serve() runs only in `python server.py`, a subprocess of the test under coverage."""
@@ -85,12 +90,6 @@ def test_coverage_counts_the_lines_a_server_subprocess_runs(tmp_path):
         data.read()
         measured = set(data.lines(str(ROOT / "server.py")) or ())
         assert measured & function_lines(ROOT / "server.py", "serve")
-
-
-def features_in_tests():
-    """Every feature label the test files give the report."""
-    return {feature for path in TEST_FILES
-            for feature in re.findall(r'allure\.feature\("([^"]+)"\)', path.read_text())}
 
 
 @allure.story("Allure report")

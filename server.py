@@ -377,8 +377,8 @@ class Registry:
             record, change = self._decide_locked(message, now)
             ticket = self._hand_over_locked((record,), (change,) if change else ())
         self._await(ticket)
-        if change and logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s", describe_change(change))
+        if change:
+            log_changes((change,))
         return record, change
 
     def apply_many(self, messages: Sequence[Message],
@@ -398,10 +398,7 @@ class Registry:
                 raise
             ticket = self._hand_over_results_locked(results)
         self._await(ticket)
-        if logger.isEnabledFor(logging.DEBUG):
-            for _, change in results:
-                if change:
-                    logger.debug("%s", describe_change(change))
+        log_changes(change for _, change in results)
         return results
 
     def _decide_all_locked(self, messages, now, overlay=None):
@@ -439,10 +436,7 @@ class Registry:
             ticket = self._hand_over_results_locked(results)
         self._await(ticket)
         changes = [change for _, change in results if change]
-        for change in changes[:10]:
-            logger.info("%s", describe_change(change))
-        if len(changes) > 10:
-            logger.info("%d more leases expired", len(changes) - 10)
+        log_expired(changes)
         return changes
 
     def seconds_to_next_expiry(self) -> float:
@@ -819,13 +813,11 @@ class SharedRegistry(Registry):
         except StoreError as error:  # saved all the same: say so, do not refuse
             logger.warning("a change saved in the shared store is not in this replica's cache "
                            "yet: %s", error)
-        final = [(record._replace(revision=revision), change and Change(
-                     change.kind, record._replace(revision=revision), change.session_id))
-                 for (record, change), revision in zip(results, result.revisions, strict=True)]
-        if logger.isEnabledFor(logging.DEBUG):
-            for _, change in final:
-                if change:
-                    logger.debug("%s", describe_change(change))
+        final: list[Applied] = []
+        for (record, change), revision in zip(results, result.revisions, strict=True):
+            saved = record._replace(revision=revision)
+            final.append((saved, change and Change(change.kind, saved, change.session_id)))
+        log_changes(change for _, change in final)
         return final
 
     @staticmethod
@@ -855,8 +847,7 @@ class SharedRegistry(Registry):
             if done:  # else another replica changed it first: the next pass looks again
                 changes.append(Change(change.kind, ended._replace(revision=revision),
                                       session_id))
-        for change in changes[:10]:
-            logger.info("%s", describe_change(change))
+        log_expired(changes)
         return changes
 
     def seconds_to_next_expiry(self) -> float:
@@ -892,6 +883,23 @@ def describe_change(change):
     return (f"{record.client_id}{session}: {change.kind.name.lower()} ({change.reason}); "
             f"{STATUS_WORDS[record.status]} with {len(record.sessions)} sessions, "
             f"revision {change.revision}")
+
+
+def log_changes(changes):
+    """Each change (None for a message that changed nothing) at DEBUG; checked first, so the
+    hot path pays nothing for it at the default level."""
+    if logger.isEnabledFor(logging.DEBUG):
+        for change in changes:
+            if change:
+                logger.debug("%s", describe_change(change))
+
+
+def log_expired(changes):
+    """Expired leases at INFO: the first ten, then how many more."""
+    for change in changes[:10]:
+        logger.info("%s", describe_change(change))
+    if len(changes) > 10:
+        logger.info("%d more leases expired", len(changes) - 10)
 
 
 REAPER_MAX_SLEEP = 1.0

@@ -16,6 +16,12 @@ class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STATUS_CONNECTED: _ClassVar[Status]
     STATUS_DISCONNECTED: _ClassVar[Status]
 
+class SessionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SESSION_KIND_UNSPECIFIED: _ClassVar[SessionKind]
+    SESSION_KIND_MESSAGE: _ClassVar[SessionKind]
+    SESSION_KIND_ATTACHED: _ClassVar[SessionKind]
+
 class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     EVENT_KIND_UNSPECIFIED: _ClassVar[EventKind]
@@ -26,6 +32,9 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 STATUS_UNSPECIFIED: Status
 STATUS_CONNECTED: Status
 STATUS_DISCONNECTED: Status
+SESSION_KIND_UNSPECIFIED: SessionKind
+SESSION_KIND_MESSAGE: SessionKind
+SESSION_KIND_ATTACHED: SessionKind
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_CONNECTED: EventKind
 EVENT_DISCONNECTED: EventKind
@@ -33,12 +42,14 @@ EVENT_SESSION_STARTED: EventKind
 EVENT_SESSION_ENDED: EventKind
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "expires_at")
+    __slots__ = ("session_id", "expires_at", "kind")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, session_id: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    kind: SessionKind
+    def __init__(self, session_id: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[_Union[SessionKind, str]] = ...) -> None: ...
 
 class Client(_message.Message):
     __slots__ = ("client_id", "status", "changed_at", "last_seen", "revision", "sessions", "reason")
@@ -188,3 +199,29 @@ class WatchResponse(_message.Message):
     events: _containers.RepeatedCompositeFieldContainer[Event]
     revision: int
     def __init__(self, snapshot: _Optional[_Iterable[_Union[Client, _Mapping]]] = ..., snapshot_complete: _Optional[bool] = ..., resync: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("client_id", "session_id")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    session_id: str
+    def __init__(self, client_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("notice", "client", "reattach_seconds")
+    class Notice(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        NOTICE_UNSPECIFIED: _ClassVar[AttachResponse.Notice]
+        ATTACHED: _ClassVar[AttachResponse.Notice]
+        SERVER_STOPPING: _ClassVar[AttachResponse.Notice]
+    NOTICE_UNSPECIFIED: AttachResponse.Notice
+    ATTACHED: AttachResponse.Notice
+    SERVER_STOPPING: AttachResponse.Notice
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    REATTACH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    notice: AttachResponse.Notice
+    client: Client
+    reattach_seconds: int
+    def __init__(self, notice: _Optional[_Union[AttachResponse.Notice, str]] = ..., client: _Optional[_Union[Client, _Mapping]] = ..., reattach_seconds: _Optional[int] = ...) -> None: ...

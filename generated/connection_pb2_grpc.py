@@ -64,6 +64,11 @@ class ClientServiceStub:
                 request_serializer=generated_dot_connection__pb2.WatchRequest.SerializeToString,
                 response_deserializer=generated_dot_connection__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_stream(
+                '/client_service.ClientService/Attach',
+                request_serializer=generated_dot_connection__pb2.AttachRequest.SerializeToString,
+                response_deserializer=generated_dot_connection__pb2.AttachResponse.FromString,
+                _registered_method=True)
 
 
 class ClientServiceServicer:
@@ -116,6 +121,17 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """Keep one session of a client live for exactly as long as this stream
+        lives. The first message says it is attached; when the stream ends for
+        any reason (the client leaves, is killed, loses its network) the session
+        ends with the reason "connection closed". Attaching a session that is
+        already attached takes it over: the older stream ends with ABORTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +164,11 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=generated_dot_connection__pb2.WatchRequest.FromString,
                     response_serializer=generated_dot_connection__pb2.WatchResponse.SerializeToString,
+            ),
+            'Attach': grpc.unary_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=generated_dot_connection__pb2.AttachRequest.FromString,
+                    response_serializer=generated_dot_connection__pb2.AttachResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +333,33 @@ class ClientService:
             '/client_service.ClientService/Watch',
             generated_dot_connection__pb2.WatchRequest.SerializeToString,
             generated_dot_connection__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/client_service.ClientService/Attach',
+            generated_dot_connection__pb2.AttachRequest.SerializeToString,
+            generated_dot_connection__pb2.AttachResponse.FromString,
             options,
             channel_credentials,
             insecure,

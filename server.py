@@ -646,6 +646,23 @@ SHARED_MAX_CONFLICTS = 20
 SHARED_EXPIRY_BATCH = 1000
 
 
+class _Write:
+    """One writer's messages on a replica, waiting to be committed with the others' in one
+    call to the shared store, and what became of them."""
+
+    __slots__ = ("messages", "check", "now", "bases", "results", "result", "error", "done")
+
+    def __init__(self, messages, check, now):
+        self.messages = messages
+        self.check = check
+        self.now = now
+        self.bases = None  # client id -> (record, stored bytes) the store last answered, if any
+        self.results = []  # (record, change or None) of each message, as last worked out
+        self.result = None  # the last commit's CommitResult
+        self.error = None  # what refused the write, if something did
+        self.done = False
+
+
 class SharedRegistry(Registry):
     """A replica's registry over a store that several servers share (redis://): a cache.
 
@@ -669,6 +686,11 @@ class SharedRegistry(Registry):
         self._unreachable = None  # why the follower cannot reach the store, or None
         self._failures = 0  # the follower's failed reads so far
         self._retry = threading.Event()  # set to have the follower try again at once
+        self._queue_lock = threading.Lock()  # guards _queued
+        self._queued: list[_Write] = []  # writes waiting for the next commit call
+        self._commit_lock = threading.Lock()  # held by the writer making the commit call
+        # client id -> (stream position, record) this replica saved and the cache lacks yet
+        self._saved: dict[str, tuple[tuple[int, int], Client]] = {}
         super().__init__(store, clock, history, max_sessions)  # type: ignore[arg-type]
         self._caught_up = threading.Condition(self._lock)
         self._stopping = threading.Event()
@@ -720,7 +742,7 @@ class SharedRegistry(Registry):
             self._retry.wait(SHARED_RETRY_SECONDS)
             return f"{self._applied[0]}-{self._applied[1]}"
         with self._lock:
-            self._clients = {}
+            self._clients, self._saved = {}, {}
             self._load(records)
             self._applied = stream_id(at)
             self.durable_revision = self.revision
@@ -745,6 +767,9 @@ class SharedRegistry(Registry):
                 if kind is not None:
                     changes.append(Change(kind, record, session_id))
                 self._applied = stream_id(entry_id)
+                saved = self._saved.get(record.client_id) if self._saved else None
+                if saved is not None and saved[0] <= self._applied:
+                    del self._saved[record.client_id]
             if changes:
                 self.log.append(changes)
                 self.revision = self.durable_revision = changes[-1].revision
@@ -779,7 +804,8 @@ class SharedRegistry(Registry):
                              "Redis restored or run without appendonly?); restart the replicas")
         self._wait_applied(newest)
 
-    # -- writes: compare-and-set in the store, retried from the stored record
+    # -- writes: compare-and-set in the store, several writers in one call, retried from the
+    # stored record
 
     def apply_one(self, message: Message) -> tuple[Client, Change | None]:
         (record, change), = self.apply_many((message,))
@@ -789,47 +815,115 @@ class SharedRegistry(Registry):
                    check: Callable[[list[Applied]], object] | None = None) -> list[Applied]:
         if not messages:
             return []
-        now = self._clock()
-        bases = {}  # client id -> (record, stored bytes) each change is worked out from
-        for message in messages:
-            if message.client_id not in bases:
-                record = self._clients.get(message.client_id)
-                bases[message.client_id] = (record, encode_record(record) if record else None)
+        write = _Write(messages, check, self._clock())
         for _ in range(SHARED_MAX_CONFLICTS):
-            with self._lock:
-                overlay = {client_id: old for client_id, (old, _) in bases.items() if old}
-                results = self._decide_all_locked(messages, now, overlay)
-            if check is not None:
-                check(results)
-            result = self._store.commit_many(self._commit_items(results, bases))
-            if result.ok:
+            self._commit_together(write)
+            if write.result.ok:
                 break
-            bases = self._store.fetch_many(list(bases))  # all of them: the cache is behind
+            write.bases = {client_id: (decode_record(client_id, stored) if stored else None,
+                                       stored) for client_id, stored in write.result.stored.items()}
         else:
             raise StoreError("too many concurrent changes to the same clients on other replicas; "
                              "try again")
+        result = write.result
         try:
             self._wait_applied(stream_id(result.ids[-1]))
         except StoreError as error:  # saved all the same: say so, do not refuse
             logger.warning("a change saved in the shared store is not in this replica's cache "
                            "yet: %s", error)
         final: list[Applied] = []
-        for (record, change), revision in zip(results, result.revisions, strict=True):
+        for (record, change), revision in zip(write.results, result.revisions, strict=True):
             saved = record._replace(revision=revision)
             final.append((saved, change and Change(change.kind, saved, change.session_id)))
         log_changes(change for _, change in final)
         return final
 
-    @staticmethod
-    def _commit_items(results, bases):
-        items, seen = [], set()
+    def _commit_together(self, write):
+        """Have write committed with every other write waiting meanwhile, in one store call:
+        by this thread, or by the one that held the commit lock before it took write along."""
+        write.done, write.error = False, None
+        with self._queue_lock:
+            self._queued.append(write)
+        with self._commit_lock:
+            if not write.done:
+                self._commit_queued()
+        if write.error is not None:
+            raise write.error
+
+    def _commit_queued(self):
+        """Work out every queued write, each following from those before it in the call, and
+        commit them in one call; called holding the commit lock."""
+        with self._queue_lock:
+            writes, self._queued = self._queued, []
+        writes.sort(key=lambda write: write.bases is None)  # retries first: their bases are fresh
+        groups, taken = [], []
+        with self._lock:
+            called: dict[str, Client] = {}  # client id -> its record after the call so far
+            for write in writes:
+                try:
+                    groups.append(self._decide_write_locked(write, called))
+                    taken.append(write)
+                except Exception as error:  # a limit or the check: this writer's alone
+                    write.error, write.done = error, True
+        try:
+            results = self._store.commit_groups(groups)
+        except StoreError as error:
+            for write in taken:
+                write.error, write.done = error, True
+            return
+        with self._lock:
+            for write, result in zip(taken, results, strict=True):
+                write.result, write.done = result, True
+                if result.ok:
+                    self._remember_saved_locked(write.results, result)
+
+    def _decide_write_locked(self, write, called):
+        """Write's outcome and its commit items, from the records after the writes before it in
+        this call, else from what its writer last learnt of the store, else from the cache."""
+        overlay, expected = {}, {}
+        for message in write.messages:
+            client_id = message.client_id
+            if client_id in overlay or client_id in expected:
+                continue
+            if client_id in called:
+                overlay[client_id] = called[client_id]
+                continue
+            record, stored = (write.bases[client_id] if write.bases and client_id in write.bases
+                              else self._base_locked(client_id))
+            expected[client_id] = stored
+            if record is not None:
+                overlay[client_id] = record
+        results = self._decide_all_locked(write.messages, write.now, overlay)
+        if write.check is not None:
+            write.check(results)
+        write.results = results
+        items = []
         for record, change in results:
             client_id = record.client_id
-            expected = bases[client_id][1] if client_id not in seen else None
-            seen.add(client_id)
-            items.append((client_id, expected, record,
+            items.append((client_id, expected.pop(client_id, None), record,
                           (change.kind, change.session_id) if change else None))
+            called[client_id] = record
         return items
+
+    def _base_locked(self, client_id):
+        """The newest record of a client this replica knows and its stored bytes: one it saved
+        itself that the follower has yet to apply, else the cache's."""
+        saved = self._saved.get(client_id)
+        if saved is not None:
+            if saved[0] > self._applied:
+                return saved[1], encode_record(saved[1])
+            del self._saved[client_id]
+        record = self._clients.get(client_id)
+        return record, encode_record(record) if record is not None else None
+
+    def _remember_saved_locked(self, results, result):
+        """Keep the records a call saved until the follower has them, so the next call works
+        out changes from them rather than from the cache they have not reached."""
+        for (record, _), revision, entry_id in zip(results, result.revisions, result.ids,
+                                                   strict=True):
+            position = stream_id(entry_id)
+            if position > self._applied:
+                self._saved[record.client_id] = (position, record._replace(revision=revision))
 
     def expire_due(self) -> list[Change]:
         """End the sessions whose lease ran out, as the store's lease set says: each once."""
@@ -1526,72 +1620,92 @@ REDIS_URL_FORMS = ("redis://[:PASSWORD@]HOST:PORT/DB or "
                    "rediss://[:PASSWORD@]HOST:PORT/DB?ca=CA_FILE")
 _LEASE_SEPARATOR = "\0"  # ids never hold control characters
 
-# Commit records in one call, each only if the client's stored record is still the one its
-# writer read: all or none ('whole'), or each on its own ('each'; an item refused leaves out the
-# later items of its client, which follow from it). A client met again later in the same call
-# follows from its earlier item, so only its first item is compared. Every item saved is
+# Commit the writes of several writers in one call: each writer's items (a group) are saved
+# together or not at all, and only if each client's stored record is still the one its writer
+# read; a group refused leaves the others alone. A client met again later in the call follows
+# from its earlier item, so only its first item is compared, and a group with a client of a
+# refused group is refused too (it followed from what was not saved). Every item saved is
 # appended to the stream: a change as <its new revision>-0, a renewal (no revision of its own)
 # as <the current revision>-<n>.
 # KEYS: the records hash, the revision counter, the change stream, the lease set.
-# ARGV: 'whole' or 'each', the history to keep; then per item: client id, the record its writer
-# read ('' when none), the record after its revision, the event kind ('' for a renewal), the
-# session id, the revision a renewal keeps, how many lease members to remove and those members,
-# how many leases to set and a score and member for each. Two passes: compare, then save.
-# Answers {0, index, stored record} when a whole call is refused, else {1, the revision of
-# each item (0 when refused), the stored record of each refused item, the stream id of each
-# item saved}.
+# ARGV: the history to keep; then per group its number of items and per item: client id, the
+# record its writer read ('' when none), the record after its revision, the event kind ('' for
+# a renewal), the session id, the revision a renewal keeps, how many lease members to remove
+# and those members, how many leases to set and a score and member for each. Two passes:
+# compare, then save.
+# Answers {the revision of each item (0 when refused), the stream id of each item saved, the
+# stored record of each item refused (after the call), per group the position in it of the
+# item whose stored record had changed (0 when it followed a refused group or was saved)}.
 _COMMIT_SCRIPT = """
-local whole, history, count, at, index = ARGV[1] == 'whole', ARGV[2], #ARGV, 3, 0
-local stored, refused = {}, {}
-while at <= count do
-  local client = ARGV[at]
-  if stored[client] == nil then
-    local current = redis.call('HGET', KEYS[1], client)
-    stored[client] = current or false
-    if (current or '') ~= ARGV[at + 1] then
-      if whole then return {0, index, current} end
-      refused[client] = true
-    end
-  end
-  local leases_at = at + 7 + tonumber(ARGV[at + 6])
-  at = leases_at + 1 + 2 * tonumber(ARGV[leases_at])
-  index = index + 1
+local history, count, at = ARGV[1], #ARGV, 2
+local stored, refused, groups, conflicts = {}, {}, {}, {}
+local function skip(from)
+  local leases_at = from + 7 + tonumber(ARGV[from + 6])
+  return leases_at + 1 + 2 * tonumber(ARGV[leases_at])
 end
-local revisions, currents, ids, latest = {}, {}, {}, {}
-at, index = 3, 1
 while at <= count do
-  local client, tail, kind, revision = ARGV[at], ARGV[at + 2], ARGV[at + 3], ARGV[at + 5]
-  local removed = tonumber(ARGV[at + 6])
-  local leases_at = at + 7 + removed
-  local leased = tonumber(ARGV[leases_at])
-  if refused[client] then
-    revisions[index], currents[index] = 0, stored[client]
-  else
-    if kind ~= '' then
-      revision = string.format('%d', redis.call('INCR', KEYS[2]))
-      latest[client] = revision
-    elseif latest[client] then
-      revision = latest[client]  -- a renewal after a change of this call keeps that revision
+  local size, clients, conflict = tonumber(ARGV[at]), {}, nil
+  local group = {at + 1, size}
+  at = at + 1
+  for position = 1, size do
+    local client = ARGV[at]
+    clients[position] = client
+    if stored[client] == nil then
+      local current = redis.call('HGET', KEYS[1], client)
+      stored[client] = current or false
+      if conflict == nil and (current or '') ~= ARGV[at + 1] then conflict = position end
+    elseif refused[client] and conflict == nil then
+      conflict = 0
     end
-    local record = revision .. tail
-    if kind ~= '' then
-      ids[index] = redis.call('XADD', KEYS[3], 'MAXLEN', '~', history, revision .. '-0',
-                              'c', client, 'r', record, 'k', kind, 's', ARGV[at + 4])
+    at = skip(at)
+  end
+  if conflict ~= nil then
+    for _, client in ipairs(clients) do refused[client] = true end
+  end
+  group[3] = conflict
+  groups[#groups + 1] = group
+  conflicts[#groups] = conflict or 0
+end
+local revisions, ids, currents, latest, index = {}, {}, {}, {}, 1
+for _, group in ipairs(groups) do
+  at = group[1]
+  for _ = 1, group[2] do
+    local client, tail, kind, revision = ARGV[at], ARGV[at + 2], ARGV[at + 3], ARGV[at + 5]
+    local removed = tonumber(ARGV[at + 6])
+    local leases_at = at + 7 + removed
+    local leased = tonumber(ARGV[leases_at])
+    if group[3] ~= nil then
+      revisions[index], ids[index], currents[index] = 0, false, client
     else
-      ids[index] = redis.call('XADD', KEYS[3], 'MAXLEN', '~', history,
-                              (redis.call('GET', KEYS[2]) or '0') .. '-*', 'c', client, 'r', record)
+      if kind ~= '' then
+        revision = string.format('%d', redis.call('INCR', KEYS[2]))
+        latest[client] = revision
+      elseif latest[client] then
+        revision = latest[client]  -- a renewal after a change of this call keeps that revision
+      end
+      local record = revision .. tail
+      if kind ~= '' then
+        ids[index] = redis.call('XADD', KEYS[3], 'MAXLEN', '~', history, revision .. '-0',
+                                'c', client, 'r', record, 'k', kind, 's', ARGV[at + 4])
+      else
+        ids[index] = redis.call('XADD', KEYS[3], 'MAXLEN', '~', history,
+                                (redis.call('GET', KEYS[2]) or '0') .. '-*',
+                                'c', client, 'r', record)
+      end
+      redis.call('HSET', KEYS[1], client, record)
+      if removed > 0 then redis.call('ZREM', KEYS[4], unpack(ARGV, at + 7, at + 6 + removed)) end
+      if leased > 0 then
+        redis.call('ZADD', KEYS[4], unpack(ARGV, leases_at + 1, leases_at + 2 * leased))
+      end
+      revisions[index], currents[index] = tonumber(revision), false
     end
-    redis.call('HSET', KEYS[1], client, record)
-    if removed > 0 then redis.call('ZREM', KEYS[4], unpack(ARGV, at + 7, at + 6 + removed)) end
-    if leased > 0 then
-      redis.call('ZADD', KEYS[4], unpack(ARGV, leases_at + 1, leases_at + 2 * leased))
-    end
-    revisions[index], currents[index] = tonumber(revision), false
+    at, index = leases_at + 1 + 2 * leased, index + 1
   end
-  if refused[client] then ids[index] = false end
-  at, index = leases_at + 1 + 2 * leased, index + 1
 end
-return {1, revisions, currents, ids}
+for position, client in ipairs(currents) do
+  if client then currents[position] = redis.call('HGET', KEYS[1], client) or false end
+end
+return {revisions, ids, currents, conflicts}
 """
 
 
@@ -1605,13 +1719,17 @@ CommitItem = tuple[str, bytes | None, Client, tuple[EventKind, str] | None]
 
 
 class CommitResult(NamedTuple):
-    """What commit_many did: every item saved with its revision, or none and why."""
+    """What became of one group of items in a commit call: saved with its revisions, or
+    refused, and why."""
 
     ok: bool
     revisions: list  # one per item when ok: the change's new revision, or a renewal's own
-    conflict: int  # when refused, the index of the item whose stored record had changed
-    current: bytes | None  # when refused, that client's stored record (None: there is none)
+    conflict: int  # when refused, the index of the item whose stored record had changed (-1:
+    # none had; it followed from a refused group of the same call)
+    current: bytes | None  # when refused, that item's (or the first item's) client's stored
+    # record (None: there is none)
     ids: list  # one per item when ok: its entry's id in the stream
+    stored: dict  # when refused, each of its clients' stored record after the call (or None)
 
 
 def encode_record_tail(record: Client) -> bytes:
@@ -1792,14 +1910,6 @@ class RedisStore:
             value = self._redis.hget(self._clients, client_id)
             return (decode_record(client_id, value) if value is not None else None), value
 
-    def fetch_many(self, client_ids: Sequence[str]) -> dict[str, tuple[Client | None,
-                                                                     bytes | None]]:
-        """Several clients' stored records and their bytes, in one round trip."""
-        with self._talking():
-            values = self._redis.hmget(self._clients, client_ids) if client_ids else []
-            return {client_id: ((decode_record(client_id, value) if value is not None else None),
-                                value) for client_id, value in zip(client_ids, values, strict=True)}
-
     def commit(self, client_id: str, expected: bytes | None, record: Client,
                change: tuple[EventKind, str] | None) -> tuple[bool, int, bytes | None]:
         """Save record if the stored one is still `expected`: (True, its revision, None), or
@@ -1813,36 +1923,47 @@ class RedisStore:
         """Save several (client id, expected, record, change) in one step, all or none; a later
         item of the same client follows from its earlier one (its expected is not compared)."""
         if not items:
-            return CommitResult(True, [], -1, None, [])
-        reply = self._run_commit("whole", items)
-        if reply[0] == 1:
-            return CommitResult(True, list(reply[1]), -1, None,
-                                [entry_id.decode() for entry_id in reply[3]])
-        return CommitResult(False, [], reply[1], reply[2], [])
+            return CommitResult(True, [], -1, None, [], {})
+        return self.commit_groups([items])[0]
 
-    def commit_each(self, items: Sequence[CommitItem]) -> list[tuple[bool, int, bytes | None]]:
-        """Save several (client id, expected, record, change) in one round trip, each as commit
-        would on its own; a client's items after one refused are refused with it."""
-        if not items:
+    def commit_groups(self, groups: Sequence[Sequence[CommitItem]]) -> list[CommitResult]:
+        """Save the groups of several writers in one round trip, each group as commit_many
+        would; a group refused refuses the later groups that share a client with it."""
+        if not groups:
             return []
-        _, revisions, currents, _ = self._run_commit("each", items)
-        return [(True, revision, None) if revision else (False, 0, current)
-                for revision, current in zip(revisions, currents, strict=True)]
-
-    def _run_commit(self, mode, items):
-        """Call the commit script on items."""
-        arguments, previous = [mode, self._history], {}
-        for client_id, expected, record, change in items:
-            if client_id in previous:
-                old = previous[client_id]
+        revisions, ids, currents, conflicts = self._run_commit(groups)
+        results, start = [], 0
+        for group, conflict in zip(groups, conflicts, strict=True):
+            end = start + len(group)
+            if ids[start] is not None:
+                results.append(CommitResult(True, revisions[start:end], -1, None,
+                                            [entry_id.decode() for entry_id in ids[start:end]],
+                                            {}))
             else:
-                old = decode_record(client_id, expected) if expected is not None else None
-            removed, leases = lease_changes(old, record)
-            kind, session_id = (int(change[0]), change[1]) if change else ("", "")
-            arguments += [client_id, expected or b"", encode_record_tail(record), kind,
-                          session_id, record.revision, len(removed), *removed,
-                          len(leases) // 2, *leases]
-            previous[client_id] = record
+                stored = {item[0]: current for item, current in zip(group, currents[start:end],
+                                                                     strict=True)}
+                results.append(CommitResult(False, [], conflict - 1,
+                                            stored[group[max(conflict - 1, 0)][0]], [], stored))
+            start = end
+        return results
+
+    def _run_commit(self, groups):
+        """Call the commit script on groups of items."""
+        arguments: list = [self._history]
+        previous: dict[str, Client] = {}
+        for items in groups:
+            arguments.append(len(items))
+            for client_id, expected, record, change in items:
+                if client_id in previous:
+                    old = previous[client_id]
+                else:
+                    old = decode_record(client_id, expected) if expected is not None else None
+                removed, leases = lease_changes(old, record)
+                kind, session_id = (int(change[0]), change[1]) if change else ("", "")
+                arguments += [client_id, expected or b"", encode_record_tail(record), kind,
+                              session_id, record.revision, len(removed), *removed,
+                              len(leases) // 2, *leases]
+                previous[client_id] = record
         with self._talking():
             return self._commit_script(
                 keys=[self._clients, self._revision, self._changes, self._leases],

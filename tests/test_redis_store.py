@@ -128,15 +128,26 @@ def test_a_batch_is_saved_whole_or_not_at_all(store):
 def test_writers_sharing_a_call_are_each_saved_or_refused_on_their_own(store):
     store.commit("bob", None, hello("bob"), (EventKind.CONNECTED, ""))
     _, bob = store.fetch("bob")
-    results = store.commit_each([
-        ("alice", None, hello("alice", "a"), (EventKind.CONNECTED, "a")),
-        ("bob", None, hello("bob", "b"), (EventKind.CONNECTED, "b")),
-        ("carol", None, hello("carol"), (EventKind.CONNECTED, "")),
-        ("bob", b"follows the refused one", hello("bob", "c"), (EventKind.SESSION_STARTED, "c")),
+    results = store.commit_groups([
+        [("alice", None, hello("alice", "a"), (EventKind.CONNECTED, "a"))],
+        [("dave", None, hello("dave"), (EventKind.CONNECTED, "")),
+         ("bob", None, hello("bob", "b"), (EventKind.CONNECTED, "b"))],
+        [("carol", None, hello("carol"), (EventKind.CONNECTED, ""))],
+        [("bob", b"follows the refused one", hello("bob", "c"), (EventKind.SESSION_STARTED, "c"))],
+        [("alice", b"follows the saved one", hello("alice", "a", seen=NOW + 1), None)],
     ])
-    assert results == [(True, 2, None), (False, 0, bob), (True, 3, None), (False, 0, bob)]
+    with allure.step("a stale item refuses its own group whole, and nothing else"):
+        assert [result.ok for result in results] == [True, False, True, False, True]
+        assert (results[1].conflict, results[1].current) == (1, bob)
+        assert results[1].stored == {"dave": None, "bob": bob}
+        assert store.fetch("dave") == (None, None)
+    with allure.step("a group with a client of a refused group is refused too"):
+        assert (results[3].conflict, results[3].current, results[3].stored) == (-1, bob,
+                                                                               {"bob": bob})
+    assert [result.revisions for result in results if result.ok] == [[2], [3], [2]]
     assert store.fetch("bob") == (presence.decode_record("bob", bob), bob)
-    assert [entry_id for entry_id, *_ in store.read_changes("1-0", 0, 10)] == ["2-0", "3-0"]
+    assert [entry_id for entry_id, *_ in store.read_changes("1-0", 0, 10)] == [
+        "2-0", "3-0", "3-1"]
 
 
 @allure.story("Replicas never lose an update")
@@ -419,17 +430,5 @@ def test_a_renewal_after_a_change_of_the_same_client_in_one_call_keeps_that_chan
         assert record.revision == 1 and record.sessions[0].expires_at == NOW + 60
         assert [(revision, kind) for _, record, kind, _ in store.read_changes("0-0", 0, 10)
                 for revision in [record.revision]] == [(1, EventKind.CONNECTED), (1, None)]
-    finally:
-        store.close()
-
-
-@allure.story("Compare-and-set")
-def test_fetch_many_reads_several_stored_records_in_one_call(redis_url):
-    store = RedisStore(redis_url)
-    try:
-        store.commit("alice", None, hello("alice"), (EventKind.CONNECTED, ""))
-        found = store.fetch_many(["alice", "nobody"])
-        assert found["alice"][0].client_id == "alice" and found["alice"][1] is not None
-        assert found["nobody"] == (None, None)
     finally:
         store.close()

@@ -137,6 +137,42 @@ def test_writers_on_different_replicas_never_lose_each_others_sessions(replica_p
         channel.close()
 
 
+@allure.story("Writers share Redis round trips")
+def test_concurrent_writers_on_one_replica_share_commit_calls_and_each_gets_its_own_answer(
+        replica_processes, redis_server):
+    """Redis's own count of script calls (INFO commandstats), not the server's."""
+    replica, = replica_processes(1)
+    channel = connect(replica.address)
+    stub = pb_grpc.ClientServiceStub(channel)
+    redis = presence.redis_client().Redis(port=redis_server.port)
+    redis.config_resetstat()
+    writers, sessions = 12, 5
+
+    def write(index):
+        """Hello on a client of its own and a new session on the client every writer shares."""
+        answers = []
+        for n in range(sessions):
+            answers.append(hello(stub, f"own{index}-{n}"))
+            answers.append(hello(stub, "shared", f"w{index}-s{n}"))
+        return answers
+
+    with ThreadPoolExecutor(writers) as pool:
+        answers = [answer for each in pool.map(write, range(writers)) for answer in each]
+    calls = redis.info("commandstats")["cmdstat_evalsha"]["calls"]
+    with allure.step(f"{len(answers)} writes acknowledged in {calls} script calls"):
+        assert calls < len(answers)
+    with allure.step("each writer got its own change, with a revision of its own"):
+        assert all(answer.changed for answer in answers)
+        revisions = [answer.client.revision for answer in answers]
+        assert sorted(revisions) == list(range(1, len(answers) + 1))
+    shared = stub.GetClientStatus(pb.ClientStatusRequest(client_id="shared"),
+                                  timeout=CALL_DEADLINE).clients[0]
+    assert sorted(session.session_id for session in shared.sessions) == sorted(
+        f"w{index}-s{n}" for index in range(writers) for n in range(sessions))
+    redis.close()
+    channel.close()
+
+
 @allure.story("Watchers see every replica")
 def test_a_watcher_gets_every_change_of_every_replica_once_and_resumes_on_another(
         replica_processes):

@@ -61,6 +61,15 @@ class RedisProcess:
         info = self._client.info("cpu")
         return info["used_cpu_sys"] + info["used_cpu_user"]
 
+    def command_calls(self):
+        """How many times Redis ran each command so far (INFO commandstats), by name."""
+        return {name.removeprefix("cmdstat_"): stats["calls"]
+                for name, stats in self._client.info("commandstats").items()}
+
+    def reading(self):
+        """Redis's CPU seconds and its command counts, read together at a window's edge."""
+        return self.cpu_seconds(), self.command_calls()
+
     def check(self):
         """Fail loudly when Redis died under load."""
         if self.process.poll() is not None:

@@ -119,13 +119,13 @@ def measure_load(run, server, *, label, shape="asyncio", **specs):
     args = run.args
     window = args.window
     run.show(f"{label}: starting {args.processes} load process(es)")
-    redis_cpu = server.redis.cpu_seconds if isinstance(server, Replicas) else nothing
+    redis_reading = server.redis.reading if isinstance(server, Replicas) else nothing
     jobs = load_specs(run, server.addresses, shape=shape, processes=args.processes,
                       in_flight=args.in_flight, **specs)
     with LoadGroup(jobs) as group:
         group.wait_ready()
         measured = measured_window(run, server, group, warmup=args.warmup, seconds=window,
-                                   label=label, at_start=redis_cpu, at_end=redis_cpu)
+                                   label=label, at_start=redis_reading, at_end=redis_reading)
     latencies = [value for outcome in measured.outcomes for value in outcome["latencies"]]
     errors = Counter()
     for outcome in measured.outcomes:
@@ -146,16 +146,24 @@ def measure_load(run, server, *, label, shape="asyncio", **specs):
 
 
 def redis_figures(measured, calls, jobs):
-    """Redis's own CPU in the window, per write (every call of the load is a change), and the
-    busiest replica's share of the calls answered (1 for one replica; near 0.5 for two when the
-    load is spread evenly)."""
-    redis_cpu_s = measured.at_end - measured.at_start
+    """Redis's own CPU in the window, per write (every call of the load is a change), how many
+    writes shared each commit script call (EVALSHA) and how many entries each follower read
+    (XREAD) took, and the busiest replica's share of the calls answered (1 for one replica;
+    near 0.5 for two when the load is spread evenly)."""
+    (cpu_before, commands_before), (cpu_after, commands_after) = measured.at_start, measured.at_end
+    redis_cpu_s = cpu_after - cpu_before
+
+    def ran(command):
+        return commands_after.get(command, 0) - commands_before.get(command, 0)
+
     answered = Counter()
     for job, outcome in zip(jobs, measured.outcomes, strict=True):
         answered[job.address] += len(outcome["latencies"])
     total = sum(answered.values())
     return {"redis_cpu_s": redis_cpu_s,
             "redis_cpu_us_per_write": redis_cpu_s * 1e6 / calls if calls else None,
+            "writes_per_script_call": calls / ran("evalsha") if ran("evalsha") else None,
+            "follower_reads_per_write": ran("xread") / calls if calls else None,
             "busiest_replica_share": max(answered.values()) / total if total else None}
 
 
@@ -265,7 +273,10 @@ def caption_of(load, measured):
         if name in measured["median"]:
             row = measured["median"][name]
             caption += (f"\n{name}: Redis's own CPU {fmt(row['redis_cpu_us_per_write'], 1)} µs "
-                        "per write (INFO cpu, system + user), server CPU summed over the "
+                        "per write (INFO cpu, system + user), "
+                        f"{fmt(row.get('writes_per_script_call'), 1)} writes per commit "
+                        f"script call, {fmt(row.get('follower_reads_per_write'), 2)} follower "
+                        "reads per write (INFO commandstats), server CPU summed over the "
                         f"replicas, the busiest replica's share of the calls "
                         f"{fmt(row['busiest_replica_share'], 2)}")
     return caption

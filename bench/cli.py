@@ -35,13 +35,13 @@ MODES = {mode.name: mode for mode in (throughput.MODE, scale.MODE, connections.M
 PRESETS = {
     "quick": {"rounds": 3, "window": 5.0, "load": ["asyncio"],
               "targets": ["asyncio-dict", "memory", "memory+lease", "sqlite"],
-              "scale": [10_000], "connections": 500,
+              "scale": [10_000], "scale_redis": False, "connections": 500,
               "connections_seconds": 5.0, "watchers": 200, "soak_seconds": 60.0,
               "modes": ["throughput", "scale", "connections", "watch"]},
     "full": {"rounds": 7, "window": 10.0, "load": ["asyncio", "threads"],
              "targets": ["ceiling+protobuf", "floor", "asyncio-dict", "memory", "memory+lease",
                          "sqlite", "redis", "redis-2"],
-             "scale": [100_000, 1_000_000], "connections": 4_000,
+             "scale": [100_000, 1_000_000], "scale_redis": True, "connections": 4_000,
              "connections_seconds": 20.0, "watchers": 1_000, "soak_seconds": 60.0,
              "modes": ["throughput", "scale", "connections", "watch", "soak"]},
 }
@@ -60,6 +60,7 @@ def build_parser():
         + ". Examples: `python -m bench` (quick, a few minutes), `python -m bench --full` "
         "(its throughput windows alone add up to about 20 minutes), "
         "`python -m bench --only scale --scale 1000000`, "
+        "`python -m bench --only scale --scale 1000000 --scale-redis`, "
         "`python -m bench --only throughput --load threads`, "
         "`python -m bench --only watch --watchers 1000`, "
         "`python -m bench --only throughput --targets redis redis-2`, "

@@ -93,8 +93,9 @@ class Run:
         self.stack.callback(server.stop)
         return server
 
-    def start_replicas(self, target, flags):
-        """A redis-server of its own in a new folder and target's replicas on it (redis-N: N)."""
+    def start_replicas(self, target, flags=(), fill=None):
+        """A redis-server of its own in a new folder and target's replicas on it (redis-N: N);
+        fill(redis) runs once Redis is up, before the replicas start (to preload it)."""
         count = int(target.partition("-")[2] or 1)
         self._servers += 1
         folder = self.tmpdir / f"redis-{self._servers}"
@@ -104,6 +105,8 @@ class Run:
         self.stack.callback(replicas.stop)
         logger.info("%s: redis-server pid %d on port %d", target, replicas.redis.pid,
                     replicas.redis.port)
+        if fill is not None:
+            fill(replicas.redis)
         args = ("--store", replicas.redis.url, "--log-level", "INFO", *flags)
         for number in range(count):
             replicas.servers.append(

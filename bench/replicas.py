@@ -33,7 +33,7 @@ class RedisProcess:
         self.log = deque(maxlen=REDIS_LOG_LINES)
         self._ready = threading.Event()
         self._seen_ready = False
-        self._client = None
+        self.client = None
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes", "--dir", str(folder)],
@@ -45,7 +45,7 @@ class RedisProcess:
         if not self._seen_ready:
             self.stop()
             raise BenchError("redis-server did not get ready:\n" + "\n".join(self.log))
-        self._client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout)
+        self.client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout)
 
     def _read_log(self):
         """Keep Redis's last lines, noting when it is ready (or gone)."""
@@ -58,13 +58,13 @@ class RedisProcess:
 
     def cpu_seconds(self):
         """Redis's own CPU so far (INFO cpu, system + user): finer than /proc's clock ticks."""
-        info = self._client.info("cpu")
+        info = self.client.info("cpu")
         return info["used_cpu_sys"] + info["used_cpu_user"]
 
     def command_calls(self):
         """How many times Redis ran each command so far (INFO commandstats), by name."""
         return {name.removeprefix("cmdstat_"): stats["calls"]
-                for name, stats in self._client.info("commandstats").items()}
+                for name, stats in self.client.info("commandstats").items()}
 
     def reading(self):
         """Redis's CPU seconds and its command counts, read together at a window's edge."""
@@ -78,8 +78,8 @@ class RedisProcess:
 
     def stop(self):
         """A clean shutdown if it still runs, SIGKILL if that takes too long."""
-        if self._client:
-            self._client.close()
+        if self.client:
+            self.client.close()
         if self.process.poll() is not None:
             return
         self.process.terminate()

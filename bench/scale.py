@@ -1,6 +1,7 @@
 """Mode scale: registries of N clients. A memory:// server preloaded with N clients is paged,
 counted, written to and asked for the all-clients map; then a server on an SQLite file that
-holds N clients is restarted, and timed until it serves again."""
+holds N clients is restarted, and timed until it serves again; with --scale-redis, a replica
+started on a Redis that holds N clients is timed until it serves, then paged and counted."""
 
 import logging
 import random
@@ -37,23 +38,34 @@ GOALS = (
     Goal("bytes_per_client", "memory per client", 250, unit=" B"),
     Goal("restart_serving_s", "SQLite restart: serving after", 3, unit=" s"),
     Goal("restart_rss_ratio", "SQLite restart: RSS / the writer's", 1.1, unit="×"),
+    Goal("redis_page_p99_ms", "replica on Redis: page of 1,000 (p99)", 20, unit=" ms"),
+    Goal("redis_count_p99_ms", "replica on Redis: count (p99)", 5, unit=" ms"),
 )
+REDIS_GOALS = {"redis_page_p99_ms", "redis_count_p99_ms"}
+REDIS_FILL_SLICE = 10_000  # records per HSET when filling Redis
 # Judged at a million clients only: at fewer, the server's fixed memory and start dominate.
 AT_A_MILLION = {"bytes_per_client", "restart_serving_s", "restart_rss_ratio"}
 MILLION = 1_000_000
 
 
 def add_flags(parser, quick, full):
-    """--scale."""
+    """--scale and --scale-redis."""
     group = parser.add_argument_group("scale mode")
     group.add_argument("--scale", type=positive_int, nargs="+", metavar="N",
                        help="registry sizes to preload and measure (quick: "
                        f"{quick['scale'][0]:,}, --full: {' '.join(str(n) for n in full['scale'])})")
+    group.add_argument("--scale-redis", action="store_true", default=None,
+                       help="also fill a Redis with N clients (written straight into it), start "
+                       "a replica on it, and page and count there (quick: "
+                       f"{'on' if quick['scale_redis'] else 'off'}, --full: "
+                       f"{'on' if full['scale_redis'] else 'off'})")
 
 
-def scale_goals(clients):
-    """The scale goals that apply with this many clients."""
-    return tuple(goal for goal in GOALS if goal.key not in AT_A_MILLION or clients >= MILLION)
+def scale_goals(clients, redis=False):
+    """The scale goals that apply with this many clients (and a replica on Redis or not)."""
+    return tuple(goal for goal in GOALS
+                 if (goal.key not in AT_A_MILLION or clients >= MILLION)
+                 and (goal.key not in REDIS_GOALS or redis))
 
 
 def run_scale(run):
@@ -84,7 +96,9 @@ def measure_scale(run, clients):
         figures.update(measure_map(run, server, stub, label))
     server.stop()
     figures.update(measure_restart(run, clients, label))
-    figures["verdicts"] = verdicts(scale_goals(clients), figures)
+    if run.args.scale_redis:
+        figures.update(measure_replica(run, clients, label))
+    figures["verdicts"] = verdicts(scale_goals(clients, run.args.scale_redis), figures)
     return figures
 
 
@@ -218,11 +232,58 @@ def measure_restart(run, clients, label):
             "restart_rss_ratio": ratio(restarted_rss, writer_rss)}
 
 
+def fill_redis(redis_process, clients):
+    """Write clients straight into Redis as the replicas keep them, in a few large HSETs (far
+    faster than through a server): even ids connected, odd ones gone, revisions 1 to N."""
+    now, width = time.time(), scale_width(clients)
+    client = redis_process.client
+    with client.pipeline(transaction=False) as pipe:
+        for start in range(0, clients, REDIS_FILL_SLICE):
+            pipe.hset("presence:clients", mapping={
+                scale_id(number, width): presence.encode_record(presence.Client(
+                    scale_id(number, width), now, now, number + 1,
+                    presence.GOODBYE if number % 2 else presence.HELLO,
+                    () if number % 2 else presence.DEFAULT_SESSIONS))
+                for number in range(start, min(start + REDIS_FILL_SLICE, clients))})
+        pipe.set("presence:revision", clients)
+        pipe.execute()
+
+
+def measure_replica(run, clients, label):
+    """A replica started on a Redis that holds `clients`: how long Redis took to fill, how long
+    the replica took to serve (from its process start), its RSS, then pages and counts on it."""
+    label = f"{label}: replica on Redis"
+    run.show(f"{label}: filling Redis")
+    filled = {}
+
+    def fill(redis_process):
+        began = time.monotonic()
+        fill_redis(redis_process, clients)
+        filled["redis_fill_s"] = time.monotonic() - began
+
+    replicas = run.start_replicas("redis", fill=fill)
+    (replica,) = replicas.servers
+    with grpc.insecure_channel(replica.address) as channel:
+        stub = pb_grpc.ClientServiceStub(channel)
+        stub.CountClients(pb.CountClientsRequest(), timeout=run.args.call_timeout,
+                          wait_for_ready=True)
+        serving_s = time.monotonic() - replica.started
+        figures = {**filled, "redis_registered": registered(stub, clients, label,
+                                                            run.args.call_timeout),
+                   "redis_serving_s": serving_s, "redis_rss_mib": rss_bytes(replica.pid) / 2**20}
+        figures.update({f"redis_{key}": value
+                        for key, value in measure_reads(run, stub, clients, label).items()})
+    replicas.check()
+    replicas.stop()
+    return figures
+
+
 def render_scale(figures):
     """One column per registry size, each goal (set for one million) beside its figure."""
     runs = figures["runs"]
     table = Table(title="Scale: a memory:// server preloaded with N clients, then an SQLite "
-                        "server restarted on N (the targets are set at one million)")
+                        "server restarted on N, and with --scale-redis a replica started on a "
+                        "Redis holding N (the targets are set at one million)")
     table.add_column("figure")
     for entry in runs:
         table.add_column(f"N = {entry['clients']:,}", justify="right")
@@ -233,7 +294,8 @@ def render_scale(figures):
         """A row: a cell per size (with its mark where the goal applies), the goal."""
         goal = goals.get(goal_key)
         cells = [cell(entry) + (f" {mark(goal, entry.get(goal_key))}"
-                                if goal in scale_goals(entry["clients"]) else "")
+                                if goal in scale_goals(entry["clients"],
+                                                       "redis_registered" in entry) else "")
                  for entry in runs]
         description = goal.describe() if goal else ""
         if goal_key in AT_A_MILLION:
@@ -242,6 +304,8 @@ def render_scale(figures):
 
     memory_rows(row)
     restart_rows(row)
+    if any("redis_registered" in entry for entry in runs):
+        replica_rows(row)
     return [table]
 
 
@@ -284,6 +348,22 @@ def restart_rows(row):
         lambda e: f"{e['restart_writer_rss_mib']:.0f} → {e['restart_rss_mib']:.0f}")
     row("SQLite restart: RSS / the writer's", lambda e: fmt(e["restart_rss_ratio"], 2),
         "restart_rss_ratio")
+
+
+def replica_rows(row):
+    """The rows of the replica on a filled Redis."""
+    row("Redis: filled in (s)", lambda e: fmt(e.get("redis_fill_s"), 2))
+    row("replica on Redis: first call answered after (s)",
+        lambda e: fmt(e.get("redis_serving_s"), 2))
+    row("replica on Redis: RSS (MiB)", lambda e: fmt(e.get("redis_rss_mib"), 0))
+    row(f"replica on Redis: page of {PAGE_SIZE:,}: median ms",
+        lambda e: fmt(e.get("redis_page_median_ms"), 2))
+    row(f"replica on Redis: page of {PAGE_SIZE:,}: p99 ms",
+        lambda e: fmt(e.get("redis_page_p99_ms"), 2), "redis_page_p99_ms")
+    row("replica on Redis: CountClients median ms",
+        lambda e: fmt(e.get("redis_count_median_ms"), 2))
+    row("replica on Redis: CountClients p99 ms", lambda e: fmt(e.get("redis_count_p99_ms"), 2),
+        "redis_count_p99_ms")
 
 
 MODE = Mode("scale", "registries of N clients: page, count, all-clients map, memory, writes, "

@@ -32,7 +32,7 @@ TARGETS = ["ceiling", "ceiling+protobuf", "floor", "asyncio-dict", "memory", "sq
 SMOKE = ["--only", "throughput", "scale", "connections", "watch", "soak",
          "--targets", *TARGETS[1:], "--load", "asyncio", "threads", "--rounds", "1",
          "--window", "0.5",
-         "--warmup", "0.2", "--scale", "2000", "--connections", "20",
+         "--warmup", "0.2", "--scale", "2000", "--scale-redis", "--connections", "20",
          "--connections-seconds", "1", "--watchers", "5", "--watch-seconds", "1",
          "--soak-seconds", "2", "--soak-clients", "20", "--soak-watchers", "2"]
 
@@ -258,6 +258,8 @@ def test_the_other_modes_lose_nothing(smoke):
     assert scale["restart_rss_ratio"] == pytest.approx(
         scale["restart_rss_mib"] / scale["restart_writer_rss_mib"])
     assert "restart_serving_s" not in scale["verdicts"], "judged at a million clients only"
+    assert scale["redis_registered"] == 2000 and scale["redis_serving_s"] > 0
+    assert {"redis_page_p99_ms", "redis_count_p99_ms"} <= set(scale["verdicts"])
     assert results["connections"]["calls"] > 0
     assert results["connections"]["errors"] == {}
     watch = results["watch"]

@@ -282,6 +282,11 @@ def test_load_returns_every_record_at_an_id_a_reader_resumes_from(stores):
         == {f"c{index}": writer.fetch(f"c{index}")[0] for index in range(50)}
     assert at == "50-0"
 
+    with allure.step("loaded records share what a running server shares"):
+        assert len({id(record.reason) for record in records}) == 1
+        assert all(record.last_seen is record.changed_at for record in records)
+        assert all(record.sessions is presence.DEFAULT_SESSIONS for record in records)
+
 
 @allure.story("Loading")
 def test_loading_while_another_store_writes_gives_records_at_the_id_it_returns(stores):

@@ -1615,6 +1615,7 @@ class SqliteStore:
 REDIS_TIMEOUT = 5.0  # seconds a call may wait for Redis before the store says it is unreachable
 REDIS_MAX_BLOCK = 10.0  # the longest read_changes waits for a new entry
 REDIS_SLICE = 10_000  # records per HSCAN and entries per XRANGE
+REDIS_CONNECTIONS = 64  # a store's connections to Redis at most, for calls and for blocking reads
 REDIS_OPTIONS = ("ca", "timeout")
 REDIS_URL_FORMS = ("redis://[:PASSWORD@]HOST:PORT/DB or "
                    "rediss://[:PASSWORD@]HOST:PORT/DB?ca=CA_FILE")
@@ -1808,7 +1809,8 @@ def redis_client():
 
 
 def redis_options(url: str) -> dict:
-    """redis-py's connection options for a redis:// or rediss:// URL; StoreError for a bad one."""
+    """redis-py's connection options (a connection pool's) for a redis:// or rediss:// URL;
+    StoreError for a bad one."""
     redis = redis_client()
     parts = urllib.parse.urlsplit(url)
     try:
@@ -1843,7 +1845,8 @@ def redis_options(url: str) -> dict:
         "retry": redis.retry.Retry(redis.backoff.NoBackoff(), 1, (redis.ConnectionError,)),
     }
     if parts.scheme == "rediss":
-        settings.update(ssl=True, ssl_ca_certs=options.get("ca", [None])[-1])
+        settings.update(connection_class=redis.SSLConnection,
+                        ssl_ca_certs=options.get("ca", [None])[-1])
     return settings
 
 
@@ -1869,11 +1872,10 @@ class RedisStore:
         self._clients, self._revision, self._changes, self._leases = (
             f"{prefix}:{name}" for name in ("clients", "revision", "changes", "leases"))
         self._closed = False
-        redis = redis_client()
-        self._redis = redis.Redis(**options)
+        self._redis = self._connect(options)
         # Blocking reads wait longer than any other call, on connections of their own.
         reader_timeout = options["socket_timeout"] + REDIS_MAX_BLOCK
-        self._reader = redis.Redis(**{**options, "socket_timeout": reader_timeout})
+        self._reader = self._connect({**options, "socket_timeout": reader_timeout})
         self._commit_script = self._redis.register_script(_COMMIT_SCRIPT)
         with self._talking():
             version = self._redis.info("server")["redis_version"]
@@ -1881,6 +1883,15 @@ class RedisStore:
             self.close()
             raise StoreError(f"the shared store (Redis at {self.where}) runs Redis {version}; "
                              "this server needs Redis 7.0 or later")
+
+    @staticmethod
+    def _connect(options):
+        """A client on a pool of at most REDIS_CONNECTIONS connections where a call waits for a
+        free one (up to its timeout): redis-py's own pool refuses the 101st call at once ("Too
+        many connections"), which a replica opening hundreds of watch streams reached."""
+        redis = redis_client()
+        return redis.Redis(connection_pool=redis.BlockingConnectionPool(
+            max_connections=REDIS_CONNECTIONS, timeout=options["socket_timeout"], **options))
 
     @contextlib.contextmanager
     def _talking(self):

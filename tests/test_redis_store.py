@@ -437,3 +437,19 @@ def test_a_renewal_after_a_change_of_the_same_client_in_one_call_keeps_that_chan
                 for revision in [record.revision]] == [(1, EventKind.CONNECTED), (1, None)]
     finally:
         store.close()
+
+
+@allure.story("Redis going away")
+def test_more_calls_at_once_than_connections_wait_for_one_rather_than_fail(store):
+    """A replica's watchers each ask Redis before their snapshot: hundreds at once."""
+    callers = presence.REDIS_CONNECTIONS + 40
+    start = threading.Barrier(callers)
+
+    def wait_for_a_change():
+        start.wait(DEADLINE)
+        return store.read_changes("0-0", 0.5, 10)  # each holds a connection while it waits
+
+    with futures.ThreadPoolExecutor(callers) as pool:
+        answers = [pool.submit(wait_for_a_change) for _ in range(callers)]
+        assert [answer.result(timeout=DEADLINE) for answer in answers] == [[]] * callers
+

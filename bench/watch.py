@@ -103,7 +103,13 @@ def run_watch(run):
     figures = {"watchers": count, "processes": processes, "snapshots_s": snapshots_s,
                "server_threads": threads, "idle_server_cores": idle["server_cores"],
                "delivered_s": seconds, "first_revision": base + 1, "last_revision": final}
-    figures.update(watch_figures(made, outcomes, range(base + 1, final + 1), cpu))
+    expected = range(base + 1, final + 1)
+    figures.update(watch_figures(made, outcomes, expected, cpu))
+    figures["p99_ms_per_replica"] = [
+        ms(percentile(delivery_latencies(made, [outcome for spec, outcome
+                                                 in zip(watcher_specs, outcomes, strict=True)
+                                                 if spec.address == address], expected), 0.99))
+        for address in addresses]
     figures.update(target=args.watch_target, rate=args.watch_rate, seconds=args.watch_seconds,
                    ids=WATCH_IDS, watchers_per_replica=per_replica)
     figures["verdicts"] = verdicts(GOALS, figures)
@@ -142,22 +148,31 @@ def fan_out(run, server, group, writer, count_clients, base, label):
     return made, final, outcomes, seconds, cpu_figures(before, after, final - base, seconds)
 
 
+def delivery_latencies(made, outcomes, expected):
+    """How long each acknowledged change took to reach each watcher of these outcomes."""
+    sent = dict(zip(made["revisions"], made["sent"], strict=True))
+    return [arrived - sent[revision]
+            for outcome in outcomes
+            for revisions, times in zip(outcome["revisions"], outcome["times"], strict=True)
+            for revision, arrived in first_arrivals(revisions, times, expected).items()
+            if revision in sent]
+
+
 def watch_figures(made, outcomes, expected, cpu):
     """Compare what every watcher received with the revisions expected."""
     sent = dict(zip(made["revisions"], made["sent"], strict=True))
     changes = len(expected)
-    latencies, received, missing, duplicates, gaps = [], 0, 0, 0, 0
+    received, missing, duplicates, gaps = 0, 0, 0, 0
     ended = Counter()
     for outcome in outcomes:
         duplicates += sum(outcome["duplicates"])
         gaps += sum(outcome["gaps"])
         ended.update(code for code in outcome["ended"] if code)
         for revisions, times in zip(outcome["revisions"], outcome["times"], strict=True):
-            seen = first_arrivals(revisions, times, expected)
-            latencies += [arrived - sent[revision] for revision, arrived in seen.items()
-                          if revision in sent]
-            received += len(seen)
-            missing += changes - len(seen)
+            seen = len(first_arrivals(revisions, times, expected))
+            received += seen
+            missing += changes - seen
+    latencies = delivery_latencies(made, outcomes, expected)
     writes = [acknowledged - began
               for began, acknowledged in zip(made["sent"], made["acknowledged"], strict=True)]
     watchers_count = sum(len(outcome["last"]) for outcome in outcomes)
@@ -197,6 +212,8 @@ def render_watch(figures):
         add("watchers on each replica (the writer on the first)",
             " + ".join(f"{count:,}" for count in figures["watchers_per_replica"]), "")
         add("server threads (all replicas)", f"{figures['server_threads']:,}", "")
+        add("delivery p99 ms on each replica",
+            " + ".join(fmt(value, 1) for value in figures.get("p99_ms_per_replica", [])), "")
     else:
         add("server threads", f"{figures['server_threads']:,}", "")
     add("server cores, watchers idle", fmt(figures["idle_server_cores"], 2), "")

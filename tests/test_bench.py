@@ -243,6 +243,7 @@ def test_watchers_spread_over_two_replicas_get_every_change_and_nothing_is_left_
     assert left == [], "the benchmark left processes running"
     watch = json.loads(output.read_text())["watch"]
     assert watch["target"] == "redis-2" and watch["watchers_per_replica"] == [2, 2]
+    assert len(watch["p99_ms_per_replica"]) == 2 and None not in watch["p99_ms_per_replica"]
     assert watch["events_received"] == watch["events_expected"] == 4 * watch["changes"] > 0
     assert (watch["missing"], watch["duplicates"], watch["cut_off"]) == (0, 0, 0)
 

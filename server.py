@@ -867,9 +867,11 @@ class SharedRegistry(Registry):
                     write.error, write.done = error, True
         try:
             results = self._store.commit_groups(groups)
-        except StoreError as error:
+        except Exception as error:  # each writer hears of it: none is left to wait or retry
+            failure = error if isinstance(error, StoreError) else StoreError(
+                f"the shared store could not save the change: {error}")
             for write in taken:
-                write.error, write.done = error, True
+                write.error, write.done = failure, True
             return
         with self._lock:
             for write, result in zip(taken, results, strict=True):

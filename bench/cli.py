@@ -36,13 +36,15 @@ PRESETS = {
     "quick": {"rounds": 3, "window": 5.0, "load": ["asyncio"],
               "targets": ["asyncio-dict", "memory", "memory+lease", "sqlite"],
               "scale": [10_000], "scale_redis": False, "connections": 500,
-              "connections_seconds": 5.0, "watchers": 200, "soak_seconds": 60.0,
+              "connections_seconds": 5.0, "watchers": 200, "watch_two_replicas": False,
+              "soak_seconds": 60.0,
               "modes": ["throughput", "scale", "connections", "watch"]},
     "full": {"rounds": 7, "window": 10.0, "load": ["asyncio", "threads"],
              "targets": ["ceiling+protobuf", "floor", "asyncio-dict", "memory", "memory+lease",
                          "sqlite", "redis", "redis-2"],
              "scale": [100_000, 1_000_000], "scale_redis": True, "connections": 4_000,
-             "connections_seconds": 20.0, "watchers": 1_000, "soak_seconds": 60.0,
+             "connections_seconds": 20.0, "watchers": 1_000, "watch_two_replicas": True,
+             "soak_seconds": 60.0,
              "modes": ["throughput", "scale", "connections", "watch", "soak"]},
 }
 
@@ -73,7 +75,8 @@ def build_parser():
                         "every baseline and both load shapes, scale "
                         f"at {', '.join(f'{n:,}' for n in full['scale'])}, "
                         f"{full['connections']:,} connections for "
-                        f"{full['connections_seconds']:g} s, {full['watchers']:,} watchers, "
+                        f"{full['connections_seconds']:g} s, {full['watchers']:,} watchers "
+                        "(on memory://, then over two replicas on Redis), "
                         f"a {full['soak_seconds']:g} s soak")
     parser.add_argument("--only", nargs="+", choices=list(MODES), metavar="MODE",
                         help=f"run only these modes ({', '.join(MODES)}); default: "

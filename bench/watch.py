@@ -44,7 +44,8 @@ GOALS = (
 
 
 def add_flags(parser, quick, full):
-    """--watchers, --watch-rate, --watch-seconds, --watch-target, --watch-processes."""
+    """--watchers, --watch-rate, --watch-seconds, --watch-target, --watch-two-replicas,
+    --watch-processes."""
     group = parser.add_argument_group("watch mode")
     group.add_argument("--watchers", type=positive_int, metavar="N",
                        help=f"Watch streams, each on a channel of its own (quick: "
@@ -58,12 +59,24 @@ def add_flags(parser, quick, full):
                        help="server watched: memory, sqlite, redis (one replica) or redis-2 "
                        "(two replicas on one Redis, the watchers spread over both, the writer "
                        "on the first) (default: %(default)s)")
+    group.add_argument("--watch-two-replicas", action="store_true", default=None,
+                       help="then the same watchers again over two replicas on one Redis "
+                       f"(redis-2) (quick: {'on' if quick['watch_two_replicas'] else 'off'}, "
+                       f"--full: {'on' if full['watch_two_replicas'] else 'off'})")
     group.add_argument("--watch-processes", type=positive_int, default=WATCH_PROCESSES,
                        metavar="P", help="load processes holding the watchers "
                        "(default: %(default)s)")
 
 
 def run_watch(run):
+    """The watchers on --watch-target, and with --watch-two-replicas again on redis-2."""
+    figures = watch_target(run, run.args.watch_target)
+    if run.args.watch_two_replicas and run.args.watch_target != "redis-2":
+        figures["two_replicas"] = watch_target(run, "redis-2")
+    return figures
+
+
+def watch_target(run, target):
     """N watchers in a few load processes, changes at a steady rate; when each event arrived.
 
     Every watcher has a channel (a connection) of its own, as separate clients would. The
@@ -76,9 +89,9 @@ def run_watch(run):
     args = run.args
     count = args.watchers
     flags = (["--max-watchers", str(count)] if count > presence.DEFAULT_MAX_WATCHERS else [])
-    server = run.start_server(args.watch_target, flags)
+    server = run.start_server(target, flags)
     processes = min(args.watch_processes, count)
-    label = f"watch: {count:,} watchers"
+    label = f"watch: {count:,} watchers on {target}"
     run.show(f"{label}: opening the streams")
     began = time.monotonic()
     addresses = server.addresses
@@ -110,7 +123,7 @@ def run_watch(run):
                                                  in zip(watcher_specs, outcomes, strict=True)
                                                  if spec.address == address], expected), 0.99))
         for address in addresses]
-    figures.update(target=args.watch_target, rate=args.watch_rate, seconds=args.watch_seconds,
+    figures.update(target=target, rate=args.watch_rate, seconds=args.watch_seconds,
                    ids=WATCH_IDS, watchers_per_replica=per_replica)
     figures["verdicts"] = verdicts(GOALS, figures)
     return figures
@@ -200,7 +213,13 @@ def first_arrivals(revisions, times, expected):
 
 
 def render_watch(figures):
-    """The fan-out figures beside their goals."""
+    """The fan-out figures beside their goals, and over two replicas when measured."""
+    return [*watch_table(figures),
+            *(watch_table(figures["two_replicas"]) if "two_replicas" in figures else [])]
+
+
+def watch_table(figures):
+    """One target's fan-out figures beside their goals."""
     goals = {goal.key: goal for goal in GOALS}
     table = figure_table(f"Watch: {figures['watchers']:,} watchers ({figures['processes']} load "
                         f"processes, a channel each) on {figures['target']}, "

@@ -34,6 +34,7 @@ SMOKE = ["--only", "throughput", "scale", "connections", "watch", "soak",
          "--window", "0.5",
          "--warmup", "0.2", "--scale", "2000", "--scale-redis", "--connections", "20",
          "--connections-seconds", "1", "--watchers", "5", "--watch-seconds", "1",
+         "--watch-two-replicas",
          "--soak-seconds", "2", "--soak-clients", "20", "--soak-watchers", "2"]
 
 
@@ -266,6 +267,9 @@ def test_the_other_modes_lose_nothing(smoke):
     watch = results["watch"]
     assert watch["events_received"] == watch["events_expected"] == 5 * watch["changes"] > 0
     assert (watch["missing"], watch["duplicates"], watch["cut_off"]) == (0, 0, 0)
+    over_two = watch["two_replicas"]
+    assert over_two["target"] == "redis-2" and over_two["watchers_per_replica"] == [3, 2]
+    assert over_two["events_received"] == over_two["events_expected"] > 0
     soak = results["soak"]
     assert soak["calls"] > 0 and soak["errors"] == {}
     assert (soak["watch_missing"], soak["watch_duplicates"]) == (0, 0)

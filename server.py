@@ -3396,8 +3396,8 @@ def create_server(
 
 def keepalive_options(interval, timeout):
     """gRPC's options for HTTP/2 keepalive: ping each connection interval seconds after it was
-    last heard from, even with no call open, however long it stays idle, and close it when
-    the answer takes timeout seconds; let clients ping as often as MIN_CLIENT_PING_SECONDS.
+    last heard from and close it when the answer takes timeout seconds; let clients send
+    pings of their own as often as MIN_CLIENT_PING_SECONDS, calls open or not.
 
     grpcio 1.85 waits for a ping's answer for the ping timeout, a minute unless set, whatever
     the keepalive timeout says: both are set."""
@@ -3405,8 +3405,7 @@ def keepalive_options(interval, timeout):
             ("grpc.keepalive_timeout_ms", round(timeout * 1000)),
             ("grpc.http2.ping_timeout_ms", round(timeout * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms",
+            ("grpc.http2.min_ping_interval_without_data_ms",
              round(MIN_CLIENT_PING_SECONDS * 1000))]
 
 

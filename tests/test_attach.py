@@ -230,6 +230,32 @@ def test_clients_whose_network_goes_silent_are_offline_within_the_keepalive_boun
             assert describe(events) == [("alice", "EVENT_DISCONNECTED", "", "connection closed")]
 
 
+@allure.story("Dead peers found by keepalive")
+def test_clients_pinging_every_second_are_never_told_to_go_away(memory_server):
+    server = memory_server()
+    pinging = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.max_pings_without_data", 0), ("grpc.use_local_subchannel_pool", 1)]
+    address = f"127.0.0.1:{server.port}"
+    with grpc.insecure_channel(address, options=pinging) as holding, \
+            grpc.insecure_channel(address, options=pinging) as idle:
+        states = []
+        idle.subscribe(states.append, try_to_connect=True)
+        grpc.channel_ready_future(idle).result(timeout=DEADLINE)
+        Attached(pb_grpc.ClientServiceStub(holding), "alice").attached()
+        stub = stub_for(server)
+        watch = Watch(stub)
+        watch.snapshot()
+        with allure.step("while a 6 s lease runs out, both channels ping every second"):
+            hello(stub, "timer", lease=6)
+            assert describe(watch.events(2)) == [
+                ("timer", "EVENT_CONNECTED", "", "hello"),
+                ("timer", "EVENT_DISCONNECTED", "", "lease expired")]
+        with allure.step("alice's stream and the channel without calls were never cut"):
+            assert status_of(stub, "alice").status == pb.STATUS_CONNECTED
+            ready = grpc.ChannelConnectivity.READY
+            assert states[states.index(ready):] == [ready]
+
+
 @allure.story("Takeover")
 def test_attaching_a_held_session_takes_it_over_and_is_no_change(stub):
     watch = Watch(stub)

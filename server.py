@@ -1467,7 +1467,7 @@ class Attachments:
             if stopping:
                 stream.let_go = stream.closed = True
                 taken_over = None
-            elif self._holder(stream) != stream.holder:  # overtaken before it got here
+            elif self._overtaken(stream):
                 taken_over = stream
             else:
                 taken_over = self._held.get(stream.key)
@@ -1488,11 +1488,13 @@ class Attachments:
                              "no longer holds it")
         return taken_over is not stream
 
-    def _holder(self, stream):
-        """Which stream holds the session in the registry as this server last saw it."""
+    def _overtaken(self, stream):
+        """Whether another stream of this server attached the session after this one did (both
+        attaches applied, that one settled first), as the record this server last saw says."""
         record = self._registry.get_cached(stream.client_id)
         session = record and find_session(record.sessions, stream.session_id)
-        return session.holder if session else ""
+        holder = session.holder if session else ""
+        return holder != stream.holder and holder.startswith(f"{self._server_id}/")
 
     def _ended(self, stream):
         """gRPC's callback at a stream's end: let go of its session unless it was let go of."""

@@ -1325,6 +1325,7 @@ class AttachedStream:
 
     @property
     def key(self):
+        """The session it holds, as the attachments file it."""
         return self.client_id, self.session_id
 
     def message(self, status, lease=0):
@@ -1375,6 +1376,7 @@ class Detacher:
         self._thread.join()
 
     def _run(self):
+        """Apply what queued, a batch at a time, until closed."""
         failing = False
         while batch := self._take(failing):
             try:
@@ -1396,6 +1398,8 @@ class Detacher:
             while not self._queued and not self._closing:
                 self._ready.wait()
             if self._closing and failing:
+                logger.error("%d sessions whose streams ended stay attached in the store; the "
+                             "next server to load it makes them leases", len(self._queued))
                 return []
             count = min(len(self._queued), DETACH_BATCH)
             return [self._queued.popleft() for _ in range(count)]
@@ -1443,6 +1447,7 @@ class Attachments:
         return record if self._settle(stream) else None
 
     def _open_stream(self, client_id, session_id, context, send):
+        """A new stream with a holder id of its own, counted against the limit; or a refusal."""
         with self._lock:
             if self._stopping:
                 raise Unavailable("the server is stopping: attach again to another replica, or "

@@ -470,6 +470,31 @@ def test_holding_attach_streams_costs_no_thread_each(server_processes):
         channel.close()
 
 
+@allure.story("No thread per stream")
+def test_a_mass_disconnect_ends_every_session_in_a_few_commits(tmp_path):
+    store = presence.SqliteStore(str(tmp_path / "mass.db"))
+    server = presence.create_server("127.0.0.1:0", store)
+    server.start()
+    try:
+        stub = stub_for(server)
+        watch = Watch(stub)
+        watch.snapshot()
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}",
+                                   options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            for n in range(90):
+                Attached(pb_grpc.ClientServiceStub(channel), f"user{n}").attached()
+            watch.events(90)
+            commits = store.commits
+        with allure.step("their connection closes: all 90 end, in far fewer commits"):
+            ended = watch.events(90)
+            assert {event.reason for event in ended} == {"connection closed"}
+            assert stub.CountClients(pb.CountClientsRequest()).connected == 0
+            assert store.commits - commits < 30, store.commits - commits
+    finally:
+        server.stop(0)
+        store.close()
+
+
 @allure.story("Limits")
 def test_attach_streams_past_the_limit_are_resource_exhausted(memory_server):
     server = memory_server(max_attached=2)

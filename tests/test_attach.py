@@ -114,9 +114,19 @@ def memory_server():
         server.stop(0)
 
 
-def stub_for(server):
-    """A stub on a fresh channel to an in-process server (closed with the test's process)."""
-    return pb_grpc.ClientServiceStub(connect(f"127.0.0.1:{server.port}"))
+@pytest.fixture
+def stub_for():
+    """`stub_for(server)`: a stub on a channel of its own to an in-process server; every
+    channel is closed afterwards."""
+    channels = []
+
+    def open_stub(server):
+        channels.append(connect(f"127.0.0.1:{server.port}"))
+        return pb_grpc.ClientServiceStub(channels[-1])
+
+    yield open_stub
+    for channel in channels:
+        channel.close()
 
 
 def describe(events):
@@ -231,7 +241,7 @@ def test_clients_whose_network_goes_silent_are_offline_within_the_keepalive_boun
 
 
 @allure.story("Dead peers found by keepalive")
-def test_clients_pinging_every_second_are_never_told_to_go_away(memory_server):
+def test_clients_pinging_every_second_are_never_told_to_go_away(memory_server, stub_for):
     server = memory_server()
     pinging = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_permit_without_calls", 1),
                ("grpc.http2.max_pings_without_data", 0), ("grpc.use_local_subchannel_pool", 1)]
@@ -278,7 +288,8 @@ def test_attaching_a_held_session_takes_it_over_and_is_no_change(stub):
 
 
 @allure.story("Takeover")
-def test_attaching_a_leased_hello_session_holds_it_without_a_change(make_server, clock):
+def test_attaching_a_leased_hello_session_holds_it_without_a_change(make_server, clock,
+                                                                    stub_for):
     server = make_server(clock=clock)
     stub = stub_for(server)
     revision = hello(stub, "alice", "tty", lease=30).client.revision
@@ -318,7 +329,7 @@ def test_goodbye_ends_an_attached_session_and_its_stream_end_then_changes_nothin
 
 @allure.story("Graceful stop")
 def test_a_stopping_server_tells_attached_clients_and_keeps_their_sessions_as_leases(
-        make_server, clock):
+        make_server, clock, stub_for):
     server = make_server(clock=clock, reattach_grace=7)
     stream = Attached(stub_for(server), "alice", "laptop")
     revision = stream.attached().revision
@@ -360,7 +371,7 @@ def test_a_graceful_restart_with_clients_attaching_again_shows_no_disconnect(
 
 @allure.story("Graceful stop")
 def test_a_replica_stopping_hands_its_attached_clients_to_another_without_a_disconnect(
-        shared_redis, request):
+        shared_redis, request, stub_for):
     prefix = f"{request.node.nodeid}"
     replicas = [presence.create_server("127.0.0.1:0",
                                        presence.RedisStore(shared_redis.url, prefix=prefix))
@@ -385,7 +396,7 @@ def test_a_replica_stopping_hands_its_attached_clients_to_another_without_a_disc
 
 @allure.story("Crash")
 def test_sessions_attached_to_a_crashed_server_come_back_as_leases_of_the_grace(
-        server_processes, tmp_path, holders):
+        server_processes, tmp_path, holders, stub_for):
     path = tmp_path / "crashed.db"
     crashed = server_processes("--store", f"sqlite:///{path}")
     held = [holders(crashed.address, "alice", "laptop"), holders(crashed.address, "bob", "phone")]
@@ -471,7 +482,7 @@ def test_holding_attach_streams_costs_no_thread_each(server_processes):
 
 
 @allure.story("No thread per stream")
-def test_a_mass_disconnect_ends_every_session_in_a_few_commits(tmp_path):
+def test_a_mass_disconnect_ends_every_session_in_a_few_commits(tmp_path, stub_for):
     store = presence.SqliteStore(str(tmp_path / "mass.db"))
     server = presence.create_server("127.0.0.1:0", store)
     server.start()
@@ -496,7 +507,7 @@ def test_a_mass_disconnect_ends_every_session_in_a_few_commits(tmp_path):
 
 
 @allure.story("Limits")
-def test_attach_streams_past_the_limit_are_resource_exhausted(memory_server):
+def test_attach_streams_past_the_limit_are_resource_exhausted(memory_server, stub_for):
     server = memory_server(max_attached=2)
     stub = stub_for(server)
     watch = Watch(stub)
@@ -516,7 +527,7 @@ def test_attach_streams_past_the_limit_are_resource_exhausted(memory_server):
 
 @allure.story("Limits")
 def test_a_new_session_past_the_session_cap_is_refused_and_a_live_one_can_still_attach(
-        memory_server):
+        memory_server, stub_for):
     stub = stub_for(memory_server(max_sessions=1))
     hello(stub, "alice", "desk")
     error = rpc_error(Attached(stub, "alice", "laptop"))
@@ -534,8 +545,8 @@ def test_a_new_session_past_the_session_cap_is_refused_and_a_live_one_can_still_
     ("bell\x07", "", "client_id must not contain control characters"),
     ("alice", "tty\u202e", "session_id must not contain bidirectional override"),
 ], ids=["empty id", "blank id", "long id", "control character", "bidi session"])
-def test_bad_attach_requests_are_invalid_argument_with_the_broken_rule(memory_server, client_id,
-                                                                       session_id, reason):
+def test_bad_attach_requests_are_invalid_argument_with_the_broken_rule(
+        memory_server, stub_for, client_id, session_id, reason):
     stub = stub_for(memory_server())
     error = rpc_error(Attached(stub, client_id, session_id))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -395,6 +395,35 @@ def test_a_replica_stopping_hands_its_attached_clients_to_another_without_a_disc
 
 
 @allure.story("Crash")
+def test_a_replica_starting_on_redis_leaves_sessions_other_replicas_hold_attached(
+        shared_redis, request, stub_for):
+    def replica():
+        server = presence.create_server("127.0.0.1:0", presence.RedisStore(
+            shared_redis.url, prefix=request.node.nodeid), reattach_grace=5)
+        server.start()
+        started.append(server)
+        return stub_for(server)
+
+    started = []
+    try:
+        first = replica()
+        stream = Attached(first, "alice", "laptop")
+        stream.attached()
+        second = replica()
+        with allure.step("the new replica sees alice attached, not a lease of its grace"):
+            assert kinds(status_of(second, "alice")) == [("laptop", "SESSION_KIND_ATTACHED",
+                                                          False)]
+        watch = Watch(second, since_revision=status_of(second, "alice").revision)
+        stream.cancel()
+        assert describe(watch.events(1)) == [("alice", "EVENT_DISCONNECTED", "laptop",
+                                              "connection closed")]
+    finally:
+        for server in started:
+            server.stop(0)
+            server.registry._store.close()
+
+
+@allure.story("Crash")
 def test_sessions_attached_to_a_crashed_server_come_back_as_leases_of_the_grace(
         server_processes, tmp_path, holders, stub_for):
     path = tmp_path / "crashed.db"

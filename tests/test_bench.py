@@ -29,12 +29,13 @@ pytestmark = [allure.feature("Benchmark")]
 
 TARGETS = ["ceiling", "ceiling+protobuf", "floor", "asyncio-dict", "memory", "sqlite", "redis",
            "redis-2"]
-SMOKE = ["--only", "throughput", "scale", "connections", "watch", "soak",
+SMOKE = ["--only", "throughput", "scale", "connections", "watch", "attached", "soak",
          "--targets", *TARGETS[1:], "--load", "asyncio", "threads", "--rounds", "1",
          "--window", "0.5",
          "--warmup", "0.2", "--scale", "2000", "--connections", "20",
          "--connections-seconds", "1", "--watchers", "5", "--watch-seconds", "1",
-         "--soak-seconds", "2", "--soak-clients", "20", "--soak-watchers", "2"]
+         "--soak-seconds", "2", "--soak-clients", "20", "--soak-watchers", "2",
+         "--attached", "30", "--attach-processes", "2", "--idle-seconds", "0.5"]
 
 
 def processes_marked(mark):
@@ -145,7 +146,7 @@ def test_every_mode_runs_stops_what_it_started_and_writes_its_figures(smoke):
     returncode, output, results, left = smoke
     assert returncode == 0, output[-3000:]
     assert left == [], "the benchmark left processes running"
-    for mode in ("throughput", "scale", "connections", "watch", "soak"):
+    for mode in ("throughput", "scale", "connections", "watch", "attached", "soak"):
         assert mode in results, f"no {mode} figures in {sorted(results)}"
     assert "SendMessage throughput" in output
     assert "other processes on the machine used" in output
@@ -157,7 +158,7 @@ def test_help_lists_every_mode_and_both_load_shapes():
                             capture_output=True, text=True, timeout=DEADLINE)
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
-    for mode in ("throughput:", "scale:", "connections:", "watch:", "soak:"):
+    for mode in ("throughput:", "scale:", "connections:", "watch:", "attached:", "soak:"):
         assert mode in text
     assert "asyncio (grpc.aio" in text and "threads (threads" in text
 
@@ -260,6 +261,10 @@ def test_the_other_modes_lose_nothing(smoke):
     watch = results["watch"]
     assert watch["events_received"] == watch["events_expected"] == 5 * watch["changes"] > 0
     assert (watch["missing"], watch["duplicates"], watch["cut_off"]) == (0, 0, 0)
+    attached = results["attached"]
+    assert attached["attached"] == attached["counted"] == 30 and attached["errors"] == {}
+    assert attached["detach_s"] is not None, "every attached client went offline"
+    assert attached["p99_without_ms"] and attached["p99_beside_ms"]
     soak = results["soak"]
     assert soak["calls"] > 0 and soak["errors"] == {}
     assert (soak["watch_missing"], soak["watch_duplicates"]) == (0, 0)

@@ -12,6 +12,9 @@ file reads top to bottom, each part whole in one section:
   watch         the change log and its fan-out: durable changes in revision
                 order (ChangeLog), sent to every watcher by a few threads
                 (Fanout, Sender, Watcher)
+  attached presence
+                Attach streams that each hold a session live (Attachments,
+                AttachedStream); their ends applied in batches (Detacher)
   stores        the Store protocol: memory://, sqlite:/// (group commit), and
                 redis:// shared by several replicas (RedisStore)
   wire format   records and changes as protobuf, answers cut to fit a
@@ -36,9 +39,12 @@ import hmac
 import itertools
 import json
 import logging
+import math
 import operator
 import os
 import re
+import resource
+import secrets
 import signal
 import socket
 import sqlite3
@@ -90,6 +96,12 @@ MAX_SESSIONS_LIMIT = 1024  # 1,024 sessions of 128 four-byte characters: a recor
 DEFAULT_MAX_WATCHERS = 1000
 DEFAULT_WATCH_BUFFER = 10_000
 DEFAULT_WATCH_HISTORY = 100_000
+DEFAULT_MAX_ATTACHED = 50_000
+DEFAULT_REATTACH_GRACE = 10.0
+DEFAULT_KEEPALIVE_INTERVAL = 10.0
+DEFAULT_KEEPALIVE_TIMEOUT = 5.0
+# Clients may send their own keepalive pings as often as this without being told to go away.
+MIN_CLIENT_PING_SECONDS = 1.0
 
 
 # --- data: a client's record, a change, a message --------------------------------------------
@@ -115,13 +127,19 @@ STATUS_WORDS = {Status.CONNECTED: "connected", Status.DISCONNECTED: "disconnecte
 
 MESSAGES = {"hello": Status.CONNECTED, "goodbye": Status.DISCONNECTED}
 HELLO, GOODBYE, LEASE_EXPIRED = "hello", "goodbye", "lease expired"
+ATTACH, CONNECTION_CLOSED = "attach", "connection closed"
 
 
 class Session(NamedTuple):
-    """One live session; expires_at is 0.0 when it has no lease."""
+    """One live session; expires_at is 0.0 when it has no lease.
+
+    holder is empty for a session a Hello keeps; for one an Attach stream holds, it names
+    that stream: the id of the server process serving it, "/", the stream's number there.
+    """
 
     session_id: str
     expires_at: float
+    holder: str = ""
 
 
 DEFAULT_SESSION = Session("", 0.0)
@@ -179,12 +197,19 @@ Applied = tuple[Client, Change | None]
 
 
 class Message(NamedTuple):
-    """A validated Hello or Goodbye."""
+    """A validated Hello or Goodbye, or what an Attach stream does to its session.
+
+    With a holder (the stream's id, as in Session) a hello attaches the session, taking it
+    over from whatever held it, and a goodbye lets go of it, only while that stream still
+    holds it: the session ends ("connection closed"), or, given a lease, stays live that many
+    seconds for the client to attach again.
+    """
 
     client_id: str
     status: Status
     session_id: str = ""
-    lease: int = 0
+    lease: int | float = 0
+    holder: str = ""
 
 
 class Counts(NamedTuple):
@@ -206,6 +231,10 @@ class LimitExceeded(ValueError):
 
 class StoreError(RuntimeError):
     """The store could not make a change durable."""
+
+
+class Unavailable(RuntimeError):
+    """The server cannot take this call now (it is stopping); the message says why."""
 
 
 # --- rules: ids, messages, page tokens, sessions ---------------------------------------------
@@ -340,6 +369,7 @@ class Registry:
         # (client id, session id) -> the time of its heap entry
         self._lease_entries: dict[tuple[str, str], float] = {}
         self._live_sessions = 0
+        self._held_at_load: list[tuple[str, Session]] = []  # (client id, attached session)
         self.revision = 0  # the last revision given to a change, durable or not
         self.durable_revision = 0  # the last revision readers can see
         self._load_from(store)
@@ -363,10 +393,13 @@ class Registry:
         self._ids = {
             Status.CONNECTED: SortedList(record[0] for record in records if record[5]),
             Status.DISCONNECTED: SortedList(record[0] for record in records if not record[5])}
+        self._held_at_load = []
         for record in records:
             sessions = record[5]
             if sessions and sessions is not DEFAULT_SESSIONS:
                 self._add_leases_locked(record)
+                self._held_at_load += [(record[0], session) for session in sessions
+                                       if session.holder]
 
     # -- changes
 
@@ -438,6 +471,17 @@ class Registry:
         changes = [change for _, change in results if change]
         log_expired(changes)
         return changes
+
+    def lease_orphans(self, seconds: float) -> int:
+        """Sessions attached when the store was loaded were held by streams of a server that
+        is gone (it did not stop cleanly): each becomes a lease of seconds, as if that server
+        had let go of it, and ends unless attached again. Returns how many."""
+        held, self._held_at_load = self._held_at_load, []
+        messages = [Message(client_id, Status.DISCONNECTED, session.session_id, seconds,
+                            session.holder) for client_id, session in held]
+        for start in range(0, len(messages), MAX_BATCH):
+            self.apply_many(messages[start:start + MAX_BATCH])
+        return len(messages)
 
     def seconds_to_next_expiry(self) -> float:
         """How long until the earliest lease may run out (it may have been renewed)."""
@@ -545,10 +589,15 @@ class Registry:
             return self._hello_locked(old, message, now, index)
         if old is None:
             return self._record_locked(None, client_id, (), EventKind.DISCONNECTED,
-                                       message.session_id, GOODBYE, now)
+                                       message.session_id,
+                                       CONNECTION_CLOSED if message.holder else GOODBYE, now)
+        if message.holder:
+            return self._let_go_locked(old, message, now)
         return self._end_locked(old, message.session_id, not message.session_id, now, GOODBYE)
 
     def _hello_locked(self, old, message, now, index):
+        """A Hello starts or renews its session; an attach starts it or takes it over (from a
+        Hello, a lease or another stream) as the same session: only a new one is a change."""
         sessions = old.sessions if old else ()
         known = find_session(sessions, message.session_id)
         if not known and len(sessions) >= self._max_sessions:
@@ -556,15 +605,32 @@ class Registry:
             raise LimitExceeded(
                 f"{where}client {echo(message.client_id)} already has {len(sessions)} sessions, "
                 f"the most a client may have (--max-sessions); end one first")
-        expires_at = now + message.lease if message.lease else 0.0
-        if expires_at:
-            self._add_lease_locked(expires_at, message.client_id, message.session_id)
-        new_sessions = put_session(sessions, Session(message.session_id, expires_at))
+        if known and known.holder and not message.holder:
+            session = known  # a Hello for an attached session: its stream still holds it
+        else:
+            expires_at = now + message.lease if message.lease else 0.0
+            if expires_at:
+                self._add_lease_locked(expires_at, message.client_id, message.session_id)
+            session = Session(message.session_id, expires_at, message.holder)
+        new_sessions = put_session(sessions, session)
         if known:
             return self._unchanged(old, new_sessions, now), None
         kind = EventKind.SESSION_STARTED if sessions else EventKind.CONNECTED
         return self._record_locked(old, message.client_id, new_sessions, kind,
-                                   message.session_id, HELLO, now)
+                                   message.session_id, ATTACH if message.holder else HELLO, now)
+
+    def _let_go_locked(self, old, message, now):
+        """An Attach stream lets go of its session: ended, or kept as a lease of message.lease
+        seconds (not a change); nothing when another stream took it over or it ended."""
+        held = find_session(old.sessions, message.session_id)
+        if not held or held.holder != message.holder:
+            return old, None
+        if not message.lease:
+            return self._end_locked(old, message.session_id, False, now, CONNECTION_CLOSED)
+        expires_at = now + message.lease
+        self._add_lease_locked(expires_at, old.client_id, message.session_id)
+        return self._unchanged(old, put_session(old.sessions, Session(held.session_id,
+                                                                      expires_at)), now), None
 
     def _end_locked(self, old, session_id, every_session, now, reason):
         new_sessions = () if every_session else drop_session(old.sessions, session_id)
@@ -605,6 +671,10 @@ class Registry:
 
     def get(self, client_id: str) -> Client | None:
         """The client's durable record, or None when it is unknown."""
+        return self._clients.get(client_id)
+
+    def get_cached(self, client_id: str) -> Client | None:
+        """The client's record as this server last saw it, without asking a shared store."""
         return self._clients.get(client_id)
 
     def snapshot(self) -> tuple[list[Client], int]:
@@ -852,6 +922,11 @@ class SharedRegistry(Registry):
 
     def seconds_to_next_expiry(self) -> float:
         return REAPER_MAX_SLEEP  # the lease set is in the store: look again each second
+
+    def lease_orphans(self, seconds: float) -> int:
+        """Leaves attached sessions alone: another replica may hold their streams."""
+        self._held_at_load = []
+        return 0
 
     def _add_lease_locked(self, expires_at, client_id, session_id):
         """Leases live in the store's lease set; the local heap stays empty."""
@@ -1228,6 +1303,244 @@ class Fanout:
             self.add(watcher)
 
 
+# --- attached presence: streams that hold sessions live -------------------------------------
+
+
+class AttachedStream:
+    """One Attach stream: the session it holds, its holder id, and how to send to it."""
+
+    __slots__ = ("client_id", "session_id", "holder", "context", "send", "attached", "ended",
+                 "closed", "let_go")
+
+    def __init__(self, client_id, session_id, holder, context, send):
+        self.client_id = client_id
+        self.session_id = session_id
+        self.holder = holder
+        self.context = context
+        self.send = send
+        self.attached = False  # its attach has been applied
+        self.ended = False  # the call is over, however it ended
+        self.closed = False  # the server has ended it (at most once)
+        self.let_go = False  # its end ends nothing: it was taken over, or the server let go
+
+    @property
+    def key(self):
+        return self.client_id, self.session_id
+
+    def message(self, status, lease=0):
+        """What this stream does to its session: attach it (CONNECTED) or let go of it."""
+        return Message(self.client_id, status, self.session_id, lease, self.holder)
+
+    def close(self, code=None, details=""):
+        """End the stream from the server's side: cleanly, or with a code and its details."""
+        if code is not None:
+            self.context.set_code(code)
+            self.context.set_details(details)
+        self.send(None)
+
+
+DETACH_BATCH = 500
+DETACH_RETRY_SECONDS = 1.0
+
+
+class Detacher:
+    """A thread that ends the sessions of streams that ended, many in one apply_many.
+
+    gRPC says a stream ended on its own serving thread, which must not wait for the store;
+    the ends queue here instead, and whatever queued while a commit ran goes in the next, so
+    a mass disconnect of thousands costs a few commits. A store that refuses is tried again
+    each second; ends still refused when the server stops stay attached in the store, and
+    become leases when a server loads it again.
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self._queued: collections.deque[Message] = collections.deque()
+        self._ready = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="detacher", daemon=True)
+        self._thread.start()
+
+    def put(self, message):
+        """Queue a stream's goodbye; cheap enough for gRPC's serving thread."""
+        with self._ready:
+            self._queued.append(message)
+            self._ready.notify()
+
+    def close(self):
+        """Apply what has queued, then end the thread."""
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+        self._thread.join()
+
+    def _run(self):
+        failing = False
+        while batch := self._take(failing):
+            try:
+                self._registry.apply_many(batch)
+                failing = False
+            except StoreError as error:
+                if not failing:
+                    logger.error("cannot end %d sessions whose streams ended (trying again each "
+                                 "second): %s", len(batch), error)
+                failing = True
+                with self._ready:
+                    self._queued.extendleft(reversed(batch))
+
+    def _take(self, failing):
+        """The next batch; empty once closing with nothing (or nothing the store takes) left."""
+        with self._ready:
+            if failing and not self._closing:
+                self._ready.wait(DETACH_RETRY_SECONDS)
+            while not self._queued and not self._closing:
+                self._ready.wait()
+            if self._closing and failing:
+                return []
+            count = min(len(self._queued), DETACH_BATCH)
+            return [self._queued.popleft() for _ in range(count)]
+
+
+class Attachments:
+    """The Attach streams this server serves, and which of them holds each session.
+
+    An attach goes through the registry like a Hello: a change when the session is new, a
+    renewal when it was live (a Hello's, a lease's, or another stream's, which then ends
+    with ABORTED). The session's holder in the record names the stream, so when a stream
+    ends, however it ends, it lets go of its session through the registry only while it
+    still holds it there: a stream taken over, here or on another replica, never ends its
+    successor's session. No thread waits on a stream: gRPC calls back when it ends, and
+    the Detacher applies the end.
+    """
+
+    def __init__(self, registry: Registry, limit: int = DEFAULT_MAX_ATTACHED,
+                 reattach_seconds: float = DEFAULT_REATTACH_GRACE) -> None:
+        self._registry = registry
+        self._limit = limit
+        self.reattach_seconds = reattach_seconds
+        self._server_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+        self._held: dict[tuple[str, str], AttachedStream] = {}  # session -> its stream
+        self._open = 0  # streams counted against the limit, attached or on their way
+        self._stopping = False
+        self._detacher = Detacher(registry)
+
+    @property
+    def attached(self) -> int:
+        """How many sessions streams hold here."""
+        return len(self._held)
+
+    def attach(self, client_id: str, session_id: str, context, send) -> Client | None:
+        """Attach the session for a new stream; the record after it, or None when the stream
+        ended or was let go of meanwhile. LimitExceeded past the limit (or the session cap),
+        Unavailable while the server stops, StoreError when the store refuses."""
+        stream = self._open_stream(client_id, session_id, context, send)
+        if not context.add_callback(functools.partial(self._ended, stream)):
+            self._ended(stream)
+            return None
+        record, _ = self._registry.apply_one(stream.message(Status.CONNECTED))
+        return record if self._settle(stream) else None
+
+    def _open_stream(self, client_id, session_id, context, send):
+        with self._lock:
+            if self._stopping:
+                raise Unavailable("the server is stopping: attach again to another replica, or "
+                                  "to this one once it is back")
+            if self._open >= self._limit:
+                raise LimitExceeded(f"too many attached streams (limit {self._limit}, "
+                                    "--max-attached); try again later")
+            self._open += 1
+        holder = f"{self._server_id}/{next(self._numbers)}"
+        return AttachedStream(client_id, session_id, holder, context, send)
+
+    def _settle(self, stream):
+        """Now that its attach is applied, make the stream the session's holder here, ending
+        the one it took over; unless it ended meanwhile, a later attach overtook it, or the
+        server stops. Whether it holds the session."""
+        with self._lock:
+            stream.attached = True
+            if stream.ended:
+                self._detacher.put(stream.message(Status.DISCONNECTED))
+                return False
+            stopping = self._stopping
+            if stopping:
+                stream.let_go = stream.closed = True
+                taken_over = None
+            elif self._holder(stream) != stream.holder:  # overtaken before it got here
+                taken_over = stream
+            else:
+                taken_over = self._held.get(stream.key)
+                self._held[stream.key] = stream
+            if taken_over is not None:
+                taken_over.let_go = True
+                if taken_over.closed:  # the server is ending it already
+                    taken_over = None
+                else:
+                    taken_over.closed = True
+        if stopping:
+            self._let_go([stream])
+            return False
+        if taken_over is not None:
+            taken_over.close(grpc.StatusCode.ABORTED,
+                             f"session {echo(stream.session_id)!r} of client "
+                             f"{echo(stream.client_id)} was attached by another stream; this one "
+                             "no longer holds it")
+        return taken_over is not stream
+
+    def _holder(self, stream):
+        """Which stream holds the session in the registry as this server last saw it."""
+        record = self._registry.get_cached(stream.client_id)
+        session = record and find_session(record.sessions, stream.session_id)
+        return session.holder if session else ""
+
+    def _ended(self, stream):
+        """gRPC's callback at a stream's end: let go of its session unless it was let go of."""
+        with self._lock:
+            stream.ended = True
+            self._open -= 1
+            if self._held.get(stream.key) is stream:
+                del self._held[stream.key]
+            detach = stream.attached and not stream.let_go
+        if detach:
+            self._detacher.put(stream.message(Status.DISCONNECTED))
+
+    def stop(self):
+        """The server stops: each session held here becomes a lease of reattach_seconds (kept
+        in the store, not a change), and its stream is told SERVER_STOPPING and ended cleanly,
+        so a client that attaches again in time (to another replica, or here once it is back)
+        shows no disconnect at all."""
+        with self._lock:
+            self._stopping = True
+            streams = [stream for stream in self._held.values() if not stream.closed]
+            self._held.clear()
+            for stream in streams:
+                stream.let_go = stream.closed = True
+        self._let_go(streams)
+        if streams:
+            logger.info("%d attached sessions are leases of %g s now, for their clients to "
+                        "attach again", len(streams), self.reattach_seconds)
+
+    def _let_go(self, streams):
+        """Keep the streams' sessions as leases, tell each stream, and end it."""
+        messages = [stream.message(Status.DISCONNECTED, self.reattach_seconds)
+                    for stream in streams]
+        try:
+            for start in range(0, len(messages), MAX_BATCH):
+                self._registry.apply_many(messages[start:start + MAX_BATCH])
+        except StoreError as error:
+            logger.error("cannot keep attached sessions as leases: %s", error)
+        notice = attach_response(pb.AttachResponse.SERVER_STOPPING,
+                                 reattach_seconds=self.reattach_seconds)
+        for stream in streams:
+            stream.send(notice)
+            stream.close()
+
+    def close(self):
+        """Once the server has stopped: apply the ends still queued."""
+        self._detacher.close()
+
+
 # --- stores: memory and SQLite behind one protocol -------------------------------------------
 
 
@@ -1279,12 +1592,14 @@ DEFAULT_SESSIONS_TEXT = '[["", 0.0]]'
 
 
 def encode_sessions(sessions):
-    """Sessions as the JSON text of the sessions column; the two commonest without json."""
+    """Sessions as the JSON text of the sessions column; the two commonest without json. A
+    session no stream holds is [id, expiry], as before there were streams; a held one adds
+    its holder."""
     if sessions is DEFAULT_SESSIONS:
         return DEFAULT_SESSIONS_TEXT
     if not sessions:  # every disconnected client
         return "[]"
-    return json.dumps(sessions)
+    return json.dumps([session if session.holder else session[:2] for session in sessions])
 
 
 def decode_sessions(text):
@@ -1349,7 +1664,8 @@ class SqliteStore:
         SELECT client_id, changed_at,
                CASE WHEN last_seen = changed_at THEN NULL ELSE last_seen END, revision,
                CASE reason WHEN '{HELLO}' THEN 0 WHEN '{GOODBYE}' THEN 1
-                           WHEN '{LEASE_EXPIRED}' THEN 2 ELSE reason END,
+                           WHEN '{LEASE_EXPIRED}' THEN 2 WHEN '{ATTACH}' THEN 3
+                           WHEN '{CONNECTION_CLOSED}' THEN 4 ELSE reason END,
                CASE sessions WHEN '[]' THEN 0 WHEN '{DEFAULT_SESSIONS_TEXT}' THEN 1
                              ELSE sessions END
         FROM clients
@@ -1407,7 +1723,8 @@ class SqliteStore:
         Records share what a running server shares: the reason texts, the common sessions,
         and one time object when changed_at equals last_seen (a million clients' worth)."""
         records = []
-        reasons, sessions_of = (HELLO, GOODBYE, LEASE_EXPIRED), ((), DEFAULT_SESSIONS)
+        reasons = (HELLO, GOODBYE, LEASE_EXPIRED, ATTACH, CONNECTION_CLOSED)
+        sessions_of = ((), DEFAULT_SESSIONS)
         try:
             cursor = self._db.execute(self._LOAD)
             while rows := cursor.fetchmany(self._ROWS_PER_FETCH):
@@ -1972,7 +2289,8 @@ def client_to_pb(record: Client) -> pb.Client:
 
 
 # The default session as a Client's wire bytes: merging them costs less than sessions.add().
-DEFAULT_SESSIONS_WIRE = pb.Client(sessions=[pb.Session()]).SerializeToString()
+DEFAULT_SESSIONS_WIRE = pb.Client(sessions=[pb.Session(kind=pb.SESSION_KIND_MESSAGE)]
+                                  ).SerializeToString()
 
 
 def fill_client(message: pb.Client, record: Client) -> None:
@@ -1989,7 +2307,8 @@ def fill_client(message: pb.Client, record: Client) -> None:
         message.MergeFromString(DEFAULT_SESSIONS_WIRE)
         return
     for session in sessions:
-        added = message.sessions.add(session_id=session.session_id)
+        added = message.sessions.add(session_id=session.session_id, kind=(
+            pb.SESSION_KIND_ATTACHED if session.holder else pb.SESSION_KIND_MESSAGE))
         if session.expires_at:
             _set_timestamp(added.expires_at, session.expires_at)
 
@@ -2172,6 +2491,23 @@ def reply_info(message: Message, record: Client) -> str:
     return f"Client {record.client_id} marked as connected."
 
 
+def parse_attach(request: pb.AttachRequest) -> tuple[str, str]:
+    """Validate an AttachRequest: its client id and session id, by the id rules."""
+    validate_client_id(request.client_id)
+    if request.session_id:
+        validate_client_id(request.session_id, "session_id")
+    return request.client_id, request.session_id
+
+
+def attach_response(notice: "pb.AttachResponse.Notice", record: Client | None = None,
+                    reattach_seconds: float = 0) -> bytes:
+    """An Attach stream's message, serialized (the stop notice is made once for every stream)."""
+    response = pb.AttachResponse(notice=notice, reattach_seconds=math.ceil(reattach_seconds))
+    if record is not None:
+        fill_client(response.client, record)
+    return response.SerializeToString()
+
+
 def message_response(message: Message, record: Client,
                      change: Change | None) -> pb.MessageResponse:
     """The answer to one Hello or Goodbye."""
@@ -2193,7 +2529,7 @@ def refusals(context):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
     except LimitExceeded as error:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
-    except StoreError as error:
+    except (StoreError, Unavailable) as error:
         context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
 
 
@@ -2211,8 +2547,9 @@ class ClientService(pb_grpc.ClientServiceServicer):
     """Translates between protobuf messages and the registry."""
 
     def __init__(self, registry, max_lease=DEFAULT_MAX_LEASE, max_watchers=DEFAULT_MAX_WATCHERS,
-                 watch_buffer=DEFAULT_WATCH_BUFFER):
+                 watch_buffer=DEFAULT_WATCH_BUFFER, attachments=None):
         self._registry = registry
+        self.attachments = attachments or Attachments(registry)
         self._max_lease = max_lease
         self._watch_slots = threading.BoundedSemaphore(max_watchers)
         self._max_watchers = max_watchers
@@ -2312,6 +2649,17 @@ class ClientService(pb_grpc.ClientServiceServicer):
             self.watchers -= 1
         self._watch_slots.release()
 
+    def Attach(self, request, context, send):
+        """Attach the session, say so, and leave the stream to the attachments: no thread
+        waits on it."""
+        with refusals(context):
+            client_id, session_id = parse_attach(request)
+            record = self.attachments.attach(client_id, session_id, context, send)
+        if record is not None:
+            send(attach_response(pb.AttachResponse.ATTACHED, record))
+
+    Attach.experimental_non_blocking = True  # type: ignore[attr-defined]
+
     def _send_snapshot(self, context, send, resync):
         """Send every client as of one revision, in chunks; return that revision."""
         with refusals(context):
@@ -2362,7 +2710,7 @@ class NotificationService:
 # --- security and metrics: interceptors installed only when asked for ------------------------
 
 
-WRITE_METHODS = frozenset({"SendMessage", "SendMessages"})
+WRITE_METHODS = frozenset({"SendMessage", "SendMessages", "Attach"})
 
 # With a token set, writes to these always need it, and reads unless --public-reads.
 GUARDED_SERVICES = frozenset({SERVICE_NAME, NOTIFICATION_SERVICE_NAME})
@@ -2744,6 +3092,8 @@ class Metrics(grpc.ServerInterceptor):
                  counts.disconnected),
                 ("presence_live_sessions", "Live sessions of every client", counts.live_sessions),
                 ("presence_watchers", "Watch streams open", service.watchers),
+                ("presence_attached_sessions", "Sessions held by Attach streams on this server",
+                 service.attachments.attached),
                 ("presence_revision", "The server-wide revision", counts.revision)):
             yield self._gauge(name, help_text, value=value)
 
@@ -2889,6 +3239,7 @@ class PresenceServer:
     health: HealthService
     reaper: LeaseReaper
     gate: "CallGate"
+    attachments: Attachments
     metrics: Metrics | None = None
 
     def start(self):
@@ -2896,10 +3247,13 @@ class PresenceServer:
         self.grpc_server.start()
 
     def stop(self, grace=None):
-        """Refuse new calls, end watches, let in-flight calls finish within grace seconds."""
+        """Refuse new calls, end watches, let attached clients know (their sessions stay live
+        a while as leases), let in-flight calls finish within grace seconds."""
         self.health.enter_graceful_shutdown()
+        self.attachments.stop()
         self.registry.log.close()
         self.grpc_server.stop(grace).wait()
+        self.attachments.close()
         self.gate.shutdown(wait=False)
         self.reaper.stop()
         self.registry.close()
@@ -2972,13 +3326,21 @@ def create_server(
     max_watchers=DEFAULT_MAX_WATCHERS,
     watch_buffer=DEFAULT_WATCH_BUFFER,
     watch_history=DEFAULT_WATCH_HISTORY,
+    max_attached=DEFAULT_MAX_ATTACHED,
+    reattach_grace=DEFAULT_REATTACH_GRACE,
+    keepalive_interval=DEFAULT_KEEPALIVE_INTERVAL,
+    keepalive_timeout=DEFAULT_KEEPALIVE_TIMEOUT,
     security=Security(),
     metrics_port=None,
     clock=time.time,
 ):
     """Build the server on address (port 0 picks a free one) over an opened store.
 
-    Leases that ran out while the server was down expire here, before it serves.
+    Leases that ran out while the server was down expire here, before it serves, and
+    sessions still attached to a server that did not stop cleanly become leases of
+    reattach_grace seconds (on a local store: on a shared one, other replicas may hold them).
+    HTTP/2 keepalive pings every connection keepalive_interval seconds after it was last
+    heard from and closes it when the answer takes keepalive_timeout, ending its streams.
     A call holds a pool thread, and counts against the concurrency limit, only once its
     request is in (CallGate); a watcher only while its snapshot is sent, and the pool and
     the limit make room for that many beside the calls.
@@ -2999,15 +3361,21 @@ def create_server(
     expired = registry.expire_due()
     if expired:
         logger.info("%d sessions' leases ran out while the server was down", len(expired))
+    orphans = registry.lease_orphans(reattach_grace)
+    if orphans:
+        logger.info("%d sessions were attached to a server that did not stop cleanly; each is a "
+                    "lease of %g s now, for its client to attach again", orphans, reattach_grace)
     gate = CallGate(workers + max_watchers, max_concurrent_rpcs + max_watchers, request_timeout,
                     stream_threads=workers)
     grpc_server = grpc.server(
         gate,  # it limits the calls in progress itself, counting only those with a request
         options=[("grpc.max_receive_message_length", max_request_bytes), ("grpc.so_reuseport", 0),
-                 ("grpc.max_concurrent_streams", max_streams_per_connection)],
+                 ("grpc.max_concurrent_streams", max_streams_per_connection),
+                 *keepalive_options(keepalive_interval, keepalive_timeout)],
         interceptors=interceptors,
     )
-    service = ClientService(registry, max_lease, max_watchers, watch_buffer)
+    attachments = Attachments(registry, max_attached, reattach_grace)
+    service = ClientService(registry, max_lease, max_watchers, watch_buffer, attachments)
     if metrics:
         metrics.watch(registry, service)
         store.commit_timer = metrics.commit
@@ -3023,7 +3391,19 @@ def create_server(
     else:
         port = grpc_server.add_insecure_port(address)
     return PresenceServer(grpc_server, port, registry, health_servicer, LeaseReaper(registry),
-                          gate, metrics)
+                          gate, attachments, metrics)
+
+
+def keepalive_options(interval, timeout):
+    """gRPC's options for HTTP/2 keepalive: ping each connection interval seconds after it was
+    last heard from, even with no call open, however long it stays idle, and close it when
+    the answer takes timeout seconds; let clients ping as often as MIN_CLIENT_PING_SECONDS."""
+    return [("grpc.keepalive_time_ms", round(interval * 1000)),
+            ("grpc.keepalive_timeout_ms", round(timeout * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms",
+             round(MIN_CLIENT_PING_SECONDS * 1000))]
 
 
 def format_address(host, port):
@@ -3060,6 +3440,15 @@ def describe_security(security, metrics):
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
+def raise_open_files_limit():
+    """Let the process open as many files as the system allows it: each attached client on
+    a connection of its own is a socket, and the usual soft limit is 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(args):
     """Run the server until SIGINT or SIGTERM, then stop gracefully.
 
@@ -3067,6 +3456,7 @@ def serve(args):
     so no handler ever runs inside a lock the main thread holds.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    raise_open_files_limit()
     security = security_from(args)
     store = open_store(args.store)
     try:
@@ -3083,6 +3473,10 @@ def serve(args):
             max_watchers=args.max_watchers,
             watch_buffer=args.watch_buffer,
             watch_history=args.watch_history,
+            max_attached=args.max_attached,
+            reattach_grace=args.reattach_grace,
+            keepalive_interval=args.keepalive_interval,
+            keepalive_timeout=args.keepalive_timeout,
             security=security,
             metrics_port=args.metrics_port,
         )
@@ -3193,6 +3587,16 @@ FLAGS = (
          "cut off with RESOURCE_EXHAUSTED", _positive_int),
     Flag("--watch-history", DEFAULT_WATCH_HISTORY, "recent changes kept in memory for watchers "
          "that resume from a revision", _positive_int),
+    Flag("--max-attached", DEFAULT_MAX_ATTACHED, "Attach streams open at once; more are refused "
+         "with RESOURCE_EXHAUSTED", _positive_int),
+    Flag("--reattach-grace", DEFAULT_REATTACH_GRACE, "seconds an attached session stays live as "
+         "a lease when its server stops (or is found after a crash), for its client to attach "
+         "again without showing a disconnect", _positive_float),
+    Flag("--keepalive-interval", DEFAULT_KEEPALIVE_INTERVAL, "seconds after a connection was "
+         "last heard from that the server pings it (HTTP/2 keepalive)", _positive_float),
+    Flag("--keepalive-timeout", DEFAULT_KEEPALIVE_TIMEOUT, "seconds a keepalive ping may go "
+         "unanswered before the connection is closed and its attached sessions end; a vanished "
+         "client is offline within interval + timeout", _positive_float),
     Flag("--tls-cert", "", "serve TLS with this certificate chain (PEM); needs --tls-key",
          metavar="FILE"),
     Flag("--tls-key", "", "the private key of --tls-cert (PEM)", metavar="FILE"),

@@ -1007,7 +1007,7 @@ def test_client_as_user_attaches_its_own_session_and_ends_it_on_exit(repl, addre
     watch = Watch(stub)
     watch.snapshot()
     with allure.step("the REPL as frank: a session of its own, attached, and the toolbar says so"):
-        child = repl(address, "--as", "frank")
+        child = repl(address, "--as", "frank", answer_cpr=True)
         started = next_event(watch)
         assert (started.kind, started.client.status, started.reason) == (
             pb.EVENT_SESSION_STARTED, pb.STATUS_CONNECTED, "attach")
@@ -1015,8 +1015,9 @@ def test_client_as_user_attaches_its_own_session_and_ends_it_on_exit(repl, addre
         kinds = {s.session_id: s.kind for s in started.client.sessions}
         assert kinds == {"desk": pb.SESSION_KIND_MESSAGE,
                          started.session_id: pb.SESSION_KIND_ATTACHED}
-        child.expect_exact(PROMPT)
-        child.expect_exact("as frank (attached)")
+        child.expect_exact("\x1b[6n")  # the toolbar is drawn once the cursor is known
+        child.send("\x1b[12;1R")
+        child.expect(rf"as frank{ANSI} \(attached\)")
     with allure.step("Ctrl-D: the stream ends, and with it only that session"):
         child.sendcontrol("d")
         child.expect(pexpect.EOF)
@@ -1051,9 +1052,10 @@ def test_client_as_user_is_offline_the_moment_it_is_killed(address, stub):
 @allure.story("--as keeps a user connected")
 def test_client_as_user_on_a_server_without_attach_says_lease_in_the_toolbar(
         repl, server_without_attach):
-    child = repl(server_without_attach, "--as", "gale")
-    child.expect_exact(PROMPT)
-    child.expect_exact("as gale (lease)")
+    child = repl(server_without_attach, "--as", "gale", answer_cpr=True)
+    child.expect_exact("\x1b[6n")  # the toolbar is drawn once the cursor is known
+    child.send("\x1b[12;1R")
+    child.expect(rf"as gale{ANSI} \(lease\)")
     child.sendcontrol("d")
     child.expect(pexpect.EOF)
 

@@ -1018,6 +1018,7 @@ class PresenceKeeper:
         self.lease = lease
         self.session_id = f"{socket.gethostname()}:{os.getpid()}"
         self.state = "connecting"  # attached, reattaching, lease, taken over
+        self.address = None  # the replica holding the stream
         self._on_notice = on_notice or (lambda text: logger.info("%s", text))
         self._call = None
         self._stopped = threading.Event()
@@ -1071,17 +1072,16 @@ class PresenceKeeper:
             avoid = self._hold()
             if self._stopped.is_set() or self.state == "taken over":
                 return
-            self.state = "reattaching"
             self._reattach(avoid)
 
     def _hold(self):
-        """Read the stream's notices until it ends; the address of a server that said it is
-        stopping ("" for one that broke), so the next attach goes elsewhere if it can."""
-        stopping = ""
+        """Read the stream's notices until it ends; the address of its server, which stopped
+        or broke, so that the next attach goes to another replica when there is one."""
+        stopping = False
         try:
             for notice in self._call:
                 if notice.notice == pb.AttachResponse.SERVER_STOPPING:
-                    stopping = self.address
+                    stopping, self.state = True, "reattaching"
                     self._on_notice(f"{self.address} is stopping; attaching again within "
                                     f"{notice.reattach_seconds} s")
             reason = "the server ended the stream"
@@ -1094,8 +1094,10 @@ class PresenceKeeper:
                 return ""
             reason = stream_end_reason(error)
         if not stopping:
-            self._on_notice(f"lost the attach stream ({reason}); attaching again")
-        return stopping
+            self.state = "reattaching"
+            self._on_notice(f"lost the attach stream to {self.address} ({reason}); "
+                            "attaching again")
+        return self.address
 
     def _reattach(self, avoid):
         """Attach again until it works or close(); one server is waited for until it is back."""
@@ -1710,8 +1712,9 @@ with the highest exit code of any command that failed (0 when none did); with
                    revision (a line on stderr says why)
   --as NAME attach one line per attach, break and re-attach, until Ctrl-C (exit 130) or
                    SIGTERM (exit 0): {"kind": "notice", "user": str, "state": "attached" |
-                   "reattaching" | "lease" | "taken over", "text": str}; without --json the
-                   same lines go to stderr
+                   "reattaching" | "lease" | "taken over", "server": the replica attached to
+                   (or last attached to) or null, "text": str}; without --json the same lines
+                   go to stderr
 
 exit codes: 0 ok; 1 the server answered with an error (NOT_FOUND, INVALID_ARGUMENT, ...);
 2 usage error; 3 server unreachable (UNAVAILABLE, or no answer within --timeout);
@@ -1859,7 +1862,7 @@ def hold_attached(client, out, err, args):
     def notice(text):
         if args.json:
             write_json_line(out, {"kind": "notice", "user": args.user, "state": keeper.state,
-                                  "text": text})
+                                  "server": keeper.address, "text": text})
         else:
             err.print(Text(text, style="dim"), soft_wrap=True)
     keeper = PresenceKeeper(client, args.user, args.lease, on_notice=notice)

@@ -1919,3 +1919,37 @@ def test_a_killed_replica_leaves_the_repl_and_a_json_watch_going_on_the_others(
     child.send("exit\r")
     child.expect(pexpect.EOF)
     assert "Traceback" not in child.logfile_read.getvalue()
+
+
+@allure.story("Replicas")
+def test_an_attached_user_moves_to_another_replica_when_its_own_is_killed(server_processes,
+                                                                          redis_url):
+    replicas = [server_processes("--store", redis_url) for _ in range(2)]
+    servers = ",".join(replica.address for replica in replicas)
+    holder = subprocess.Popen(
+        [sys.executable, CLIENT, "--server", servers, "--json", "--as", "mia", "attach"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = Lines(holder.stdout)
+    with allure.step("mia attaches to one of two replicas"):
+        first = json.loads(lines.next())
+        assert first["state"] == "attached"
+        (held_by,) = [replica for replica in replicas if replica.address == first["server"]]
+        (other,) = [replica for replica in replicas if replica is not held_by]
+        with connect(other.address) as channel:
+            (before,) = pb_grpc.ClientServiceStub(channel).GetClientStatus(
+                pb.ClientStatusRequest(client_id="mia")).clients
+    with allure.step("its replica is killed (kill -9): mia attaches to the other by itself"):
+        held_by.kill()
+        notice = json.loads(lines.next())
+        while notice["state"] != "attached":
+            notice = json.loads(lines.next())
+        assert notice["server"] == other.address
+    with allure.step("and was never offline: the session moved without a change"):
+        with connect(other.address) as channel:
+            (after,) = pb_grpc.ClientServiceStub(channel).GetClientStatus(
+                pb.ClientStatusRequest(client_id="mia")).clients
+        assert (after.status, after.revision) == (pb.STATUS_CONNECTED, before.revision)
+        assert [s.kind for s in after.sessions] == [pb.SESSION_KIND_ATTACHED]
+    holder.terminate()
+    assert holder.wait(DEADLINE) == client.EXIT_OK
+    assert "Traceback" not in holder.stderr.read()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -266,12 +267,12 @@ class Watch:
     def resume_reading(self):
         self._reading.set()
 
-    def next(self):
+    def next(self, within=DEADLINE):
         """The next message; None when the stream ended cleanly; an RpcError when it failed."""
         try:
-            return self._messages.get(timeout=DEADLINE)
+            return self._messages.get(timeout=max(within, 0))
         except queue.Empty:
-            raise AssertionError("no watch message within the deadline") from None
+            raise AssertionError(f"no watch message within {within:.2f} s") from None
 
     def snapshot(self):
         """Read a whole snapshot: the clients by id and the revision."""
@@ -283,11 +284,12 @@ class Watch:
                 return clients, message.revision, first.resync
             message = self.next()
 
-    def events(self, count):
-        """The next count events, in the order they came."""
+    def events(self, count, within=DEADLINE):
+        """The next count events, in the order they came, all within `within` seconds."""
+        deadline = time.monotonic() + within
         events = []
         while len(events) < count:
-            message = self.next()
+            message = self.next(deadline - time.monotonic())
             assert isinstance(message, pb.WatchResponse), f"stream ended early: {message}"
             events += message.events
         assert len(events) == count
@@ -483,6 +485,8 @@ class TcpProxy:
         """Close every connection and the listening port, and end the thread."""
         self._command("close")
         self._thread.join(timeout=DEADLINE)
+        for sock in (self._wake_read, self._wake_write):  # not by the thread: a paused one
+            sock.close()  # may obey before the wake-up byte is even sent
 
     def _command(self, name):
         """Have the proxy's thread carry out a command, and wait until it has."""
@@ -517,8 +521,7 @@ class TcpProxy:
             for sock in list(self._peers):
                 self._drop(sock)
         if name == "close":
-            for sock in (self._listener, self._wake_read, self._wake_write):
-                sock.close()
+            self._listener.close()
             self._selector.close()
         done.set()
         return name != "close"

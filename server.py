@@ -1325,6 +1325,7 @@ class AttachedStream:
 
     @property
     def key(self):
+        """The session it holds, as the attachments file it."""
         return self.client_id, self.session_id
 
     def message(self, status, lease=0):
@@ -1375,6 +1376,7 @@ class Detacher:
         self._thread.join()
 
     def _run(self):
+        """Apply what queued, a batch at a time, until closed."""
         failing = False
         while batch := self._take(failing):
             try:
@@ -1396,6 +1398,8 @@ class Detacher:
             while not self._queued and not self._closing:
                 self._ready.wait()
             if self._closing and failing:
+                logger.error("%d sessions whose streams ended stay attached in the store; the "
+                             "next server to load it makes them leases", len(self._queued))
                 return []
             count = min(len(self._queued), DETACH_BATCH)
             return [self._queued.popleft() for _ in range(count)]
@@ -1443,6 +1447,7 @@ class Attachments:
         return record if self._settle(stream) else None
 
     def _open_stream(self, client_id, session_id, context, send):
+        """A new stream with a holder id of its own, counted against the limit; or a refusal."""
         with self._lock:
             if self._stopping:
                 raise Unavailable("the server is stopping: attach again to another replica, or "
@@ -1467,7 +1472,7 @@ class Attachments:
             if stopping:
                 stream.let_go = stream.closed = True
                 taken_over = None
-            elif self._holder(stream) != stream.holder:  # overtaken before it got here
+            elif self._overtaken(stream):
                 taken_over = stream
             else:
                 taken_over = self._held.get(stream.key)
@@ -1488,11 +1493,13 @@ class Attachments:
                              "no longer holds it")
         return taken_over is not stream
 
-    def _holder(self, stream):
-        """Which stream holds the session in the registry as this server last saw it."""
+    def _overtaken(self, stream):
+        """Whether another stream of this server attached the session after this one did (both
+        attaches applied, that one settled first), as the record this server last saw says."""
         record = self._registry.get_cached(stream.client_id)
         session = record and find_session(record.sessions, stream.session_id)
-        return session.holder if session else ""
+        holder = session.holder if session else ""
+        return holder != stream.holder and holder.startswith(f"{self._server_id}/")
 
     def _ended(self, stream):
         """gRPC's callback at a stream's end: let go of its session unless it was let go of."""
@@ -3396,13 +3403,16 @@ def create_server(
 
 def keepalive_options(interval, timeout):
     """gRPC's options for HTTP/2 keepalive: ping each connection interval seconds after it was
-    last heard from, even with no call open, however long it stays idle, and close it when
-    the answer takes timeout seconds; let clients ping as often as MIN_CLIENT_PING_SECONDS."""
+    last heard from and close it when the answer takes timeout seconds; let clients send
+    pings of their own as often as MIN_CLIENT_PING_SECONDS, calls open or not.
+
+    grpcio 1.85 waits for a ping's answer for the ping timeout, a minute unless set, whatever
+    the keepalive timeout says: both are set."""
     return [("grpc.keepalive_time_ms", round(interval * 1000)),
             ("grpc.keepalive_timeout_ms", round(timeout * 1000)),
+            ("grpc.http2.ping_timeout_ms", round(timeout * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms",
+            ("grpc.http2.min_ping_interval_without_data_ms",
              round(MIN_CLIENT_PING_SECONDS * 1000))]
 
 

@@ -84,6 +84,7 @@ STATUS_WORDS = {pb.STATUS_CONNECTED: "connected", pb.STATUS_DISCONNECTED: "disco
 SHORT_STATUS_WORDS = {pb.STATUS_CONNECTED: "on", pb.STATUS_DISCONNECTED: "off"}
 WORD_STATUSES = {word: status for status, word in STATUS_WORDS.items()}
 STATUS_STYLES = {pb.STATUS_CONNECTED: "bold green", pb.STATUS_DISCONNECTED: "dim red"}
+SESSION_KINDS = {pb.SESSION_KIND_MESSAGE: "message", pb.SESSION_KIND_ATTACHED: "attached"}
 EVENT_WORDS = {pb.EVENT_CONNECTED: "connected", pb.EVENT_DISCONNECTED: "disconnected",
                pb.EVENT_SESSION_STARTED: "session_started", pb.EVENT_SESSION_ENDED: "session_ended"}
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ClientService"].full_name
@@ -266,8 +267,11 @@ def status_text(status, short=False):
 
 
 def sessions_text(sessions):
-    """Live sessions by name ("default" for the unnamed one), "—" for none."""
-    return ", ".join(session.session_id or "default" for session in sessions) or "—"
+    """Live sessions by name ("default" for the unnamed one), an attached one marked so, "—"
+    for none."""
+    return ", ".join((session.session_id or "default")
+                     + (" (attached)" if session.kind == pb.SESSION_KIND_ATTACHED else "")
+                     for session in sessions) or "—"
 
 
 def render_menu(address):
@@ -488,24 +492,27 @@ def reach_words(reachable):
             {True: "fg:ansigreen", False: "fg:ansired", None: "fg:ansiyellow"}[reachable])
 
 
-def toolbar_forms(address, reachable, counts, user):
-    """The toolbar from its longest form to its shortest, as prompt_toolkit fragments."""
+def toolbar_forms(address, reachable, counts, user, held=""):
+    """The toolbar from its longest form to its shortest, as prompt_toolkit fragments; held
+    says how --as keeps the user online ("attached", "lease", ...)."""
     long_state, short_state, colour = reach_words(reachable)
     long_online = f"{counts.connected:,} online of {counts.total:,}" if counts else "online: —"
     short_online = f"{counts.connected:,}/{counts.total:,} online" if counts else "—"
     me = [("bold", f"  as {user}")] if user else []
+    how = [("", f" ({held})")] if user and held else []
     hints = [("", "   Tab completes · Ctrl-D exits")]
     where = ("", f" {address}  ")
-    yield [where, (colour, long_state), *me, ("", f"  {long_online}"), *hints]
-    yield [where, (colour, long_state), *me, ("", f"  {long_online}")]
+    yield [where, (colour, long_state), *me, *how, ("", f"  {long_online}"), *hints]
+    yield [where, (colour, long_state), *me, *how, ("", f"  {long_online}")]
+    yield [where, (colour, short_state), *me, *how, ("", f"  {short_online}")]
     yield [where, (colour, short_state), *me, ("", f"  {short_online}")]
     yield [where, (colour, short_state), ("", f"  {short_online}")]
 
 
-def render_toolbar(address, reachable, counts, user=None, width=None):
+def render_toolbar(address, reachable, counts, user=None, width=None, held=""):
     """The bottom toolbar: the longest form that fits width (hints go first, then words, then
     the user); at the last, the address is cut from its start, so the port stays."""
-    for form in toolbar_forms(address, reachable, counts, user):
+    for form in toolbar_forms(address, reachable, counts, user, held):
         if width is None or sum(cell_len(text) for _, text in form) <= width:
             return form
     rest = sum(cell_len(text) for _, text in form[1:])
@@ -532,7 +539,8 @@ def client_json(client):
             "changed_at": timestamp_json(client.changed_at),
             "last_seen": timestamp_json(client.last_seen), "revision": client.revision,
             "sessions": [{"session_id": session.session_id,
-                          "expires_at": timestamp_json(session.expires_at)}
+                          "expires_at": timestamp_json(session.expires_at),
+                          "kind": SESSION_KINDS.get(session.kind, "message")}
                          for session in client.sessions],
             "reason": client.reason}
 
@@ -561,6 +569,12 @@ def listing_json(clients, counts, query=None):
     answer.update(connected=counts.connected, disconnected=counts.disconnected,
                   total=counts.total, revision=counts.revision)
     return answer
+
+
+def write_json_line(console, data):
+    """One JSON line, flushed at once so a reader of a pipe sees each answer as it comes."""
+    console.file.write(json.dumps(data, ensure_ascii=False) + "\n")
+    console.file.flush()
 
 
 def help_json():
@@ -732,6 +746,15 @@ class PresenceClient:
                                     lease_seconds=lease)
         return self._call("SendMessage", request, timeout)
 
+    def attach(self, client_id, session_id, avoid="", wait_for_ready=False):
+        """An Attach stream on the next replica (one other than avoid, a replica that said it
+        is stopping, when there is one), and that replica's address."""
+        replicas = self.in_turn()
+        replica = next((each for each in replicas if each.address != avoid), replicas[0])
+        call = replica.stub.Attach(pb.AttachRequest(client_id=client_id, session_id=session_id),
+                                   metadata=self._metadata, wait_for_ready=wait_for_ready)
+        return call, replica.address
+
     def watch(self, since_revision=0, wait_for_ready=False):
         """The Watch stream on the next replica: no deadline, it runs until cancelled."""
         return self.in_turn()[0].stub.Watch(pb.WatchRequest(since_revision=since_revision),
@@ -881,10 +904,10 @@ class ServerMonitor:
     (which also reconnects one that is back) and counts those serving.
     """
 
-    def __init__(self, client, interval=COUNT_INTERVAL, user=None, ids=None):
+    def __init__(self, client, interval=COUNT_INTERVAL, keeper=None, ids=None):
         self._client = client
         self._interval = interval
-        self._user = user
+        self._keeper = keeper
         self._ids = ids
         self.reachable = None
         self.counts = None
@@ -963,28 +986,132 @@ class ServerMonitor:
     def toolbar(self, width=None):
         """The toolbar's fragments, as wide as the running prompt's terminal unless told."""
         width = width or get_app().output.get_size().columns
-        return render_toolbar(self._client.address, self.reachable, self.counts, self._user,
-                              width)
+        keeper = self._keeper
+        return render_toolbar(self._client.address, self.reachable, self.counts,
+                              keeper and keeper.user, width, keeper and keeper.state)
+
+
+class NoAnswer(grpc.RpcError):
+    """A stream whose first message did not come within the client's timeout."""
+
+    def code(self):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self):
+        return "no answer from the server in time"
 
 
 class PresenceKeeper:
-    """Keeps one user connected while the client runs: its own session, a lease renewed in the
-    background, and a Goodbye for that session on the way out. Killed outright, the user goes
-    offline when the lease runs out."""
+    """Keeps one user connected while the client runs, in a session of its own.
 
-    def __init__(self, client, user, lease=DEFAULT_LEASE):
+    Attached, an Attach stream holds the session: the server ends it the moment the stream
+    ends, however this process goes (exit, kill -9, a lost network); a stream that breaks or
+    whose server says it is stopping is attached again, to another replica when there is one.
+    Against a server without Attach: a lease renewed in the background and a Goodbye on the
+    way out, so a killed client shows offline when the lease runs out. `state` says which,
+    for the toolbar; `on_notice(text)` hears of every attach and break.
+    """
+
+    def __init__(self, client, user, lease=DEFAULT_LEASE, on_notice=None):
         self._client = client
         self.user = user
         self.lease = lease
         self.session_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.state = "connecting"  # attached, reattaching, lease, taken over
+        self.address = None  # the replica holding the stream
+        self._on_notice = on_notice or (lambda text: logger.info("%s", text))
+        self._call = None
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._renew_loop, name="presence", daemon=True)
+        self._thread = None
 
     def start(self):
-        """Say hello now (so a bad name fails at once), then keep renewing."""
-        self._hello()
+        """Attach now (so a bad name fails at once), else fall back to a lease against a
+        server without Attach; then keep the session live in the background."""
+        try:
+            self._attach()
+            loop = self._hold_loop
+        except grpc.RpcError as error:
+            if error.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            self.state = "lease"  # before the hello, so a signal during it still says goodbye
+            self._hello()
+            self._on_notice(f"{self.user} is online with a {self.lease} s lease, renewed "
+                            "(the server cannot attach)")
+            loop = self._renew_loop
+        self._thread = threading.Thread(target=loop, name="presence", daemon=True)
         self._thread.start()
         return self
+
+    def _attach(self, avoid="", wait_for_ready=False):
+        """Open an Attach stream and read its first notice; a stream that fails raises as a
+        call does, one that stays silent past the client's timeout raises NoAnswer."""
+        call, address = self._client.attach(self.user, self.session_id, avoid, wait_for_ready)
+        self._call = call  # so close() ends it even while it waits for its first notice
+        timer = None
+        if not wait_for_ready:
+            timer = threading.Timer(self._client.timeout, call.cancel)
+            timer.start()
+        try:
+            first = next(call)
+        except grpc.RpcError as error:
+            if error.code() is grpc.StatusCode.CANCELLED and not self._stopped.is_set():
+                raise NoAnswer() from None
+            raise
+        except StopIteration:
+            raise NoAnswer() from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+        self.address, self.state = address, "attached"
+        self._on_notice(f"{self.user} attached to {address} (session {self.session_id})")
+        return first
+
+    def _hold_loop(self):
+        """Hold the stream until it ends, then attach again (with backoff), until close()."""
+        while not self._stopped.is_set():
+            avoid = self._hold()
+            if self._stopped.is_set() or self.state == "taken over":
+                return
+            self._reattach(avoid)
+
+    def _hold(self):
+        """Read the stream's notices until it ends; the address of its server, which stopped
+        or broke, so that the next attach goes to another replica when there is one."""
+        stopping = False
+        try:
+            for notice in self._call:
+                if notice.notice == pb.AttachResponse.SERVER_STOPPING:
+                    stopping, self.state = True, "reattaching"
+                    self._on_notice(f"{self.address} is stopping; attaching again within "
+                                    f"{notice.reattach_seconds} s")
+            reason = "the server ended the stream"
+        except grpc.RpcError as error:
+            if self._stopped.is_set():
+                return ""
+            if error.code() is grpc.StatusCode.ABORTED:
+                self.state = "taken over"
+                self._on_notice(f"{self.user}'s session was taken over: {error.details()}")
+                return ""
+            reason = stream_end_reason(error)
+        if not stopping:
+            self.state = "reattaching"
+            self._on_notice(f"lost the attach stream to {self.address} ({reason}); "
+                            "attaching again")
+        return self.address
+
+    def _reattach(self, avoid):
+        """Attach again until it works or close(); one server is waited for until it is back."""
+        pause = RESUME_BACKOFF[0]
+        while not self._stopped.is_set():
+            try:
+                self._attach(avoid, wait_for_ready=not self._client.several)
+                return
+            except grpc.RpcError as error:
+                if self._stopped.is_set():
+                    return
+                logger.info("could not attach %s again: %s", self.user, error.code().name)
+            self._stopped.wait(pause)
+            pause = min(pause * 2, RESUME_BACKOFF[1])
 
     def _hello(self):
         self._client.send(self.user, "hello", self.session_id, self.lease)
@@ -996,11 +1123,21 @@ class PresenceKeeper:
             except grpc.RpcError as error:  # the server may be back by the next renewal
                 logger.info("could not renew %s's lease: %s", self.user, error.code().name)
 
+    def wait(self):
+        """Block until close() (or a takeover); for a process that only holds the user."""
+        while not self._stopped.wait(1.0) and self.state != "taken over":
+            pass
+
     def close(self):
-        """Stop renewing and end this session, briefly: an exit must not hang on a dead server."""
+        """End the session: cancel the stream (the server ends the session at once), or, on a
+        lease, stop renewing and say goodbye, briefly: an exit must not hang on a dead server."""
         self._stopped.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        if self._call is not None:
+            self._call.cancel()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(QUICK_TIMEOUT * 2)
+        if self.state != "lease":
+            return
         try:
             self._client.send(self.user, "goodbye", self.session_id, timeout=QUICK_TIMEOUT)
         except grpc.RpcError as error:
@@ -1162,9 +1299,7 @@ class Dispatcher:
             self.out.file.flush()
 
     def write_json(self, data: object) -> None:
-        """One JSON line, flushed at once so a reader of a pipe sees each answer as it comes."""
-        self.out.file.write(json.dumps(data, ensure_ascii=False) + "\n")
-        self.out.file.flush()
+        write_json_line(self.out, data)
 
     def fail(self, message: str, code: int) -> int:
         self.err.print(Text(f"error: {message}", style="red"), soft_wrap=True)
@@ -1339,9 +1474,9 @@ class TerminalReader:
     each has its own history and completion; fish-style suggestions from that history; the
     toolbar with its monitor. Ctrl-D at an argument prompt cancels the command, not the REPL."""
 
-    def __init__(self, client, history, *, user=None, input=None, output=None):
+    def __init__(self, client, history, *, keeper=None, input=None, output=None):
         self.ids = IdCache(client)
-        self.monitor = ServerMonitor(client, user=user, ids=self.ids)
+        self.monitor = ServerMonitor(client, keeper=keeper, ids=self.ids)
         sources = {"id": self.ids.matching, "message": lambda word: MESSAGES,
                    "state": lambda word: ("online", "offline", "all"), "prefix": self.ids.matching}
         common = dict(bottom_toolbar=self.monitor.toolbar, auto_suggest=AutoSuggestFromHistory(),
@@ -1517,17 +1652,20 @@ OPTIONS = (
     Option("--token", "PRESENCE_TOKEN", "the access token the server wants", ""),
     Option("--token-file", "PRESENCE_TOKEN_FILE", "read the access token from this file", "",
            metavar="FILE", in_file=True, path=True),
-    Option("--as", "PRESENCE_AS", "keep NAME connected while the menu runs: its own session "
-           "with a lease, renewed in the background, ended on exit", None, metavar="NAME",
-           in_file=True, dest="user"),
-    Option("--lease", "PRESENCE_LEASE", "the lease --as asks for: killed outright, NAME shows "
-           "connected for at most this long", DEFAULT_LEASE, _whole_seconds, "SECONDS",
-           in_file=True),
+    Option("--as", "PRESENCE_AS", "keep NAME connected while the menu (or attach) runs: its own "
+           "session, held by an Attach stream, so NAME goes offline the moment this process "
+           "ends, however it ends", None, metavar="NAME", in_file=True, dest="user"),
+    Option("--lease", "PRESENCE_LEASE", "against a server that cannot attach, --as keeps a "
+           "lease of this length renewed instead: killed outright, NAME shows connected for at "
+           "most this long", DEFAULT_LEASE, _whole_seconds, "SECONDS", in_file=True),
     Option("--log-level", "PRESENCE_LOG_LEVEL", "diagnostics on stderr: DEBUG, INFO, WARNING "
            "or ERROR", "WARNING", _log_level, "LEVEL", in_file=True),
     Option("--config", "PRESENCE_CONFIG", "the config file (TOML, keys below); the default one "
            "may be missing, a named one must exist", DEFAULT_CONFIG, metavar="FILE"),
 )
+
+ATTACH_SUMMARY = ("hold --as NAME online until interrupted (for scripts and services): "
+                  "offline the moment this process ends, however it ends")
 
 EPILOG = """\
 examples:
@@ -1539,6 +1677,7 @@ examples:
   python client.py --json list online al              every connected client whose id starts al
   python client.py --json watch                       every change as it happens, a line each
   python client.py --as alice                         the menu, alice connected while it runs
+  python client.py --as build-bot attach              build-bot connected until interrupted
   printf 'send alice hello\\nstatus alice\\n' | python client.py --json   a script
 
 the menu (a terminal or piped input): 1/send, 2/status, 3/exit (or quit), 4/watch, 5/list,
@@ -1562,7 +1701,8 @@ with the highest exit code of any command that failed (0 when none did); with
   CLIENT           {"client_id": str, "status": "connected" | "disconnected" | "unknown",
                     "changed_at": RFC 3339 UTC or null, "last_seen": RFC 3339 UTC or null,
                     "revision": int, "sessions": [{"session_id": str,
-                    "expires_at": RFC 3339 UTC or null}, ...], "reason": str}
+                    "expires_at": RFC 3339 UTC or null, "kind": "message" | "attached"},
+                    ...], "reason": str}
   watch            one object per line, flushed, until Ctrl-C (exit 130): first the snapshot,
                    {"kind": "snapshot", "revision": int, "resync": bool, "client": CLIENT}
                    for each client, then each change as it happens,
@@ -1570,6 +1710,11 @@ with the highest exit code of any command that failed (0 when none did); with
                     "session_ended", "revision": int, "session_id": str, "reason": str,
                     "client": CLIENT}; a stream the server ends is resumed from the last
                    revision (a line on stderr says why)
+  --as NAME attach one line per attach, break and re-attach, until Ctrl-C (exit 130) or
+                   SIGTERM (exit 0): {"kind": "notice", "user": str, "state": "attached" |
+                   "reattaching" | "lease" | "taken over", "server": the replica attached to
+                   (or last attached to) or null, "text": str}; without --json the same lines
+                   go to stderr
 
 exit codes: 0 ok; 1 the server answered with an error (NOT_FOUND, INVALID_ARGUMENT, ...);
 2 usage error; 3 server unreachable (UNAVAILABLE, or no answer within --timeout);
@@ -1618,6 +1763,7 @@ def build_parser():
             for param in command.params:
                 extra = {"nargs": "?", "default": ""} if param.optional else {}
                 sub.add_argument(param.name, metavar=param.name.upper(), help=param.help, **extra)
+    commands.add_parser("attach", help=ATTACH_SUMMARY, description=ATTACH_SUMMARY)
     return parser
 
 
@@ -1686,15 +1832,17 @@ def parse_settings(argv=None, environ=os.environ):
         resolve_settings(args, environ)
     except ValueError as error:
         parser.error(str(error))
-    if args.user and args.command:
-        parser.error("--as keeps NAME connected while the menu runs; "
-                     "it does not go with a one-shot command")
+    if args.user and args.command not in (None, "attach"):
+        parser.error("--as keeps NAME connected while the menu runs, or with attach; "
+                     "it does not go with another one-shot command")
+    if args.command == "attach" and not args.user:
+        parser.error("attach holds a user online: say which with --as NAME")
     return parser, args
 
 
-def run_terminal(client, out, err, args):
+def run_terminal(client, out, err, args, keeper=None):
     """The REPL in a terminal; the toolbar's threads stop before the channel closes."""
-    reader = TerminalReader(client, open_history(args.history), user=args.user)
+    reader = TerminalReader(client, open_history(args.history), keeper=keeper)
     try:
         return run_repl(Dispatcher(client, out, err, json_output=args.json, read=reader,
                                    pager=run_pager, toolbar=reader.monitor.toolbar))
@@ -1703,8 +1851,34 @@ def run_terminal(client, out, err, args):
 
 
 def _leave(signum, frame):
-    """End the menu as exit does, so --as says goodbye before the process goes."""
+    """End the menu (or attach) as exit does, so --as ends its session before the process
+    goes."""
     raise SystemExit(EXIT_OK)
+
+
+def hold_attached(client, out, err, args):
+    """The one-shot attach: hold args.user online until interrupted, each attach and break a
+    line (on stdout with --json, as JSON; else on stderr)."""
+    def notice(text):
+        if args.json:
+            write_json_line(out, {"kind": "notice", "user": args.user, "state": keeper.state,
+                                  "server": keeper.address, "text": text})
+        else:
+            err.print(Text(text, style="dim"), soft_wrap=True)
+    keeper = PresenceKeeper(client, args.user, args.lease, on_notice=notice)
+    for signum in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, _leave)
+    try:
+        keeper.start()
+        keeper.wait()
+        return EXIT_SERVER_ERROR if keeper.state == "taken over" else EXIT_OK
+    except grpc.RpcError as error:
+        message, code = describe_error(error, client)
+        err.print(Text(f"error: cannot connect as {args.user}: {message}", style="red"),
+                  soft_wrap=True)
+        return code
+    finally:
+        keeper.close()
 
 
 def run_menu(client, out, err, args):
@@ -1717,7 +1891,7 @@ def run_menu(client, out, err, args):
         if keeper:
             keeper.start()
         if sys.stdin.isatty() and sys.stdout.isatty():
-            return run_terminal(client, out, err, args)
+            return run_terminal(client, out, err, args, keeper)
         dispatcher = Dispatcher(client, out, err, json_output=args.json,
                                 read=PipeReader(sys.stdin))
         return run_script(dispatcher, args.stop_on_error)
@@ -1757,6 +1931,8 @@ def main(argv=None):
     out, err = Output(highlight=False), Output(stderr=True, highlight=False)
     with PresenceClient(args.server, args.timeout, credentials, token) as client:
         try:
+            if args.command == "attach":
+                return hold_attached(client, out, err, args)
             if args.command:
                 command = find_command(args.command)
                 dispatcher = Dispatcher(client, out, err, json_output=args.json)

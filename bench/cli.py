@@ -22,7 +22,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from bench import connections, scale, soak, throughput, watch
+from bench import attached, connections, scale, soak, throughput, watch
 from bench.baselines import STOP_SIGNALS, serve_baseline
 from bench.harness import Run, positive_float, positive_int
 from bench.machine import machine_info, source_version
@@ -31,21 +31,21 @@ from bench.processes import BenchError, raise_fd_limit
 logger = logging.getLogger("bench")
 
 MODES = {mode.name: mode for mode in (throughput.MODE, scale.MODE, connections.MODE, watch.MODE,
-                                      soak.MODE)}
+                                      attached.MODE, soak.MODE)}
 PRESETS = {
     "quick": {"rounds": 3, "window": 5.0, "load": ["asyncio"],
               "targets": ["asyncio-dict", "memory", "memory+lease", "sqlite"],
               "scale": [10_000], "scale_redis": False, "connections": 500,
               "connections_seconds": 5.0, "watchers": 200, "watch_two_replicas": False,
-              "soak_seconds": 60.0,
-              "modes": ["throughput", "scale", "connections", "watch"]},
+              "attached": 1_000, "soak_seconds": 60.0,
+              "modes": ["throughput", "scale", "connections", "watch", "attached"]},
     "full": {"rounds": 7, "window": 10.0, "load": ["asyncio", "threads"],
              "targets": ["ceiling+protobuf", "floor", "asyncio-dict", "memory", "memory+lease",
                          "sqlite", "redis", "redis-2"],
              "scale": [100_000, 1_000_000], "scale_redis": True, "connections": 4_000,
              "connections_seconds": 20.0, "watchers": 1_000, "watch_two_replicas": True,
-             "soak_seconds": 60.0,
-             "modes": ["throughput", "scale", "connections", "watch", "soak"]},
+             "attached": 10_000, "soak_seconds": 60.0,
+             "modes": ["throughput", "scale", "connections", "watch", "attached", "soak"]},
 }
 
 
@@ -67,6 +67,7 @@ def build_parser():
         "`python -m bench --only watch --watchers 1000`, "
         "`python -m bench --only throughput --targets redis redis-2`, "
         "`python -m bench --only watch --watchers 1000 --watch-target redis-2`, "
+        "`python -m bench --only attached --attached 10000`, "
         "`python -m bench --only soak --soak-seconds 600`, `make bench ARGS=--full`. Results "
         "go to the terminal and, with every per-round figure, to the --output JSON file.",
     )

@@ -29,13 +29,14 @@ pytestmark = [allure.feature("Benchmark")]
 
 TARGETS = ["ceiling", "ceiling+protobuf", "floor", "asyncio-dict", "memory", "sqlite", "redis",
            "redis-2"]
-SMOKE = ["--only", "throughput", "scale", "connections", "watch", "soak",
+SMOKE = ["--only", "throughput", "scale", "connections", "watch", "attached", "soak",
          "--targets", *TARGETS[1:], "--load", "asyncio", "threads", "--rounds", "1",
          "--window", "0.5",
          "--warmup", "0.2", "--scale", "2000", "--scale-redis", "--connections", "20",
          "--connections-seconds", "1", "--watchers", "5", "--watch-seconds", "1",
          "--watch-two-replicas",
-         "--soak-seconds", "2", "--soak-clients", "20", "--soak-watchers", "2"]
+         "--soak-seconds", "2", "--soak-clients", "20", "--soak-watchers", "2",
+         "--attached", "30", "--attach-processes", "2", "--idle-seconds", "0.5"]
 
 
 def processes_marked(mark):
@@ -146,7 +147,7 @@ def test_every_mode_runs_stops_what_it_started_and_writes_its_figures(smoke):
     returncode, output, results, left = smoke
     assert returncode == 0, output[-3000:]
     assert left == [], "the benchmark left processes running"
-    for mode in ("throughput", "scale", "connections", "watch", "soak"):
+    for mode in ("throughput", "scale", "connections", "watch", "attached", "soak"):
         assert mode in results, f"no {mode} figures in {sorted(results)}"
     assert "SendMessage throughput" in output
     assert "other processes on the machine used" in output
@@ -158,7 +159,7 @@ def test_help_lists_every_mode_and_both_load_shapes():
                             capture_output=True, text=True, timeout=DEADLINE)
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
-    for mode in ("throughput:", "scale:", "connections:", "watch:", "soak:"):
+    for mode in ("throughput:", "scale:", "connections:", "watch:", "attached:", "soak:"):
         assert mode in text
     assert "asyncio (grpc.aio" in text and "threads (threads" in text
 
@@ -270,6 +271,10 @@ def test_the_other_modes_lose_nothing(smoke):
     over_two = watch["two_replicas"]
     assert over_two["target"] == "redis-2" and over_two["watchers_per_replica"] == [3, 2]
     assert over_two["events_received"] == over_two["events_expected"] > 0
+    attached = results["attached"]
+    assert attached["attached"] == attached["counted"] == 30 and attached["errors"] == {}
+    assert attached["detach_s"] is not None, "every attached client went offline"
+    assert attached["p99_without_ms"] and attached["p99_beside_ms"]
     soak = results["soak"]
     assert soak["calls"] > 0 and soak["errors"] == {}
     assert (soak["watch_missing"], soak["watch_duplicates"]) == (0, 0)

@@ -11,8 +11,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent import futures
 
 import allure
+import grpc
 import pexpect
 import pytest
 from prompt_toolkit.completion import CompleteEvent
@@ -24,6 +26,7 @@ from rich.cells import cell_len
 from rich.console import Console
 
 import client
+import server as presence_service
 from conftest import (
     ANSI,
     CLIENT,
@@ -95,6 +98,26 @@ def consoles():
 def presence(address):
     with client.PresenceClient(address, timeout=5) as presence:
         yield presence
+
+
+@pytest.fixture
+def server_without_attach():
+    """Our service as a server from before Attach was: every method but Attach, which gRPC
+    itself answers UNIMPLEMENTED, as any older server does. On its own port; stopped after."""
+    registry = presence_service.Registry(presence_service.MemoryStore())
+    reaper = presence_service.LeaseReaper(registry)
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    handlers = presence_service.method_handlers(presence_service.ClientService(registry))
+    del handlers["Attach"]
+    grpc_server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(presence_service.SERVICE_NAME, handlers),))
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    grpc_server.start()
+    reaper.start()
+    yield f"127.0.0.1:{port}"
+    grpc_server.stop(0)
+    reaper.stop()
+    registry.close()
 
 
 def make_dispatcher(presence, consoles, *lines, json_output=False):
@@ -699,7 +722,7 @@ def test_watch_json_gives_a_line_per_snapshot_entry_then_per_event():
 
 
 @allure.story("One-shot commands")
-def test_as_does_not_go_with_a_one_shot_command(capsys):
+def test_as_goes_with_no_one_shot_command_but_attach(capsys):
     assert client.main(["--as", "alice", "status"]) == client.EXIT_USAGE
     assert "--as keeps NAME connected while the menu runs" in capsys.readouterr().err
 
@@ -934,7 +957,10 @@ def test_unreachable_server_exits_three_with_one_line(capsys):
 
 
 @allure.story("--as keeps a user connected")
-def test_client_as_user_goes_offline_when_its_lease_runs_out_after_kill_9(address, stub):
+def test_client_as_user_falls_back_to_a_lease_that_runs_out_after_kill_9_on_a_server_without_attach(
+        server_without_attach):
+    address = server_without_attach
+    stub = pb_grpc.ClientServiceStub(connect(address))
     watch = Watch(stub)
     watch.snapshot()
     with allure.step("client.py --as erin --lease 1 runs: erin is connected with its session"):
@@ -956,8 +982,10 @@ def test_client_as_user_goes_offline_when_its_lease_runs_out_after_kill_9(addres
 @allure.story("--as keeps a user connected")
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM],
                          ids=["terminal-closed", "terminated"])
-def test_client_as_user_says_goodbye_when_its_terminal_closes_or_it_is_terminated(
-        address, stub, signum):
+def test_client_as_user_on_a_lease_says_goodbye_when_its_terminal_closes_or_it_is_terminated(
+        server_without_attach, signum):
+    stub = pb_grpc.ClientServiceStub(connect(server_without_attach))
+    address = server_without_attach
     watch = Watch(stub)
     watch.snapshot()
     client = subprocess.Popen([sys.executable, CLIENT, "--server", address, "--as", "ivan"],
@@ -974,23 +1002,122 @@ def test_client_as_user_says_goodbye_when_its_terminal_closes_or_it_is_terminate
 
 
 @allure.story("--as keeps a user connected")
-def test_client_as_user_says_goodbye_for_its_session_on_exit(repl, address, stub):
+def test_client_as_user_attaches_its_own_session_and_ends_it_on_exit(repl, address, stub):
     hello(stub, "frank", "desk")
     watch = Watch(stub)
     watch.snapshot()
-    child = repl(address, "--as", "frank")
-    started = next_event(watch)
-    assert (started.kind, started.client.status) == (pb.EVENT_SESSION_STARTED,
-                                                     pb.STATUS_CONNECTED)
-    assert started.session_id != "desk"
-    child.expect_exact(PROMPT)
+    with allure.step("the REPL as frank: a session of its own, attached, and the toolbar says so"):
+        child = repl(address, "--as", "frank", answer_cpr=True)
+        started = next_event(watch)
+        assert (started.kind, started.client.status, started.reason) == (
+            pb.EVENT_SESSION_STARTED, pb.STATUS_CONNECTED, "attach")
+        assert started.session_id != "desk"
+        kinds = {s.session_id: s.kind for s in started.client.sessions}
+        assert kinds == {"desk": pb.SESSION_KIND_MESSAGE,
+                         started.session_id: pb.SESSION_KIND_ATTACHED}
+        child.expect_exact("\x1b[6n")  # the toolbar is drawn once the cursor is known
+        child.send("\x1b[12;1R")
+        child.expect(rf"as frank{ANSI} \(attached\)")
+    with allure.step("Ctrl-D: the stream ends, and with it only that session"):
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF)
+        event = next_event(watch)
+        assert (event.kind, event.reason, event.session_id) == (
+            pb.EVENT_SESSION_ENDED, "connection closed", started.session_id)
+        assert [s.session_id for s in event.client.sessions] == ["desk"], \
+            "only its own session ended"
+    watch.call.cancel()
+
+
+@allure.story("--as keeps a user connected")
+def test_client_as_user_is_offline_the_moment_it_is_killed(address, stub):
+    watch = Watch(stub)
+    watch.snapshot()
+    with allure.step("client.py --as erin runs over piped input: erin is attached"):
+        user = subprocess.Popen([sys.executable, CLIENT, "--server", address, "--as", "erin"],
+                                cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        event = next_event(watch)
+        assert (event.client.client_id, event.kind, event.reason) == (
+            "erin", pb.EVENT_CONNECTED, "attach")
+    with allure.step("kill -9: no goodbye, no lease to wait for; the stream's end ends it"):
+        user.kill()
+        user.wait(DEADLINE)
+        event = next_event(watch)
+        assert (event.client.client_id, event.kind, event.reason) == (
+            "erin", pb.EVENT_DISCONNECTED, "connection closed")
+    watch.call.cancel()
+
+
+@allure.story("--as keeps a user connected")
+def test_client_as_user_on_a_server_without_attach_says_lease_in_the_toolbar(
+        repl, server_without_attach):
+    child = repl(server_without_attach, "--as", "gale", answer_cpr=True)
+    child.expect_exact("\x1b[6n")  # the toolbar is drawn once the cursor is known
+    child.send("\x1b[12;1R")
+    child.expect(rf"as gale{ANSI} \(lease\)")
     child.sendcontrol("d")
     child.expect(pexpect.EOF)
-    event = next_event(watch)
-    assert (event.kind, event.reason, event.session_id) == (
-        pb.EVENT_SESSION_ENDED, "goodbye", started.session_id)
-    assert [s.session_id for s in event.client.sessions] == ["desk"], "only its own session ended"
+
+
+@allure.story("One-shot commands")
+def test_one_shot_attach_holds_the_user_online_until_it_is_terminated(address, stub):
+    watch = Watch(stub)
+    watch.snapshot()
+    holder = subprocess.Popen(
+        [sys.executable, CLIENT, "--server", address, "--json", "--as", "build-bot", "attach"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = Lines(holder.stdout)
+    with allure.step("a JSON line says it is attached; the user is online"):
+        notice = json.loads(lines.next())
+        assert (notice["kind"], notice["user"], notice["state"]) == (
+            "notice", "build-bot", "attached")
+        event = next_event(watch)
+        assert (event.client.client_id, event.kind) == ("build-bot", pb.EVENT_CONNECTED)
+    with allure.step("SIGTERM (a service stopped): exit 0, and the user is offline"):
+        holder.send_signal(signal.SIGTERM)
+        assert holder.wait(DEADLINE) == client.EXIT_OK
+        event = next_event(watch)
+        assert (event.client.client_id, event.kind, event.reason) == (
+            "build-bot", pb.EVENT_DISCONNECTED, "connection closed")
+    assert "Traceback" not in holder.stderr.read()
     watch.call.cancel()
+
+
+@allure.story("One-shot commands")
+def test_one_shot_attach_needs_a_user(capsys):
+    assert client.main(["attach"]) == client.EXIT_USAGE
+    assert "attach holds a user online: say which with --as NAME" in capsys.readouterr().err
+
+
+@allure.story("--as keeps a user connected")
+def test_attached_user_shows_no_disconnect_across_a_server_restart(server_processes, sqlite_url):
+    server = server_processes("--store", sqlite_url)
+    holder = subprocess.Popen(
+        [sys.executable, CLIENT, "--server", server.address, "--json", "--as", "rita", "attach"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = Lines(holder.stdout)
+    assert json.loads(lines.next())["state"] == "attached"
+    with connect(server.address) as channel:
+        before = pb_grpc.ClientServiceStub(channel).CountClients(pb.CountClientsRequest())
+    with allure.step("the server stops politely: the holder is told, and waits for it"):
+        assert server.terminate() == 0
+        assert "is stopping; attaching again within" in json.loads(lines.next())["text"]
+    with allure.step("it comes back on the same port: the holder attaches again by itself"):
+        port = server.address.rsplit(":", 1)[1]
+        again = server_processes("--port", port, "--store", sqlite_url)
+        notice = json.loads(lines.next())
+        while notice["state"] != "attached":
+            notice = json.loads(lines.next())
+    with allure.step("and rita never went offline: no change at all happened meanwhile"):
+        with connect(again.address) as channel:
+            stub = pb_grpc.ClientServiceStub(channel)
+            after = stub.CountClients(pb.CountClientsRequest())
+            (rita,) = stub.GetClientStatus(pb.ClientStatusRequest(client_id="rita")).clients
+        assert (after.revision, after.connected) == (before.revision, 1)
+        assert [s.kind for s in rita.sessions] == [pb.SESSION_KIND_ATTACHED]
+    holder.terminate()
+    holder.wait(DEADLINE)
 
 
 @allure.story("Watch")
@@ -1792,3 +1919,37 @@ def test_a_killed_replica_leaves_the_repl_and_a_json_watch_going_on_the_others(
     child.send("exit\r")
     child.expect(pexpect.EOF)
     assert "Traceback" not in child.logfile_read.getvalue()
+
+
+@allure.story("Replicas")
+def test_an_attached_user_moves_to_another_replica_when_its_own_is_killed(server_processes,
+                                                                          redis_url):
+    replicas = [server_processes("--store", redis_url) for _ in range(2)]
+    servers = ",".join(replica.address for replica in replicas)
+    holder = subprocess.Popen(
+        [sys.executable, CLIENT, "--server", servers, "--json", "--as", "mia", "attach"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = Lines(holder.stdout)
+    with allure.step("mia attaches to one of two replicas"):
+        first = json.loads(lines.next())
+        assert first["state"] == "attached"
+        (held_by,) = [replica for replica in replicas if replica.address == first["server"]]
+        (other,) = [replica for replica in replicas if replica is not held_by]
+        with connect(other.address) as channel:
+            (before,) = pb_grpc.ClientServiceStub(channel).GetClientStatus(
+                pb.ClientStatusRequest(client_id="mia")).clients
+    with allure.step("its replica is killed (kill -9): mia attaches to the other by itself"):
+        held_by.kill()
+        notice = json.loads(lines.next())
+        while notice["state"] != "attached":
+            notice = json.loads(lines.next())
+        assert notice["server"] == other.address
+    with allure.step("and was never offline: the session moved without a change"):
+        with connect(other.address) as channel:
+            (after,) = pb_grpc.ClientServiceStub(channel).GetClientStatus(
+                pb.ClientStatusRequest(client_id="mia")).clients
+        assert (after.status, after.revision) == (pb.STATUS_CONNECTED, before.revision)
+        assert [s.kind for s in after.sessions] == [pb.SESSION_KIND_ATTACHED]
+    holder.terminate()
+    assert holder.wait(DEADLINE) == client.EXIT_OK
+    assert "Traceback" not in holder.stderr.read()

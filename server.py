@@ -3533,6 +3533,7 @@ def create_server(
         gate,  # it limits the calls in progress itself, counting only those with a request
         options=[("grpc.max_receive_message_length", max_request_bytes), ("grpc.so_reuseport", 0),
                  ("grpc.max_concurrent_streams", max_streams_per_connection),
+                 *pending_call_options(max_concurrent_rpcs + max_watchers + max_attached),
                  *keepalive_options(keepalive_interval, keepalive_timeout)],
         interceptors=interceptors,
     )
@@ -3554,6 +3555,14 @@ def create_server(
         port = grpc_server.add_insecure_port(address)
     return PresenceServer(grpc_server, port, registry, health_servicer, LeaseReaper(registry),
                           gate, attachments, metrics)
+
+
+def pending_call_options(calls):
+    """gRPC's options for the calls that arrived but are not handed to us yet: as many as we
+    may take at once. Its default keeps 1,000 and cancels some past that, so clients that all
+    attach or watch again at once after a restart would be refused CANCELLED."""
+    return [("grpc.server.max_pending_requests", calls),
+            ("grpc.server.max_pending_requests_hard_limit", calls)]
 
 
 def keepalive_options(interval, timeout):

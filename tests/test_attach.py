@@ -2,6 +2,8 @@
 when the stream ends (its client killed, its network silent), taken over by a newer stream,
 kept as a short lease across a restart so that clients attaching again show no disconnect."""
 
+import asyncio
+import collections
 import json
 import os
 import queue
@@ -508,6 +510,38 @@ def test_holding_attach_streams_costs_no_thread_each(server_processes):
         assert threads() <= before + 2
     for channel in channels:
         channel.close()
+
+
+async def attach_at_once(address, count):
+    """count clients attaching at once, each on a connection of its own; the codes of those
+    refused (an empty Counter when every one was attached)."""
+    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(count)]
+    await asyncio.gather(*(channel.channel_ready() for channel in channels))
+    refused = collections.Counter()
+
+    async def attach(number, channel):
+        call = pb_grpc.ClientServiceStub(channel).Attach(
+            pb.AttachRequest(client_id=f"burst{number}"))
+        try:
+            first = await asyncio.wait_for(call.read(), DEADLINE * 4)
+            assert first.notice == ATTACHED
+        except grpc.aio.AioRpcError as error:
+            refused[error.code().name] += 1
+
+    try:
+        await asyncio.gather(*(attach(number, channel) for number, channel in enumerate(channels)))
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels))
+    return refused
+
+
+@allure.story("No thread per stream")
+def test_a_burst_of_clients_attaching_at_once_are_all_attached(server_processes):
+    """After a restart every client attaches again at the same moment: gRPC must not drop
+    the calls it has not handed to the server yet (its default keeps 1,000 waiting)."""
+    server = server_processes("--store", "memory://")
+    assert asyncio.run(attach_at_once(server.address, 2500)) == collections.Counter()
 
 
 @allure.story("No thread per stream")

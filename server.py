@@ -472,6 +472,10 @@ class Registry:
         log_expired(changes)
         return changes
 
+    def hold_streams_as(self, server_id: str, on_lapse: Callable[[], None]) -> None:
+        """Attach streams are served here as server_id. One server alone needs nothing more:
+        its streams live and die with it."""
+
     def lease_orphans(self, seconds: float) -> int:
         """Sessions attached when the store was loaded were held by streams of a server that
         is gone (it did not stop cleanly): each becomes a lease of seconds, as if that server
@@ -714,6 +718,11 @@ SHARED_CATCH_UP_SECONDS = 5.0
 SHARED_RETRY_SECONDS = 0.5
 SHARED_MAX_CONFLICTS = 20
 SHARED_EXPIRY_BATCH = 1000
+# A replica says in Redis that it lives, for all its Attach streams at once, every
+# REPLICA_RENEW_SECONDS, for REPLICA_LIVENESS_SECONDS; a replica that stops saying so has the
+# sessions its streams held ended by the others.
+REPLICA_RENEW_SECONDS = 1.0
+REPLICA_LIVENESS_SECONDS = 5.0
 
 
 class _Write:
@@ -764,6 +773,7 @@ class SharedRegistry(Registry):
         super().__init__(store, clock, history, max_sessions)  # type: ignore[arg-type]
         self._caught_up = threading.Condition(self._lock)
         self._stopping = threading.Event()
+        self._server_id = ""  # this replica's, once it serves Attach streams
         self._follower = threading.Thread(target=self._follow, name="store-follower", daemon=True)
         self._follower.start()
 
@@ -773,9 +783,72 @@ class SharedRegistry(Registry):
         self._applied = stream_id(at)
 
     def close(self):
-        """Let the follower go: it ends at its next read, which the store's close cuts short."""
+        """Let the follower go: it ends at its next read, which the store's close cuts short.
+        A replica that stops has let go of its streams' sessions: it is off the liveness set."""
         self._stopping.set()
         self._retry.set()
+        if self._server_id:
+            try:
+                self._store.forget_replica(self._server_id)
+            except StoreError as error:
+                logger.warning("cannot take this replica off the liveness set: %s", error)
+
+    # -- liveness: this replica's streams hold their sessions only while it says it lives
+
+    def hold_streams_as(self, server_id: str, on_lapse: Callable[[], None]) -> None:
+        """Say in the store every REPLICA_RENEW_SECONDS that this replica lives, so the others
+        leave the sessions its streams hold alone; on_lapse() is called when that stopped for
+        longer than REPLICA_LIVENESS_SECONDS, since the others may have ended them meanwhile."""
+        self._server_id = server_id
+        self._renew_liveness()  # before the first stream: no replica may think it dead
+        threading.Thread(target=self._keep_alive, args=(on_lapse,), name="replica-liveness",
+                         daemon=True).start()
+
+    def _renew_liveness(self):
+        self._store.renew_replica(self._server_id, self._clock() + REPLICA_LIVENESS_SECONDS)
+
+    def _keep_alive(self, on_lapse):
+        said = time.monotonic()
+        while not self._stopping.wait(REPLICA_RENEW_SECONDS):
+            try:
+                self._renew_liveness()
+            except StoreError as error:
+                logger.debug("cannot say this replica lives: %s", error)
+                continue
+            if time.monotonic() - said > REPLICA_LIVENESS_SECONDS:
+                logger.warning("this replica could not say it lives for %.1f s (longer than "
+                               "its %g s liveness): ending its attach streams, for their "
+                               "clients to attach again", time.monotonic() - said,
+                               REPLICA_LIVENESS_SECONDS)
+                on_lapse()
+            said = time.monotonic()
+
+    def _end_lapsed_replicas(self, now):
+        """End the sessions held by streams of replicas that stopped saying they live (they
+        died, or lost Redis for longer than their liveness); the changes. Every live replica
+        may do it at once: an end applies only while that stream still holds the session, so
+        each session ends once, with one event."""
+        changes = []
+        for server_id in self._store.lapsed_replicas(now):
+            if server_id == self._server_id:
+                continue  # this replica lives; on_lapse deals with a renewal that was late
+            self._catch_up()  # every session that replica's streams attached is in the cache
+            held = self._held_by(f"{server_id}/")
+            for start in range(0, len(held), MAX_BATCH):
+                changes += [change for _, change in self.apply_many(held[start:start + MAX_BATCH])
+                            if change]
+            self._store.forget_replica(server_id)
+            logger.info("replica %s stopped saying it lives: %d sessions its streams held "
+                        "ended", server_id, len(held))
+        return changes
+
+    def _held_by(self, prefix):
+        """A let-go message for each session held by a stream whose holder starts so."""
+        with self._lock:
+            return [Message(record.client_id, Status.DISCONNECTED, session.session_id, 0,
+                            session.holder)
+                    for record in self._clients.values() for session in record.sessions
+                    if session.holder.startswith(prefix)]
 
     # -- the follower: the store's stream into the cache, in order
 
@@ -1014,7 +1087,7 @@ class SharedRegistry(Registry):
                 changes.append(Change(change.kind, ended._replace(revision=revision),
                                       session_id))
         log_expired(changes)
-        return changes
+        return changes + self._end_lapsed_replicas(now)
 
     def seconds_to_next_expiry(self) -> float:
         return REAPER_MAX_SLEEP  # the lease set is in the store: look again each second
@@ -1525,6 +1598,7 @@ class Attachments:
         self._open = 0  # streams counted against the limit, attached or on their way
         self._stopping = False
         self._detacher = Detacher(registry)
+        registry.hold_streams_as(self._server_id, self.lapsed)
 
     @property
     def attached(self) -> int:
@@ -1638,6 +1712,19 @@ class Attachments:
         for stream in streams:
             stream.send(notice)
             stream.close()
+
+    def lapsed(self):
+        """This replica could not say it lives for too long, so the other replicas may have
+        ended the sessions its streams hold: end every stream (its session too, if it still
+        holds it), for its client to attach again and be sure of its session."""
+        with self._lock:
+            streams = [stream for stream in self._held.values() if not stream.closed]
+            for stream in streams:
+                stream.closed = True
+        for stream in streams:
+            stream.close(grpc.StatusCode.UNAVAILABLE,
+                         "this replica lost the shared store for longer than its liveness; "
+                         "attach again")
 
     def close(self):
         """Once the server has stopped: apply the ends still queued."""
@@ -2195,8 +2282,9 @@ class RedisStore:
         options = redis_options(url)
         self.where = f"{options['host']}:{options['port']}"
         self._history = history
-        self._clients, self._revision, self._changes, self._leases = (
-            f"{prefix}:{name}" for name in ("clients", "revision", "changes", "leases"))
+        self._clients, self._revision, self._changes, self._leases, self._replicas = (
+            f"{prefix}:{name}" for name in ("clients", "revision", "changes", "leases",
+                                            "replicas"))
         self._closed = False
         self._redis = self._connect(options)
         # Blocking reads wait longer than any other call, on connections of their own.
@@ -2349,6 +2437,23 @@ class RedisStore:
         with self._talking():
             members = self._redis.zrangebyscore(self._leases, "-inf", now, start=0, num=limit)
             return [tuple(member.decode().split(_LEASE_SEPARATOR, 1)) for member in members]
+
+    def renew_replica(self, server_id: str, until: float) -> None:
+        """Say that the replica server_id lives, and its attached streams with it, until then."""
+        with self._talking():
+            self._redis.zadd(self._replicas, {server_id: until})
+
+    def lapsed_replicas(self, now: float) -> list[str]:
+        """The replicas that have not said they live since before now: they died, or lost
+        Redis for longer than their liveness."""
+        with self._talking():
+            return [member.decode() for member in
+                    self._redis.zrangebyscore(self._replicas, "-inf", now)]
+
+    def forget_replica(self, server_id: str) -> None:
+        """Take a replica off the liveness set: it stopped, or its sessions were ended."""
+        with self._talking():
+            self._redis.zrem(self._replicas, server_id)
 
     def changes_since(self, revision: int) -> list[tuple[str, Client, EventKind, str]] | None:
         """Every change after revision in order, renewals left out, for a watcher that resumes;

@@ -5,6 +5,7 @@ kept as a short lease across a restart so that clients attaching again show no d
 import asyncio
 import collections
 import json
+import math
 import os
 import queue
 import sqlite3
@@ -423,6 +424,81 @@ def test_a_replica_starting_on_redis_leaves_sessions_other_replicas_hold_attache
         for server in started:
             server.stop(0)
             server.registry._store.close()
+
+
+# a dead replica's sessions end once its liveness runs out and another replica's reaper looks
+REPLICA_BOUND = (presence.REPLICA_LIVENESS_SECONDS + presence.REPLICA_RENEW_SECONDS
+                 + presence.REAPER_MAX_SLEEP + COMMIT_AND_DELIVERY)
+
+
+@allure.story("Replicas")
+def test_sessions_held_by_a_replica_that_dies_end_within_its_liveness(server_processes,
+                                                                       redis_url):
+    dying, living = (server_processes("--store", redis_url) for _ in range(2))
+    with connect(dying.address) as to_dying, connect(living.address) as to_living:
+        watch = Watch(pb_grpc.ClientServiceStub(to_living))
+        watch.snapshot()
+        Attached(pb_grpc.ClientServiceStub(to_dying), "nadia", "phone").attached()
+        assert describe(watch.events(1)) == [("nadia", "EVENT_CONNECTED", "phone", "attach")]
+        with allure.step("kill -9 of the replica holding nadia's stream: the other ends her "
+                         f"session within {REPLICA_BOUND:g} s"):
+            dying.kill()
+            assert describe(watch.events(1, within=REPLICA_BOUND)) == [
+                ("nadia", "EVENT_DISCONNECTED", "phone", "connection closed")]
+
+
+@allure.story("Replicas")
+def test_sessions_held_by_a_replica_that_lives_never_end_past_its_liveness(shared_redis,
+                                                                           request, stub_for):
+    replicas = [presence.create_server("127.0.0.1:0", presence.RedisStore(
+        shared_redis.url, prefix=request.node.nodeid)) for _ in range(2)]
+    for replica in replicas:
+        replica.start()
+    try:
+        holding, other = (stub_for(replica) for replica in replicas)
+        watch = Watch(other)
+        watch.snapshot()
+        stream = Attached(holding, "omar")
+        stream.attached()
+        lease = math.ceil(presence.REPLICA_LIVENESS_SECONDS) + 1
+        hello(other, "timer", lease=lease)
+        watch.events(2)
+        with allure.step(f"a {lease} s lease runs out, so every reaper has looked for replicas "
+                         "gone quiet for longer than their liveness: omar's replica was not"):
+            assert describe(watch.events(1, within=lease + DEADLINE)) == [
+                ("timer", "EVENT_DISCONNECTED", "", "lease expired")]
+            nothing_happened_to(watch, other, "omar")
+        assert kinds(status_of(other, "omar")) == [("", "SESSION_KIND_ATTACHED", False)]
+        stream.cancel()
+    finally:
+        for replica in replicas:
+            replica.stop(0)
+            replica.registry._store.close()
+
+
+@allure.story("Replicas")
+def test_a_replica_cut_off_from_redis_past_its_liveness_loses_its_sessions_and_streams(
+        server_processes, redis_server, tcp_proxy):
+    proxy = tcp_proxy(redis_server.port)
+    living = server_processes("--store", redis_server.url)
+    cut_off = server_processes("--store", f"redis://127.0.0.1:{proxy.port}/0?timeout=1")
+    with connect(cut_off.address) as to_cut, connect(living.address) as to_living:
+        watch = Watch(pb_grpc.ClientServiceStub(to_living))
+        watch.snapshot()
+        stream = Attached(pb_grpc.ClientServiceStub(to_cut), "pia")
+        stream.attached()
+        watch.events(1)
+        with allure.step("its network to Redis drops everything: it cannot say it lives, so "
+                         "the other replica ends pia's session"):
+            proxy.pause()
+            assert describe(watch.events(1, within=REPLICA_BOUND)) == [
+                ("pia", "EVENT_DISCONNECTED", "", "connection closed")]
+        with allure.step("healed: it ends the stream, UNAVAILABLE, for pia to attach again"):
+            proxy.resume()
+            ended = rpc_error(stream)
+            assert ended.code() == grpc.StatusCode.UNAVAILABLE
+            assert "longer than its liveness; attach again" in ended.details()
+            nothing_happened_to(watch, pb_grpc.ClientServiceStub(to_living), "pia")
 
 
 @allure.story("Crash")

@@ -175,6 +175,7 @@ def run_attached(run):
         counted = connected_attachers(stub, limit=clients + 1)
         rss_held, threads_held = rss_bytes(server.pid), thread_count(server.pid)
         idle = idle_cpu(run, server, group, args.idle_seconds)
+        still = connected_attachers(stub, limit=clients + 1)
         beside = other_traffic(run, server, "beside them")
         group.go(0, 0)
         group.stop()
@@ -187,6 +188,7 @@ def run_attached(run):
     figures = {
         "clients": clients, "processes": processes, "target": args.attached_target,
         "attached": sum(outcome["attached"] for outcome in outcomes), "counted": counted,
+        "still_connected_after_idle": still,
         "errors": dict(errors), "attach_s": attach_s,
         "attach_per_s": clients / attach_s if attach_s else None,
         "rss_per_attached": (rss_held - rss_before) / clients,
@@ -207,6 +209,8 @@ def render_attached(figures):
                          f"{figures['processes']} load process(es)), on {figures['target']}")
     table.add_row("attached / counted connected",
                   f"{figures['attached']:,} / {figures['counted']:,}", "all of them")
+    table.add_row("still connected after they idled", f"{figures['still_connected_after_idle']:,}",
+                  "all of them")
     table.add_row("errors", fmt_errors(figures["errors"]), "")
     table.add_row("attached in", f"{fmt(figures['attach_s'], 1)} s", "")
     table.add_row("attach rate", f"{fmt(figures['attach_per_s'], thousands=True)}/s", "")

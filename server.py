@@ -237,6 +237,10 @@ class Unavailable(RuntimeError):
     """The server cannot take this call now (it is stopping); the message says why."""
 
 
+# Our own refusals, each answered with its status code (refusal_code) and its message.
+REFUSED = (InvalidArgument, LimitExceeded, StoreError, Unavailable)
+
+
 # --- rules: ids, messages, page tokens, sessions ---------------------------------------------
 
 
@@ -1523,16 +1527,16 @@ class Detacher:
     become leases when a server loads it again.
     """
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, name: str = "detacher") -> None:
         self._registry = registry
-        self._queued: collections.deque[Message] = collections.deque()
+        self._queued: collections.deque = collections.deque()
         self._ready = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="detacher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def put(self, message):
-        """Queue a stream's goodbye; cheap enough for gRPC's serving thread."""
+        """Queue a stream's goodbye (or attach); cheap enough for gRPC's serving thread."""
         with self._ready:
             self._queued.append(message)
             self._ready.notify()
@@ -1574,6 +1578,39 @@ class Detacher:
             return [self._queued.popleft() for _ in range(count)]
 
 
+class Attacher(Detacher):
+    """A thread that applies the attaches of new streams, many in one apply_many, then has
+    each stream told. An Attach call thus returns at once: a burst of clients attaching (all
+    of them again after a restart, say) holds no pool thread each and shares commits."""
+
+    def __init__(self, registry: Registry, settle: Callable[["AttachedStream", object], None]):
+        self._settle = settle  # settle(stream, its record, or the error that refused it)
+        super().__init__(registry, name="attacher")
+
+    def _run(self):
+        while streams := self._take(False):
+            for stream, outcome in zip(streams, self._apply(streams), strict=True):
+                self._settle(stream, outcome)
+
+    def _apply(self, streams):
+        """Each stream's record after its attach, or the error that refused it. A batch that
+        a limit or the store refuses whole is applied again one by one, so that one stream's
+        refusal is its own."""
+        messages = [stream.message(Status.CONNECTED) for stream in streams]
+        try:
+            return [record for record, _ in self._registry.apply_many(messages)]
+        except REFUSED as error:
+            if len(messages) == 1:
+                return [error]
+        outcomes: list[object] = []
+        for message in messages:
+            try:
+                outcomes.append(self._registry.apply_one(message)[0])
+            except REFUSED as error:
+                outcomes.append(error)
+        return outcomes
+
+
 class Attachments:
     """The Attach streams this server serves, and which of them holds each session.
 
@@ -1582,8 +1619,8 @@ class Attachments:
     with ABORTED). The session's holder in the record names the stream, so when a stream
     ends, however it ends, it lets go of its session through the registry only while it
     still holds it there: a stream taken over, here or on another replica, never ends its
-    successor's session. No thread waits on a stream: gRPC calls back when it ends, and
-    the Detacher applies the end.
+    successor's session. No thread waits on a stream: the Attacher applies its attach and
+    tells it, gRPC calls back when it ends, and the Detacher applies the end.
     """
 
     def __init__(self, registry: Registry, limit: int = DEFAULT_MAX_ATTACHED,
@@ -1598,6 +1635,7 @@ class Attachments:
         self._open = 0  # streams counted against the limit, attached or on their way
         self._stopping = False
         self._detacher = Detacher(registry)
+        self._attacher = Attacher(registry, self._attached)
         registry.hold_streams_as(self._server_id, self.lapsed)
 
     @property
@@ -1605,16 +1643,24 @@ class Attachments:
         """How many sessions streams hold here."""
         return len(self._held)
 
-    def attach(self, client_id: str, session_id: str, context, send) -> Client | None:
-        """Attach the session for a new stream; the record after it, or None when the stream
-        ended or was let go of meanwhile. LimitExceeded past the limit (or the session cap),
-        Unavailable while the server stops, StoreError when the store refuses."""
+    def attach(self, client_id: str, session_id: str, context, send) -> None:
+        """Have a new stream's session attached: the attacher applies it and tells the stream
+        ATTACHED, or ends it with the refusal (the session cap, the store). LimitExceeded
+        past the stream limit and Unavailable while the server stops refuse it at once."""
         stream = self._open_stream(client_id, session_id, context, send)
         if not context.add_callback(functools.partial(self._ended, stream)):
             self._ended(stream)
-            return None
-        record, _ = self._registry.apply_one(stream.message(Status.CONNECTED))
-        return record if self._settle(stream) else None
+            return
+        self._attacher.put(stream)
+
+    def _attached(self, stream, outcome):
+        """The attacher's outcome for a stream: ATTACHED with its record when it holds the
+        session now, or the refusal as the stream's status."""
+        if isinstance(outcome, Exception):
+            stream.closed = True
+            stream.close(refusal_code(outcome), str(outcome))
+        elif self._settle(stream):
+            stream.send(attach_response(pb.AttachResponse.ATTACHED, outcome))
 
     def _open_stream(self, client_id, session_id, context, send):
         """A new stream with a holder id of its own, counted against the limit; or a refusal."""
@@ -1727,7 +1773,8 @@ class Attachments:
                          "attach again")
 
     def close(self):
-        """Once the server has stopped: apply the ends still queued."""
+        """Once the server has stopped: apply the attaches and ends still queued."""
+        self._attacher.close()
         self._detacher.close()
 
 
@@ -2792,12 +2839,17 @@ def refusals(context):
     """Answer our own exceptions with their status code and their sentence."""
     try:
         yield
-    except InvalidArgument as error:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-    except LimitExceeded as error:
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
-    except (StoreError, Unavailable) as error:
-        context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+    except REFUSED as error:
+        context.abort(refusal_code(error), str(error))
+
+
+def refusal_code(error):
+    """The status code that answers one of our own exceptions."""
+    if isinstance(error, InvalidArgument):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, LimitExceeded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.UNAVAILABLE  # StoreError, Unavailable
 
 
 def answer_fits(results):
@@ -2917,13 +2969,11 @@ class ClientService(pb_grpc.ClientServiceServicer):
         self._watch_slots.release()
 
     def Attach(self, request, context, send):
-        """Attach the session, say so, and leave the stream to the attachments: no thread
-        waits on it."""
+        """Hand the stream to the attachments, which say ATTACHED once its session is: no
+        thread waits for that, or on the stream after it."""
         with refusals(context):
             client_id, session_id = parse_attach(request)
-            record = self.attachments.attach(client_id, session_id, context, send)
-        if record is not None:
-            send(attach_response(pb.AttachResponse.ATTACHED, record))
+            self.attachments.attach(client_id, session_id, context, send)
 
     Attach.experimental_non_blocking = True  # type: ignore[attr-defined]
 

@@ -788,52 +788,51 @@ class SharedRegistry(Registry):
 
     def close(self):
         """Let the follower go: it ends at its next read, which the store's close cuts short.
-        A replica that stops has let go of its streams' sessions: it is off the liveness set."""
+        Its liveness runs out by itself: any session a stream of it still holds in the store
+        (a let-go the store refused) is then ended by the other replicas."""
         self._stopping.set()
         self._retry.set()
-        if self._server_id:
-            try:
-                self._store.forget_replica(self._server_id)
-            except StoreError as error:
-                logger.warning("cannot take this replica off the liveness set: %s", error)
 
     # -- liveness: this replica's streams hold their sessions only while it says it lives
 
     def hold_streams_as(self, server_id: str, on_lapse: Callable[[], None]) -> None:
         """Say in the store every REPLICA_RENEW_SECONDS that this replica lives, so the others
-        leave the sessions its streams hold alone; on_lapse() is called when that stopped for
-        longer than REPLICA_LIVENESS_SECONDS, since the others may have ended them meanwhile."""
+        leave the sessions its streams hold alone. on_lapse() ends its streams when it cannot
+        say so in time (before the others would end their sessions), or learns that its
+        liveness ran out all the same (a renewal late, the set changed under it)."""
         self._server_id = server_id
-        self._renew_liveness()  # before the first stream: no replica may think it dead
+        self._store.renew_replica(server_id, REPLICA_LIVENESS_SECONDS)  # before any stream
         threading.Thread(target=self._keep_alive, args=(on_lapse,), name="replica-liveness",
                          daemon=True).start()
 
-    def _renew_liveness(self):
-        self._store.renew_replica(self._server_id, self._clock() + REPLICA_LIVENESS_SECONDS)
-
     def _keep_alive(self, on_lapse):
-        said = time.monotonic()
+        """Renew this replica's liveness until it stops; call on_lapse once per lapse."""
+        said, lapsed = time.monotonic(), False
         while not self._stopping.wait(REPLICA_RENEW_SECONDS):
             try:
-                self._renew_liveness()
+                live = self._store.renew_replica(self._server_id, REPLICA_LIVENESS_SECONDS)
             except StoreError as error:
+                live = time.monotonic() - said < REPLICA_LIVENESS_SECONDS - REPLICA_RENEW_SECONDS
                 logger.debug("cannot say this replica lives: %s", error)
+            except Exception:  # the thread must go on: without it the others end every session
+                logger.exception("cannot say this replica lives")
                 continue
-            if time.monotonic() - said > REPLICA_LIVENESS_SECONDS:
-                logger.warning("this replica could not say it lives for %.1f s (longer than "
-                               "its %g s liveness): ending its attach streams, for their "
-                               "clients to attach again", time.monotonic() - said,
-                               REPLICA_LIVENESS_SECONDS)
+            else:
+                said = time.monotonic()
+            if not live and not lapsed:
+                logger.warning("this replica cannot say in time that it lives, so the others "
+                               "end the sessions its streams hold: ending those streams, for "
+                               "their clients to attach again")
                 on_lapse()
-            said = time.monotonic()
+            lapsed = not live
 
-    def _end_lapsed_replicas(self, now):
+    def _end_lapsed_replicas(self):
         """End the sessions held by streams of replicas that stopped saying they live (they
         died, or lost Redis for longer than their liveness); the changes. Every live replica
         may do it at once: an end applies only while that stream still holds the session, so
         each session ends once, with one event."""
         changes = []
-        for server_id in self._store.lapsed_replicas(now):
+        for server_id in self._store.lapsed_replicas():
             if server_id == self._server_id:
                 continue  # this replica lives; on_lapse deals with a renewal that was late
             self._catch_up()  # every session that replica's streams attached is in the cache
@@ -1091,7 +1090,7 @@ class SharedRegistry(Registry):
                 changes.append(Change(change.kind, ended._replace(revision=revision),
                                       session_id))
         log_expired(changes)
-        return changes + self._end_lapsed_replicas(now)
+        return changes + self._end_lapsed_replicas()
 
     def seconds_to_next_expiry(self) -> float:
         return REAPER_MAX_SLEEP  # the lease set is in the store: look again each second
@@ -1483,7 +1482,7 @@ class AttachedStream:
     """One Attach stream: the session it holds, its holder id, and how to send to it."""
 
     __slots__ = ("client_id", "session_id", "holder", "context", "send", "attached", "ended",
-                 "closed", "let_go")
+                 "closed", "let_go", "settled_at")
 
     def __init__(self, client_id, session_id, holder, context, send):
         self.client_id = client_id
@@ -1495,6 +1494,7 @@ class AttachedStream:
         self.ended = False  # the call is over, however it ended
         self.closed = False  # the server has ended it (at most once)
         self.let_go = False  # its end ends nothing: it was taken over, or the server let go
+        self.settled_at = 0.0  # when it became its session's holder here (monotonic)
 
     @property
     def key(self):
@@ -1514,6 +1514,7 @@ class AttachedStream:
 
 
 DETACH_BATCH = 500
+ATTACH_SWEEP_SECONDS = 1.0  # how often streams are checked against the records
 DETACH_RETRY_SECONDS = 1.0
 
 
@@ -1555,10 +1556,11 @@ class Detacher:
             try:
                 self._registry.apply_many(batch)
                 failing = False
-            except StoreError as error:
+            except Exception as error:  # the store, or a bug: the thread must go on either way
                 if not failing:
                     logger.error("cannot end %d sessions whose streams ended (trying again each "
-                                 "second): %s", len(batch), error)
+                                 "second): %s", len(batch), error,
+                                 exc_info=not isinstance(error, StoreError))
                 failing = True
                 with self._ready:
                     self._queued.extendleft(reversed(batch))
@@ -1589,16 +1591,24 @@ class Attacher(Detacher):
 
     def _run(self):
         while streams := self._take(False):
-            for stream, outcome in zip(streams, self._apply(streams), strict=True):
+            streams = [stream for stream in streams if not stream.ended]  # gone meanwhile
+            try:
+                outcomes = self._apply(streams)
+            except Exception as error:  # a bug: refuse these, and go on with the next ones
+                logger.exception("cannot attach %d streams", len(streams))
+                outcomes = [Unavailable(f"could not attach: {error}")] * len(streams)
+            for stream, outcome in zip(streams, outcomes, strict=True):
                 self._settle(stream, outcome)
 
     def _apply(self, streams):
-        """Each stream's record after its attach, or the error that refused it. A batch that
-        a limit or the store refuses whole is applied again one by one, so that one stream's
-        refusal is its own."""
+        """Each stream's record after its attach, or the error that refused it. A batch a
+        limit refuses (one client's session cap) is applied again one by one, so that one
+        stream's refusal is its own; one the store refuses is refused whole, at once."""
         messages = [stream.message(Status.CONNECTED) for stream in streams]
         try:
             return [record for record, _ in self._registry.apply_many(messages)]
+        except (StoreError, Unavailable) as error:
+            return [error] * len(messages)
         except REFUSED as error:
             if len(messages) == 1:
                 return [error]
@@ -1637,6 +1647,8 @@ class Attachments:
         self._detacher = Detacher(registry)
         self._attacher = Attacher(registry, self._attached)
         registry.hold_streams_as(self._server_id, self.lapsed)
+        self._closing = threading.Event()
+        threading.Thread(target=self._sweep_loop, name="attach-sweeper", daemon=True).start()
 
     @property
     def attached(self) -> int:
@@ -1693,6 +1705,7 @@ class Attachments:
             else:
                 taken_over = self._held.get(stream.key)
                 self._held[stream.key] = stream
+                stream.settled_at = time.monotonic()
             if taken_over is not None:
                 taken_over.let_go = True
                 if taken_over.closed:  # the server is ending it already
@@ -1759,21 +1772,54 @@ class Attachments:
             stream.send(notice)
             stream.close()
 
+    def _sweep_loop(self):
+        while not self._closing.wait(ATTACH_SWEEP_SECONDS):
+            try:
+                self.sweep()
+            except Exception:  # the thread must go on
+                logger.exception("cannot check which attach streams still hold their sessions")
+
+    def sweep(self):
+        """End, ABORTED, every stream whose session the records say it no longer holds: taken
+        over by a stream of another replica, or ended by a Goodbye (here or anywhere). Its end
+        lets go only of what it still holds, which is nothing then."""
+        settled_before = time.monotonic() - ATTACH_SWEEP_SECONDS  # the cache has those
+        with self._lock:
+            held = [stream for stream in self._held.values()
+                    if not stream.closed and stream.settled_at < settled_before]
+        gone = []
+        for stream in held:
+            record = self._registry.get_cached(stream.client_id)
+            session = record and find_session(record.sessions, stream.session_id)
+            if not session or session.holder != stream.holder:
+                gone.append((stream, bool(session)))
+        with self._lock:
+            gone = [(stream, taken) for stream, taken in gone if not stream.closed]
+            for stream, _ in gone:
+                stream.closed = True
+        for stream, taken in gone:
+            what = f"session {echo(stream.session_id)!r} of client {echo(stream.client_id)}"
+            stream.close(grpc.StatusCode.ABORTED,
+                         f"{what} was attached by another stream; this one no longer holds it"
+                         if taken else f"{what} was ended (a Goodbye); this stream no longer "
+                         "holds it")
+
     def lapsed(self):
-        """This replica could not say it lives for too long, so the other replicas may have
-        ended the sessions its streams hold: end every stream (its session too, if it still
-        holds it), for its client to attach again and be sure of its session."""
+        """This replica cannot say in time that it lives, so the other replicas end the
+        sessions its streams hold: end every stream (its session too, if it still holds it),
+        for its client to attach again, to a replica that can vouch for it."""
         with self._lock:
             streams = [stream for stream in self._held.values() if not stream.closed]
             for stream in streams:
                 stream.closed = True
         for stream in streams:
             stream.close(grpc.StatusCode.UNAVAILABLE,
-                         "this replica lost the shared store for longer than its liveness; "
-                         "attach again")
+                         "this replica lost the shared store, so it cannot vouch for its "
+                         "sessions; attach again")
 
     def close(self):
         """Once the server has stopped: apply the attaches and ends still queued."""
+        self._closing.set()
         self._attacher.close()
         self._detacher.close()
 
@@ -2097,6 +2143,22 @@ _LEASE_SEPARATOR = "\0"  # ids never hold control characters
 # Answers {the revision of each item (0 when refused), the stream id of each item saved, the
 # stored record of each item refused (after the call), per group the position in it of the
 # item whose stored record had changed (0 when it followed a refused group or was saved)}.
+# A replica's liveness, scored by Redis's own clock: renew (1 if it was still live), the
+# lapsed ones, and taking one off the set only while it is still lapsed.
+_REDIS_NOW = "local t = redis.call('TIME') local now = t[1] + t[2] / 1e6 "
+_LIVENESS_SCRIPTS = (
+    _REDIS_NOW + """
+local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+if old and tonumber(old) >= now then return 1 end
+return 0""",
+    _REDIS_NOW + "return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)",
+    _REDIS_NOW + """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) < now then redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0""",
+)
+
 _COMMIT_SCRIPT = """
 local history, count, at = ARGV[1], #ARGV, 2
 local stored, refused, groups, conflicts = {}, {}, {}, {}
@@ -2338,6 +2400,8 @@ class RedisStore:
         reader_timeout = options["socket_timeout"] + REDIS_MAX_BLOCK
         self._reader = self._connect({**options, "socket_timeout": reader_timeout})
         self._commit_script = self._redis.register_script(_COMMIT_SCRIPT)
+        self._liveness_script, self._lapsed_script, self._forget_script = (
+            self._redis.register_script(script) for script in _LIVENESS_SCRIPTS)
         with self._talking():
             version = self._redis.info("server")["redis_version"]
         if tuple(int(part) for part in str(version).split(".")[:2]) < (7, 0):
@@ -2485,22 +2549,24 @@ class RedisStore:
             members = self._redis.zrangebyscore(self._leases, "-inf", now, start=0, num=limit)
             return [tuple(member.decode().split(_LEASE_SEPARATOR, 1)) for member in members]
 
-    def renew_replica(self, server_id: str, until: float) -> None:
-        """Say that the replica server_id lives, and its attached streams with it, until then."""
+    def renew_replica(self, server_id: str, seconds: float) -> bool:
+        """Say that the replica server_id lives, and its attached streams with it, for seconds
+        more by Redis's own clock (so replicas' clocks need not agree); whether it was still
+        live until now (False: its liveness ran out, or others took it off the set)."""
         with self._talking():
-            self._redis.zadd(self._replicas, {server_id: until})
+            return bool(self._liveness_script(keys=[self._replicas], args=[server_id, seconds]))
 
-    def lapsed_replicas(self, now: float) -> list[str]:
-        """The replicas that have not said they live since before now: they died, or lost
-        Redis for longer than their liveness."""
+    def lapsed_replicas(self) -> list[str]:
+        """The replicas whose liveness ran out, by Redis's clock: they died, or lost Redis for
+        longer than their liveness."""
         with self._talking():
-            return [member.decode() for member in
-                    self._redis.zrangebyscore(self._replicas, "-inf", now)]
+            return [member.decode() for member in self._lapsed_script(keys=[self._replicas])]
 
     def forget_replica(self, server_id: str) -> None:
-        """Take a replica off the liveness set: it stopped, or its sessions were ended."""
+        """Take a lapsed replica off the liveness set once its sessions were ended; one that
+        renewed meanwhile stays."""
         with self._talking():
-            self._redis.zrem(self._replicas, server_id)
+            self._forget_script(keys=[self._replicas], args=[server_id])
 
     def changes_since(self, revision: int) -> list[tuple[str, Client, EventKind, str]] | None:
         """Every change after revision in order, renewals left out, for a watcher that resumes;

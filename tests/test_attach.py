@@ -315,7 +315,7 @@ def test_attaching_a_leased_hello_session_holds_it_without_a_change(make_server,
 
 
 @allure.story("Takeover")
-def test_goodbye_ends_an_attached_session_and_its_stream_end_then_changes_nothing(stub):
+def test_goodbye_ends_an_attached_session_and_its_stream_whose_end_then_changes_nothing(stub):
     watch = Watch(stub)
     watch.snapshot()
     stream = Attached(stub, "alice", "tty")
@@ -323,8 +323,38 @@ def test_goodbye_ends_an_attached_session_and_its_stream_end_then_changes_nothin
     watch.events(1)
     goodbye(stub, "alice", "tty")
     assert describe(watch.events(1)) == [("alice", "EVENT_DISCONNECTED", "tty", "goodbye")]
-    stream.cancel()
+    with allure.step("the stream, which holds nothing now, is ended ABORTED"):
+        ended = rpc_error(stream)
+        assert ended.code() == grpc.StatusCode.ABORTED
+        assert "was ended (a Goodbye)" in ended.details()
     nothing_happened_to(watch, stub, "alice")
+
+
+@allure.story("Takeover")
+def test_attaching_on_another_replica_takes_the_session_over_and_ends_the_older_stream(
+        shared_redis, request, stub_for):
+    replicas = [presence.create_server("127.0.0.1:0", presence.RedisStore(
+        shared_redis.url, prefix=request.node.nodeid)) for _ in range(2)]
+    for replica in replicas:
+        replica.start()
+    try:
+        first, second = (stub_for(replica) for replica in replicas)
+        older = Attached(first, "alice", "laptop")
+        revision = older.attached().revision
+        newer = Attached(second, "alice", "laptop")
+        assert newer.attached().revision == revision, "a takeover is no change"
+        with allure.step("the older stream, on the other replica, ends ABORTED"):
+            ended = rpc_error(older)
+            assert ended.code() == grpc.StatusCode.ABORTED
+            assert "attached by another stream" in ended.details()
+        watch = Watch(second, since_revision=revision)
+        nothing_happened_to(watch, second, "alice")
+        assert kinds(status_of(second, "alice")) == [("laptop", "SESSION_KIND_ATTACHED", False)]
+        newer.cancel()
+    finally:
+        for replica in replicas:
+            replica.stop(0)
+            replica.registry._store.close()
 
 
 # --- restarts: a stop, a crash ----------------------------------------------------------
@@ -460,7 +490,7 @@ def test_sessions_held_by_a_replica_that_lives_never_end_past_its_liveness(share
         watch.snapshot()
         stream = Attached(holding, "omar")
         stream.attached()
-        lease = math.ceil(presence.REPLICA_LIVENESS_SECONDS) + 1
+        lease = math.ceil(presence.REPLICA_LIVENESS_SECONDS * 2)
         hello(other, "timer", lease=lease)
         watch.events(2)
         with allure.step(f"a {lease} s lease runs out, so every reaper has looked for replicas "
@@ -489,15 +519,16 @@ def test_a_replica_cut_off_from_redis_past_its_liveness_loses_its_sessions_and_s
         stream.attached()
         watch.events(1)
         with allure.step("its network to Redis drops everything: it cannot say it lives, so "
+                         "it ends its stream, UNAVAILABLE, for pia to attach elsewhere, and "
                          "the other replica ends pia's session"):
             proxy.pause()
-            assert describe(watch.events(1, within=REPLICA_BOUND)) == [
-                ("pia", "EVENT_DISCONNECTED", "", "connection closed")]
-        with allure.step("healed: it ends the stream, UNAVAILABLE, for pia to attach again"):
-            proxy.resume()
             ended = rpc_error(stream)
             assert ended.code() == grpc.StatusCode.UNAVAILABLE
-            assert "longer than its liveness; attach again" in ended.details()
+            assert "lost the shared store" in ended.details()
+            assert describe(watch.events(1, within=REPLICA_BOUND)) == [
+                ("pia", "EVENT_DISCONNECTED", "", "connection closed")]
+        with allure.step("healed: nothing more happens to pia"):
+            proxy.resume()
             nothing_happened_to(watch, pb_grpc.ClientServiceStub(to_living), "pia")
 
 

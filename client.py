@@ -103,6 +103,14 @@ CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
+# An Attach stream pings its server while it is open (our servers allow one a second), so a
+# server whose machine or network vanished is noticed within 30 s and the user re-attached.
+ATTACH_KEEPALIVE = (
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
 
 
 # --- the menu as data -----------------------------------------------------------
@@ -664,19 +672,38 @@ class Tls:
                                             certificate_chain=read(self.cert))
 
 
+def open_channel(address, credentials, options):
+    """A channel to address, TLS when credentials are given."""
+    if credentials:
+        return grpc.secure_channel(address, credentials, options=options)
+    return grpc.insecure_channel(address, options=options)
+
+
 class Replica:
     """One server address: its own channel (TLS checks this host's name), its stubs, and whether
-    the channel is connected now, for a client that knows several replicas."""
+    the channel is connected now, for a client that knows several replicas. The Attach stream
+    gets a channel of its own that pings the server, so a server that vanished without a word
+    is noticed and the user attached elsewhere; older servers, which may take pings amiss,
+    never see one on the others."""
 
     def __init__(self, address, credentials=None, watched=False):
         self.address = address
-        self.channel = (grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-                        if credentials else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+        self._credentials = credentials
+        self.channel = open_channel(address, credentials, CHANNEL_OPTIONS)
         self.stub = pb_grpc.ClientServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+        self._attach_channel = None
         self.connected = False
         if watched:
             self.channel.subscribe(self._on_connectivity, try_to_connect=True)
+
+    @property
+    def attach_stub(self):
+        """A stub on the pinging channel, opened when first wanted."""
+        if self._attach_channel is None:
+            self._attach_channel = open_channel(self.address, self._credentials,
+                                                CHANNEL_OPTIONS + ATTACH_KEEPALIVE)
+        return pb_grpc.ClientServiceStub(self._attach_channel)
 
     def _on_connectivity(self, state):
         """Note whether the channel is connected, so calls go to a replica that is up."""
@@ -684,9 +711,11 @@ class Replica:
         self.connected = state is grpc.ChannelConnectivity.READY
 
     def close(self):
-        """Stop watching the channel's state, then close it."""
+        """Stop watching the channel's state, then close it (and the Attach channel)."""
         self.channel.unsubscribe(self._on_connectivity)
         self.channel.close()
+        if self._attach_channel is not None:
+            self._attach_channel.close()
 
 
 class PresenceClient:
@@ -751,8 +780,9 @@ class PresenceClient:
         is stopping, when there is one), and that replica's address."""
         replicas = self.in_turn()
         replica = next((each for each in replicas if each.address != avoid), replicas[0])
-        call = replica.stub.Attach(pb.AttachRequest(client_id=client_id, session_id=session_id),
-                                   metadata=self._metadata, wait_for_ready=wait_for_ready)
+        call = replica.attach_stub.Attach(
+            pb.AttachRequest(client_id=client_id, session_id=session_id),
+            metadata=self._metadata, wait_for_ready=wait_for_ready)
         return call, replica.address
 
     def watch(self, since_revision=0, wait_for_ready=False):
@@ -1001,6 +1031,16 @@ class NoAnswer(grpc.RpcError):
         return "no answer from the server in time"
 
 
+class NotAttached(grpc.RpcError):
+    """An Attach stream whose first word was that its server is stopping."""
+
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "the server is stopping"
+
+
 class PresenceKeeper:
     """Keeps one user connected while the client runs, in a session of its own.
 
@@ -1047,10 +1087,10 @@ class PresenceKeeper:
         call does, one that stays silent past the client's timeout raises NoAnswer."""
         call, address = self._client.attach(self.user, self.session_id, avoid, wait_for_ready)
         self._call = call  # so close() ends it even while it waits for its first notice
-        timer = None
-        if not wait_for_ready:
-            timer = threading.Timer(self._client.timeout, call.cancel)
-            timer.start()
+        if self._stopped.is_set():  # close() came just before it was noted
+            call.cancel()
+        timer = threading.Timer(self._client.timeout, call.cancel)
+        timer.start()
         try:
             first = next(call)
         except grpc.RpcError as error:
@@ -1060,8 +1100,10 @@ class PresenceKeeper:
         except StopIteration:
             raise NoAnswer() from None
         finally:
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
+        if first.notice != pb.AttachResponse.ATTACHED:  # the server stops: try the next
+            call.cancel()
+            raise NotAttached()
         self.address, self.state = address, "attached"
         self._on_notice(f"{self.user} attached to {address} (session {self.session_id})")
         return first
@@ -1100,7 +1142,8 @@ class PresenceKeeper:
         return self.address
 
     def _reattach(self, avoid):
-        """Attach again until it works or close(); one server is waited for until it is back."""
+        """Attach again until it works or close(); one server is waited for until it is back.
+        A server that cannot attach any more (an older one put back) gets a lease instead."""
         pause = RESUME_BACKOFF[0]
         while not self._stopped.is_set():
             try:
@@ -1109,9 +1152,23 @@ class PresenceKeeper:
             except grpc.RpcError as error:
                 if self._stopped.is_set():
                     return
+                if error.code() is grpc.StatusCode.UNIMPLEMENTED:
+                    self._fall_back_to_lease()
+                    return
                 logger.info("could not attach %s again: %s", self.user, error.code().name)
             self._stopped.wait(pause)
             pause = min(pause * 2, RESUME_BACKOFF[1])
+
+    def _fall_back_to_lease(self):
+        """Keep the user online with a renewed lease, on this thread, until close()."""
+        self.state = "lease"
+        try:
+            self._hello()
+        except grpc.RpcError as error:
+            logger.info("could not say hello for %s: %s", self.user, error.code().name)
+        self._on_notice(f"{self.user} is online with a {self.lease} s lease, renewed (the "
+                        "server cannot attach)")
+        self._renew_loop()
 
     def _hello(self):
         self._client.send(self.user, "hello", self.session_id, self.lease)

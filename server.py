@@ -38,6 +38,7 @@ import json
 import logging
 import operator
 import os
+import queue
 import re
 import signal
 import socket
@@ -2476,38 +2477,85 @@ class _Awaited:
 
 
 class _Lane:
-    """A pool of threads, and how many calls may hold one or wait for one at once."""
+    """Threads that run calls, and how many calls may hold one or wait for one at once.
+
+    A call costs one lock taken at its start and one at its end and a queue put that wakes
+    one idle thread (a ThreadPoolExecutor adds a Future, a semaphore and a callback per call);
+    a thread is started only when none is idle, up to `threads`."""
 
     def __init__(self, name, threads, limit):
-        self._pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._name = name
+        self._most = threads
         self._limit = limit
-        self._running = 0
+        self._work = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._running = 0  # calls started and not yet ended
+        self._idle = 0  # threads waiting for work that no queued call has claimed
+        self._threads = []
 
     def start(self, state, call, run):
-        """Run a call on the pool if the limit allows, else refuse it with RESOURCE_EXHAUSTED."""
+        """Run a call on the lane if the limit allows, else refuse it with RESOURCE_EXHAUSTED."""
         with self._lock:
             full = self._running >= self._limit
             if not full:
                 self._running += 1
+                self._claim_locked()
         if full:
             end_call(state, call, grpc.StatusCode.RESOURCE_EXHAUSTED,
                      f"too many calls at once (limit {self._limit}); try again later")
             return
-        self._pool.submit(run).add_done_callback(self._release)
+        self._work.put(run)
 
     def submit(self, fn, *args, **kwargs):
-        """Run fn on the pool, outside the limit."""
-        return self._pool.submit(fn, *args, **kwargs)
-
-    def _release(self, unused_future):
-        """Free the slot of a call that has ended."""
+        """Run fn on the lane, outside the limit; a Future of its outcome."""
+        future = futures.Future()
         with self._lock:
-            self._running -= 1
+            self._running += 1
+            self._claim_locked()
+        self._work.put(functools.partial(_run_into, future, fn, args, kwargs))
+        return future
 
-    def shutdown(self, wait, cancel_futures):
-        """Let the threads end once the server has stopped."""
-        self._pool.shutdown(wait, cancel_futures=cancel_futures)
+    def _claim_locked(self):
+        """Count one idle thread as taken by the call about to be queued, or start one."""
+        if self._idle:
+            self._idle -= 1
+        elif len(self._threads) < self._most:
+            thread = threading.Thread(target=self._serve, daemon=True,
+                                      name=f"{self._name}_{len(self._threads)}")
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self):
+        """Run queued calls until shut down, freeing each one's slot once it ends."""
+        work, lock = self._work, self._lock
+        while (run := work.get()) is not None:
+            try:
+                run()
+            except Exception:  # grpc's call runners catch their own; this keeps the thread
+                logger.exception("a call failed outside gRPC's handling")
+            with lock:
+                self._running -= 1
+                self._idle += 1
+
+    def shutdown(self, wait):
+        """Let the threads end once the server has stopped (queued calls run first)."""
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
+            self._work.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
+
+
+def _run_into(future, fn, args, kwargs):
+    """Run fn(*args, **kwargs) with its outcome in future, as an executor does."""
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn(*args, **kwargs))
+    except BaseException as error:
+        future.set_exception(error)
 
 
 class CallGate(futures.Executor):
@@ -2637,8 +2685,8 @@ class CallGate(futures.Executor):
         with self._lock:
             self._stopped = True
             self._awaiting.notify()
-        self._calls.shutdown(wait, cancel_futures)
-        self._streams.shutdown(wait, cancel_futures)
+        self._calls.shutdown(wait)
+        self._streams.shutdown(wait)
 
 
 def end_call(state, call, code, details):

@@ -1440,9 +1440,10 @@ class SqliteStore:
     def wait(self, batch):
         """Return once batch is saved, by this thread or by the one that held the lock before:
         the last durable position."""
-        with self._commit_lock:
-            if not batch.done:
-                self._commit_pending()
+        if not batch.done:  # else saved by a commit since (done is set last, error before it)
+            with self._commit_lock:  # held by a later commit, maybe: this one need not wait
+                if not batch.done:
+                    self._commit_pending()
         if batch.error is not None:
             raise batch.error
         return self.durable
@@ -2123,14 +2124,23 @@ def same_kind(wrapper, behavior):
     return wrapper
 
 
-def method_handlers(service, descriptor=SERVICE):
-    """The service's handlers, as the generated code makes them but with serialize_response."""
+# The calls that never wait when the store is durable at once (memory://).
+INLINE_METHODS = frozenset({"SendMessage", "GetClientStatus", "CountClients"})
+
+
+def method_handlers(service, descriptor=SERVICE, inline=()):
+    """The service's handlers, as the generated code makes them but with serialize_response.
+
+    The methods named in inline never wait (on memory://: no commit, a lock held briefly),
+    so CallGate runs them on gRPC's own thread rather than handing each to a pool thread."""
     handlers = {}
     for method in descriptor.methods:
         make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
                 else grpc.unary_unary_rpc_method_handler)
+        behavior = refuse_malformed(getattr(service, method.name))
+        behavior.inline = method.name in inline
         handlers[method.name] = make(
-            refuse_malformed(getattr(service, method.name)),
+            behavior,
             request_deserializer=parse_request_bytes(
                 message_factory.GetMessageClass(method.input_type)),
             response_serializer=serialize_response,
@@ -2673,12 +2683,13 @@ class CallGate(futures.Executor):
                                      deserializer, serializer)
 
         if take_request.__name__ == "unary_request":
-            self._await_request(event, state, deserializer, run)
+            self._await_request(event, state, deserializer, run,
+                                inline=getattr(behavior, "inline", False))
         else:
             self._streams.start(state, event.call, run(take_request))
         return _DONE
 
-    def _await_request(self, event, state, deserializer, run):
+    def _await_request(self, event, state, deserializer, run, inline=False):
         """Ask gRPC for the request; start the call when it comes, or end it at its deadline."""
         awaited = _Awaited(time.monotonic() + self._request_timeout, state, event.call)
         receive = grpc_internals._receive_message(state, event.call, deserializer)
@@ -2686,7 +2697,7 @@ class CallGate(futures.Executor):
         def arrived(receive_event):
             outcome = receive(receive_event)  # gRPC's own: keeps the request, or notes the end
             try:
-                self._request_arrived(awaited, run)
+                self._request_arrived(awaited, run, inline)
             except Exception:  # raised here, it would end gRPC's serving thread
                 logger.exception("could not start a call")
                 end_call(state, event.call, grpc.StatusCode.INTERNAL, "could not start the call")
@@ -2702,8 +2713,11 @@ class CallGate(futures.Executor):
             if len(self._awaited) == 1:
                 self._awaiting.notify()
 
-    def _request_arrived(self, awaited, run):
-        """Start a call whose request came; one that ended without a request is refused."""
+    def _request_arrived(self, awaited, run, inline):
+        """Start a call whose request came; one that ended without a request is refused.
+
+        An inline call (one that never waits: see method_handlers) runs here, on gRPC's own
+        thread, with no hand-off to another thread and back."""
         state, call = awaited.state, awaited.call
         with state.condition:
             awaited.arrived = True
@@ -2715,8 +2729,11 @@ class CallGate(futures.Executor):
                 _end_locked(state, call, grpc.StatusCode.UNIMPLEMENTED,
                             "a unary call needs exactly one request message")
                 return
-        self._calls.start(state, call, run(
-            lambda: request if grpc_internals._is_rpc_state_active(state) else None))
+        call_run = run(lambda: request if grpc_internals._is_rpc_state_active(state) else None)
+        if inline:
+            call_run()
+        else:
+            self._calls.start(state, call, call_run)
 
     def _end_late_requests(self):
         """End every call whose request has not come by its deadline."""
@@ -2988,9 +3005,10 @@ def add_reflection(grpc_server, service_names):
         for name in (REFLECTION_V1_NAME, reflection.SERVICE_NAME)))
 
 
-def add_service(grpc_server, descriptor, servicer):
-    """Serve servicer's methods as the service descriptor names them."""
-    handlers = method_handlers(servicer, descriptor)
+def add_service(grpc_server, descriptor, servicer, inline=()):
+    """Serve servicer's methods as the service descriptor names them (inline: see
+    method_handlers)."""
+    handlers = method_handlers(servicer, descriptor, inline)
     grpc_server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
     grpc_server.add_registered_method_handlers(descriptor.full_name, handlers)
@@ -3128,7 +3146,8 @@ def create_server(
     if metrics:
         metrics.watch(registry, service)
         store.commit_timer = metrics.commit
-    add_service(grpc_server, SERVICE, service)
+    add_service(grpc_server, SERVICE, service,
+                INLINE_METHODS if getattr(store, "immediate", False) else ())
     add_service(grpc_server, NOTIFICATION_SERVICE, NotificationService(registry))
     health_servicer = HealthService()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

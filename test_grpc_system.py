@@ -574,32 +574,42 @@ def test_request_over_the_size_limit_is_resource_exhausted(stub):
 
 @allure.feature("Operations")
 @allure.story("Limits")
-def test_calls_past_the_concurrency_limit_are_resource_exhausted(make_server):
+def test_calls_past_the_concurrency_limit_are_resource_exhausted(make_server, new_store):
     limit = 3  # max_concurrent_rpcs=2 plus the room kept for max_watchers=1
     armed, release, entered = threading.Event(), threading.Event(), threading.Semaphore(0)
 
     def stalled_clock():
-        """Once armed, hold each SendMessage that asks the time until the test releases it."""
+        """Once armed, hold each SendMessages that asks the time until the test releases it
+        (a batch: on memory:// a single SendMessage runs on gRPC's own thread, without a slot)."""
         if armed.is_set():
             entered.release()
             release.wait(DEADLINE)
         return 1_800_000_000.0
 
-    server = make_server(clock=stalled_clock, max_concurrent_rpcs=2, max_watchers=1)
+    store = new_store()
+    inline = isinstance(store, presence.MemoryStore)  # its SendMessage never waits for a commit
+    server = make_server(store, clock=stalled_clock, max_concurrent_rpcs=2, max_watchers=1)
     armed.set()  # not before: building the server asks the time too (for due leases)
     try:
         with connect(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ClientServiceStub(channel)
-            stalled = [stub.SendMessage.future(pb.MessageRequest(client_id=f"c{n}",
-                                                                 message="hello"))
-                       for n in range(limit)]
+            stalled = [stub.SendMessages.future(pb.SendMessagesRequest(requests=[
+                pb.MessageRequest(client_id=f"c{n}", message="hello")])) for n in range(limit)]
             for _ in stalled:
                 assert entered.acquire(timeout=DEADLINE)
-            error = rpc_error(stub.CountClients, pb.CountClientsRequest())
+            error = rpc_error(stub.ListClients, pb.ListClientsRequest())
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            armed.clear()
+            if inline:
+                with allure.step("on memory:// a SendMessage needs no slot: it is answered"):
+                    assert send(stub, "inline", "hello").success
+            else:
+                with allure.step("on a store that commits, a SendMessage needs a slot: refused"):
+                    assert rpc_error(send, stub, "queued", "hello").code() == (
+                        grpc.StatusCode.RESOURCE_EXHAUSTED)
             release.set()
-            assert all(call.result(timeout=DEADLINE).success for call in stalled)
-            assert stub.CountClients(pb.CountClientsRequest()).connected == limit
+            assert all(call.result(timeout=DEADLINE).responses[0].success for call in stalled)
+            assert stub.CountClients(pb.CountClientsRequest()).connected == limit + inline
     finally:
         release.set()
 

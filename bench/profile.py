@@ -2,17 +2,25 @@
 in one window per target; the functions that cost most, and the stacks for a flame graph."""
 
 import collections
+import itertools
 import logging
+import queue
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+import timeit
 from pathlib import Path
 
 from rich.table import Table
 
+import server as presence
 from bench.harness import Mode, measured_window, positive_int
 from bench.processes import BenchError, LoadGroup
 from bench.throughput import load_specs
+from generated import connection_pb2 as pb
 
 logger = logging.getLogger("bench")
 
@@ -118,15 +126,80 @@ def profile_target(run, name):
             **measured.cpu(calls), **top_functions(read_stacks(output), args.profile_top)}
 
 
+def floor(call, number=20_000, repeat=7):
+    """The least time one call of call() takes, µs: the best of repeat runs of number calls."""
+    return min(timeit.repeat(call, number=number, repeat=repeat)) / number * 1e6
+
+
+def hand_off_floor(number=5_000):
+    """µs of a call handed to another thread and its answer handed back, as a pool does."""
+    there, back = queue.SimpleQueue(), queue.SimpleQueue()
+
+    def worker():
+        while (item := there.get()) is not None:
+            back.put(item)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    started = time.perf_counter()
+    for item in range(number):
+        there.put(item)
+        back.get()
+    elapsed = time.perf_counter() - started
+    there.put(None)
+    thread.join()
+    return elapsed / number * 1e6
+
+
+def part_floors():
+    """What each part of one SendMessage costs at the least, alone in this process: the parse,
+    the rules with the change log and the index (apply_one on memory://), the change log
+    alone, the reply, a hand-off to a thread and back, and a one-record SQLite commit."""
+    ids = [f"profile-{number}" for number in range(1_000)]
+    raw = pb.MessageRequest(client_id=ids[0], message="hello").SerializeToString()
+    request = pb.MessageRequest.FromString(raw)
+    messages = itertools.cycle([presence.Message(client_id, status) for status in
+                                (presence.Status.CONNECTED, presence.Status.DISCONNECTED)
+                                for client_id in ids])
+    registry = presence.Registry(presence.MemoryStore())
+    record, change = registry.apply_one(next(messages))
+    message = presence.Message(record.client_id, presence.Status.CONNECTED)
+    log = presence.ChangeLog(0, 100_000)
+    revisions = itertools.count(1)
+    floors = {
+        "parse (bytes to a checked Message)":
+            floor(lambda: presence.parse_request(pb.MessageRequest.FromString(raw), 3600)),
+        "  of it the rules on ids and messages": floor(lambda: presence.parse_request(request,
+                                                                                      3600)),
+        "rules, change log and index (apply_one, memory://)":
+            floor(lambda: registry.apply_one(next(messages))),
+        "  of it the change log (append, advance)":
+            floor(lambda: (log.append((change,)), log.advance(next(revisions)))),
+        "reply (encode_reply)": floor(lambda: presence.encode_reply(message, record, change)),
+        "reply built as a protobuf message": floor(
+            lambda: presence.message_response(message, record, change).SerializeToString()),
+        "hand-off to a thread and back": hand_off_floor(),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-floor-") as folder:
+        store = presence.SqliteStore(f"{folder}/floor.db")
+        positions = itertools.count(1)
+        floors["commit of one record (SQLite, sync=normal)"] = floor(
+            lambda: store.wait(store.submit((record,), next(positions))), number=2_000)
+        store.close()
+    return floors
+
+
 def run_profile(run):
-    """Each --profile-targets server profiled in a window of its own."""
-    return {name: profile_target(run, name) for name in run.args.profile_targets}
+    """Each --profile-targets server profiled in a window of its own, then the parts' floors."""
+    figures = {name: profile_target(run, name) for name in run.args.profile_targets}
+    run.show("measuring each part of a call alone")
+    return {"targets": figures, "floors": part_floors()}
 
 
 def render_profile(figures):
     """Per target, the functions by time on the CPU in them, then by time under them."""
     tables = []
-    for name, measured in figures.items():
+    for name, measured in figures["targets"].items():
         for order, key in (("in the function itself", "by_self"), ("in it and below", "by_total")):
             table = Table(title=f"profile of {name} ({measured['shape']} load): py-spy samples "
                           f"{order}, of {measured['samples']:,} (server CPU "
@@ -138,6 +211,13 @@ def render_profile(figures):
                 table.add_row(row["function"], f"{row['self'] * 100:.1f}",
                               f"{row['total'] * 100:.1f}")
             tables.append(table)
+    floors = Table(title="each part of one SendMessage alone, at the least (µs, in this "
+                   "process, one thread: what no load can make cheaper)")
+    floors.add_column("part")
+    floors.add_column("µs", justify="right")
+    for part, micros in figures["floors"].items():
+        floors.add_row(part, f"{micros:.2f}")
+    tables.append(floors)
     return tables
 
 

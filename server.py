@@ -209,6 +209,15 @@ class StoreError(RuntimeError):
     """The store could not make a change durable."""
 
 
+class Refusal(Exception):
+    """A call refused once its handler has returned (see CallGate): its code and details."""
+
+    def __init__(self, code, details):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
 # --- rules: ids, messages, page tokens, sessions ---------------------------------------------
 
 
@@ -376,14 +385,24 @@ class Registry:
 
     def apply_one(self, message: Message) -> tuple[Client, Change | None]:
         """Apply one message and wait until it is durable: (record, change or None)."""
+        record, change, ticket = self.begin_one(message)
+        self.finish_one(ticket, change)
+        return record, change
+
+    def begin_one(self, message: Message) -> tuple[Client, Change | None, Any]:
+        """The first half of apply_one, which never waits: the message decided and handed to
+        the store; (record, change or None, the ticket for finish_one). Not on a replica."""
         now = self._clock()
         with self._lock:
             record, change = self._decide_locked(message, now)
             ticket = self._hand_over_locked((record,), (change,) if change else ())
+        return record, change, ticket
+
+    def finish_one(self, ticket: Any, change: Change | None) -> None:
+        """The second half of apply_one: wait until the change is durable, and publish it."""
         self._await(ticket)
         if change:
             log_changes((change,))
-        return record, change
 
     def apply_many(self, messages: Sequence[Message],
                    check: Callable[[list[Applied]], object] | None = None) -> list[Applied]:
@@ -2126,19 +2145,26 @@ def same_kind(wrapper, behavior):
 
 # The calls that never wait when the store is durable at once (memory://).
 INLINE_METHODS = frozenset({"SendMessage", "GetClientStatus", "CountClients"})
+# On a store that commits (SQLite), the calls split in two: their first half, to the commit,
+# never waits; the rest runs once a commit has saved it. The method's halves, by name.
+DEFERRED_METHODS = {"SendMessage": "begin_send_message"}
 
 
-def method_handlers(service, descriptor=SERVICE, inline=()):
+def method_handlers(service, descriptor=SERVICE, inline=(), deferred=()):
     """The service's handlers, as the generated code makes them but with serialize_response.
 
     The methods named in inline never wait (on memory://: no commit, a lock held briefly),
-    so CallGate runs them on gRPC's own thread rather than handing each to a pool thread."""
+    so CallGate runs them on gRPC's own thread rather than handing each to a pool thread.
+    Those named in deferred carry their first half (DEFERRED_METHODS), which CallGate runs
+    there too, the rest on a thread of its own that waits for the commits."""
     handlers = {}
     for method in descriptor.methods:
         make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
                 else grpc.unary_unary_rpc_method_handler)
         behavior = refuse_malformed(getattr(service, method.name))
         behavior.inline = method.name in inline
+        if method.name in deferred:
+            behavior.deferred = refuse_malformed(getattr(service, DEFERRED_METHODS[method.name]))
         handlers[method.name] = make(
             behavior,
             request_deserializer=parse_request_bytes(
@@ -2304,6 +2330,24 @@ class ClientService(pb_grpc.ClientServiceServicer):
             record, change = self._registry.apply_one(message)
         except REFUSED as error:
             refuse(context, error)
+        return encode_reply(message, record, change)
+
+    def begin_send_message(self, request, context):
+        """SendMessage up to the commit, which never waits; the rest to run once it is made
+        (on a store that commits: CallGate answers the call then, see DEFERRED_METHODS)."""
+        try:
+            message = parse_request(request, self._max_lease)
+            record, change, ticket = self._registry.begin_one(message)
+        except REFUSED as error:
+            refuse(context, error)
+        return functools.partial(self._finish_send_message, message, record, change, ticket)
+
+    def _finish_send_message(self, message, record, change, ticket):
+        """Wait until the change is durable, then the reply; a Refusal if the store failed."""
+        try:
+            self._registry.finish_one(ticket, change)
+        except StoreError as error:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, str(error)) from None
         return encode_reply(message, record, change)
 
     def SendMessages(self, request, context):
@@ -2588,11 +2632,15 @@ class _Lane:
     def submit(self, fn, *args, **kwargs):
         """Run fn on the lane, outside the limit; a Future of its outcome."""
         future = futures.Future()
+        self.later(functools.partial(_run_into, future, fn, args, kwargs))
+        return future
+
+    def later(self, run):
+        """Run run() on the lane, outside the limit: work that must not be refused."""
         with self._lock:
             self._running += 1
             self._claim_locked()
-        self._work.put(functools.partial(_run_into, future, fn, args, kwargs))
-        return future
+        self._work.put(run)
 
     def _claim_locked(self):
         """Count one idle thread as taken by the call about to be queued, or start one."""
@@ -2648,7 +2696,9 @@ class CallGate(futures.Executor):
     is in run on `threads` threads, at most max_concurrent at once. Calls that stream their
     requests (reflection's) hold a thread while they wait for each one, so they run apart,
     at most stream_threads at once, and can never take the others' threads. Beyond either
-    limit a call gets RESOURCE_EXHAUSTED.
+    limit a call gets RESOURCE_EXHAUSTED. Calls marked inline (they never wait) run on
+    gRPC's own thread, holding no slot; so does the first half of a deferred call (up to
+    the commit), whose rest runs on the finisher thread, in order, once a commit saves it.
 
     It drives grpcio's private server internals (grpc._server) of the pinned version;
     tests/test_hostile_peers.py fails when they change, and a call of a shape it does not
@@ -2659,6 +2709,9 @@ class CallGate(futures.Executor):
         self.max_workers = threads  # the calls' threads, as a ThreadPoolExecutor would say
         self._calls = _Lane("rpc", threads, max_concurrent)
         self._streams = _Lane("rpc-stream", stream_threads, stream_threads)
+        # One thread finishes the deferred calls in order: the first waits for a commit that
+        # saves the others too, so each after it finds its change durable.
+        self._finisher = _Lane("rpc-finish", 1, 1)
         self._request_timeout = request_timeout
         self._lock = threading.Lock()
         self._awaiting = threading.Condition(self._lock)
@@ -2678,13 +2731,18 @@ class CallGate(futures.Executor):
             end_call(state, event.call, *refusal)
             return _DONE
 
+        deferred = getattr(behavior, "deferred", None)
+
         def run(request_thunk):
+            if deferred is not None:  # the first half here, the rest to the finisher
+                return functools.partial(fn, self._begin_deferred, event, state, deferred,
+                                         request_thunk, deserializer, serializer)
             return functools.partial(fn, task, event, state, behavior, request_thunk,
                                      deserializer, serializer)
 
         if take_request.__name__ == "unary_request":
             self._await_request(event, state, deserializer, run,
-                                inline=getattr(behavior, "inline", False))
+                                inline=deferred is not None or getattr(behavior, "inline", False))
         else:
             self._streams.start(state, event.call, run(take_request))
         return _DONE
@@ -2735,6 +2793,17 @@ class CallGate(futures.Executor):
         else:
             self._calls.start(state, call, call_run)
 
+    def _begin_deferred(self, event, state, begin, request_thunk, deserializer, serializer):
+        """Run a deferred call's first half as gRPC runs a behavior; its rest to the finisher."""
+        request = request_thunk()
+        if request is None:
+            return
+        finish, proceed = grpc_internals._call_behavior(event, state, begin, request,
+                                                        deserializer)
+        if proceed:
+            self._finisher.later(functools.partial(_finish_deferred, event, state, finish,
+                                                   serializer))
+
     def _end_late_requests(self):
         """End every call whose request has not come by its deadline."""
         while (late := self._take_late()) is not None:
@@ -2773,6 +2842,23 @@ class CallGate(futures.Executor):
             self._awaiting.notify()
         self._calls.shutdown(wait)
         self._streams.shutdown(wait)
+        self._finisher.shutdown(wait)
+
+
+def _finish_deferred(event, state, finish, serializer):
+    """The rest of a deferred call: its reply once finish() gives it, or its Refusal."""
+    try:
+        reply = finish()
+    except Refusal as refusal:
+        end_call(state, event.call, refusal.code, refusal.details)
+        return
+    except Exception:
+        logger.exception("a call failed after its handler returned")
+        end_call(state, event.call, grpc.StatusCode.INTERNAL, "the call failed")
+        return
+    serialized = grpc_internals._serialize_response(event, state, reply, serializer)
+    if serialized is not None:
+        grpc_internals._status(event, state, serialized)
 
 
 def end_call(state, call, code, details):
@@ -3005,10 +3091,10 @@ def add_reflection(grpc_server, service_names):
         for name in (REFLECTION_V1_NAME, reflection.SERVICE_NAME)))
 
 
-def add_service(grpc_server, descriptor, servicer, inline=()):
-    """Serve servicer's methods as the service descriptor names them (inline: see
-    method_handlers)."""
-    handlers = method_handlers(servicer, descriptor, inline)
+def add_service(grpc_server, descriptor, servicer, inline=(), deferred=()):
+    """Serve servicer's methods as the service descriptor names them (inline and deferred:
+    see method_handlers)."""
+    handlers = method_handlers(servicer, descriptor, inline, deferred)
     grpc_server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
     grpc_server.add_registered_method_handlers(descriptor.full_name, handlers)
@@ -3146,8 +3232,9 @@ def create_server(
     if metrics:
         metrics.watch(registry, service)
         store.commit_timer = metrics.commit
-    add_service(grpc_server, SERVICE, service,
-                INLINE_METHODS if getattr(store, "immediate", False) else ())
+    immediate, shared = getattr(store, "immediate", False), getattr(store, "shared", False)
+    add_service(grpc_server, SERVICE, service, INLINE_METHODS if immediate else (),
+                DEFERRED_METHODS if not immediate and not shared else ())
     add_service(grpc_server, NOTIFICATION_SERVICE, NotificationService(registry))
     health_servicer = HealthService()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

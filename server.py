@@ -2624,10 +2624,29 @@ class _Lane:
                 self._running += 1
                 self._claim_locked()
         if full:
-            end_call(state, call, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                     f"too many calls at once (limit {self._limit}); try again later")
+            self._refuse(state, call)
             return
         self._work.put(run)
+
+    def reserve(self, state, call):
+        """Count a call that runs elsewhere but waits (a deferred one) against the limit;
+        False, the call refused with RESOURCE_EXHAUSTED, when the limit is reached."""
+        with self._lock:
+            full = self._running >= self._limit
+            if not full:
+                self._running += 1
+        if full:
+            self._refuse(state, call)
+        return not full
+
+    def release(self):
+        """Free the slot of a reserved call that has ended."""
+        with self._lock:
+            self._running -= 1
+
+    def _refuse(self, state, call):
+        end_call(state, call, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 f"too many calls at once (limit {self._limit}); try again later")
 
     def submit(self, fn, *args, **kwargs):
         """Run fn on the lane, outside the limit; a Future of its outcome."""
@@ -2698,7 +2717,8 @@ class CallGate(futures.Executor):
     at most stream_threads at once, and can never take the others' threads. Beyond either
     limit a call gets RESOURCE_EXHAUSTED. Calls marked inline (they never wait) run on
     gRPC's own thread, holding no slot; so does the first half of a deferred call (up to
-    the commit), whose rest runs on the finisher thread, in order, once a commit saves it.
+    the commit), whose rest runs on the finisher thread, in order, once a commit saves it:
+    such a call holds a slot but no thread meanwhile.
 
     It drives grpcio's private server internals (grpc._server) of the pinned version;
     tests/test_hostile_peers.py fails when they change, and a call of a shape it does not
@@ -2796,13 +2816,22 @@ class CallGate(futures.Executor):
     def _begin_deferred(self, event, state, begin, request_thunk, deserializer, serializer):
         """Run a deferred call's first half as gRPC runs a behavior; its rest to the finisher."""
         request = request_thunk()
-        if request is None:
+        if request is None or not self._calls.reserve(state, event.call):  # it will wait
             return
         finish, proceed = grpc_internals._call_behavior(event, state, begin, request,
                                                         deserializer)
-        if proceed:
-            self._finisher.later(functools.partial(_finish_deferred, event, state, finish,
-                                                   serializer))
+        if not proceed:
+            self._calls.release()
+            return
+        self._finisher.later(functools.partial(self._finish_deferred, event, state, finish,
+                                               serializer))
+
+    def _finish_deferred(self, event, state, finish, serializer):
+        """The rest of a deferred call, then its slot freed."""
+        try:
+            _finish_deferred(event, state, finish, serializer)
+        finally:
+            self._calls.release()
 
     def _end_late_requests(self):
         """End every call whose request has not come by its deadline."""

@@ -580,15 +580,14 @@ def test_calls_past_the_concurrency_limit_are_resource_exhausted(make_server, ne
 
     def stalled_clock():
         """Once armed, hold each SendMessages that asks the time until the test releases it
-        (a batch: a single SendMessage runs on gRPC's own thread, without a slot, except on a
-        replica of a shared store)."""
+        (a batch: on memory:// a single SendMessage never waits, so it needs no slot)."""
         if armed.is_set():
             entered.release()
             release.wait(DEADLINE)
         return 1_800_000_000.0
 
     store = new_store()
-    inline = not isinstance(store, presence.RedisStore)  # a replica's SendMessage talks to Redis
+    inline = isinstance(store, presence.MemoryStore)  # elsewhere SendMessage waits for the store
     server = make_server(store, clock=stalled_clock, max_concurrent_rpcs=2, max_watchers=1)
     armed.set()  # not before: building the server asks the time too (for due leases)
     try:
@@ -602,10 +601,10 @@ def test_calls_past_the_concurrency_limit_are_resource_exhausted(make_server, ne
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             armed.clear()
             if inline:
-                with allure.step("on memory:// and SQLite a SendMessage needs no slot: answered"):
+                with allure.step("on memory:// a SendMessage needs no slot: it is answered"):
                     assert send(stub, "inline", "hello").success
             else:
-                with allure.step("on a replica a SendMessage needs a slot: refused"):
+                with allure.step("elsewhere a SendMessage waits, so it needs a slot: refused"):
                     assert rpc_error(send, stub, "queued", "hello").code() == (
                         grpc.StatusCode.RESOURCE_EXHAUSTED)
             release.set()

@@ -2613,6 +2613,7 @@ class _Lane:
         self._work = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._running = 0  # calls started and not yet ended
+        self._reserved = 0  # of them, those that run elsewhere (reserve)
         self._idle = 0  # threads waiting for work that no queued call has claimed
         self._threads = []
 
@@ -2635,6 +2636,7 @@ class _Lane:
             full = self._running >= self._limit
             if not full:
                 self._running += 1
+                self._reserved += 1
         if full:
             self._refuse(state, call)
         return not full
@@ -2643,6 +2645,12 @@ class _Lane:
         """Free the slot of a reserved call that has ended."""
         with self._lock:
             self._running -= 1
+            self._reserved -= 1
+
+    def idle(self):
+        """Whether no call runs on the lane's threads (read without the lock: a stale answer
+        only sends one call the other way)."""
+        return self._running == self._reserved
 
     def _refuse(self, state, call):
         end_call(state, call, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -2715,10 +2723,10 @@ class CallGate(futures.Executor):
     is in run on `threads` threads, at most max_concurrent at once. Calls that stream their
     requests (reflection's) hold a thread while they wait for each one, so they run apart,
     at most stream_threads at once, and can never take the others' threads. Beyond either
-    limit a call gets RESOURCE_EXHAUSTED. Calls marked inline (they never wait) run on
-    gRPC's own thread, holding no slot; so does the first half of a deferred call (up to
-    the commit), whose rest runs on the finisher thread, in order, once a commit saves it:
-    such a call holds a slot but no thread meanwhile.
+    limit a call gets RESOURCE_EXHAUSTED. While no call runs on the pool, calls marked
+    inline (they never wait) run on gRPC's own thread, holding no slot; so does the first
+    half of a deferred call (up to the commit), whose rest runs on the finisher thread, in
+    order, once a commit saves it: such a call holds a slot but no thread meanwhile.
 
     It drives grpcio's private server internals (grpc._server) of the pinned version;
     tests/test_hostile_peers.py fails when they change, and a call of a shape it does not
@@ -2753,8 +2761,8 @@ class CallGate(futures.Executor):
 
         deferred = getattr(behavior, "deferred", None)
 
-        def run(request_thunk):
-            if deferred is not None:  # the first half here, the rest to the finisher
+        def run(request_thunk, here=False):
+            if here and deferred is not None:  # the first half here, the rest to the finisher
                 return functools.partial(fn, self._begin_deferred, event, state, deferred,
                                          request_thunk, deserializer, serializer)
             return functools.partial(fn, task, event, state, behavior, request_thunk,
@@ -2795,7 +2803,10 @@ class CallGate(futures.Executor):
         """Start a call whose request came; one that ended without a request is refused.
 
         An inline call (one that never waits: see method_handlers) runs here, on gRPC's own
-        thread, with no hand-off to another thread and back."""
+        thread, with no hand-off to another thread and back, while no call runs on the pool:
+        one there (a page, the all-clients map, a snapshot) may hold the registry's lock or
+        the GIL for a while, and gRPC's thread must not wait for it, so then it goes there
+        too."""
         state, call = awaited.state, awaited.call
         with state.condition:
             awaited.arrived = True
@@ -2807,8 +2818,10 @@ class CallGate(futures.Executor):
                 _end_locked(state, call, grpc.StatusCode.UNIMPLEMENTED,
                             "a unary call needs exactly one request message")
                 return
-        call_run = run(lambda: request if grpc_internals._is_rpc_state_active(state) else None)
-        if inline:
+        here = inline and self._calls.idle()
+        call_run = run(lambda: request if grpc_internals._is_rpc_state_active(state) else None,
+                       here)
+        if here:
             call_run()
         else:
             self._calls.start(state, call, call_run)

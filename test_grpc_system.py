@@ -574,21 +574,19 @@ def test_request_over_the_size_limit_is_resource_exhausted(stub):
 
 @allure.feature("Operations")
 @allure.story("Limits")
-def test_calls_past_the_concurrency_limit_are_resource_exhausted(make_server, new_store):
+def test_calls_past_the_concurrency_limit_are_resource_exhausted(make_server):
     limit = 3  # max_concurrent_rpcs=2 plus the room kept for max_watchers=1
     armed, release, entered = threading.Event(), threading.Event(), threading.Semaphore(0)
 
     def stalled_clock():
         """Once armed, hold each SendMessages that asks the time until the test releases it
-        (a batch: on memory:// a single SendMessage never waits, so it needs no slot)."""
+        (a batch, which runs on the pool: a lone SendMessage would run on gRPC's thread)."""
         if armed.is_set():
             entered.release()
             release.wait(DEADLINE)
         return 1_800_000_000.0
 
-    store = new_store()
-    inline = isinstance(store, presence.MemoryStore)  # elsewhere SendMessage waits for the store
-    server = make_server(store, clock=stalled_clock, max_concurrent_rpcs=2, max_watchers=1)
+    server = make_server(clock=stalled_clock, max_concurrent_rpcs=2, max_watchers=1)
     armed.set()  # not before: building the server asks the time too (for due leases)
     try:
         with connect(f"127.0.0.1:{server.port}") as channel:
@@ -600,18 +598,35 @@ def test_calls_past_the_concurrency_limit_are_resource_exhausted(make_server, ne
             error = rpc_error(stub.ListClients, pb.ListClientsRequest())
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             armed.clear()
-            if inline:
-                with allure.step("on memory:// a SendMessage needs no slot: it is answered"):
-                    assert send(stub, "inline", "hello").success
-            else:
-                with allure.step("elsewhere a SendMessage waits, so it needs a slot: refused"):
-                    assert rpc_error(send, stub, "queued", "hello").code() == (
-                        grpc.StatusCode.RESOURCE_EXHAUSTED)
+            with allure.step("a SendMessage too, since the pool is busy: it would run there"):
+                assert rpc_error(send, stub, "queued", "hello").code() == (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED)
             release.set()
             assert all(call.result(timeout=DEADLINE).responses[0].success for call in stalled)
-            assert stub.CountClients(pb.CountClientsRequest()).connected == limit + inline
+            assert stub.CountClients(pb.CountClientsRequest()).connected == limit
     finally:
         release.set()
+
+
+@allure.feature("Operations")
+@allure.story("Limits")
+def test_a_send_message_runs_on_grpcs_own_thread_unless_it_talks_to_a_shared_store(
+        make_server, new_store):
+    threads = []
+
+    def noting_clock():
+        """The time, noting which thread asks for it."""
+        threads.append(threading.current_thread().name)
+        return 1_800_000_000.0
+
+    store = new_store()
+    shared = isinstance(store, presence.RedisStore)
+    server = make_server(store, clock=noting_clock)
+    threads.clear()  # building the server asks the time too
+    with connect(f"127.0.0.1:{server.port}") as channel:
+        assert send(pb_grpc.ClientServiceStub(channel), "alice", "hello").success
+    pool = [name.startswith("rpc_") for name in threads]
+    assert pool and all(pool) if shared else not any(pool), threads
 
 
 @allure.feature("Operations")

@@ -10,7 +10,7 @@ ALLURE_VERSION := 2.46.1
 ALLURE := $(VENV)/allure/node_modules/.bin/allure
 CHROMIUM ?= chromium
 
-.PHONY: server client test lint coverage report bench proto tools venv clean
+.PHONY: server client test lint coverage report bench profile proto tools venv clean
 
 server: $(STAMP)  ## run the server on localhost:50051 with the default SQLite store
 	$(BIN)/python server.py
@@ -41,6 +41,9 @@ report: $(STAMP) $(ALLURE)  ## the HTML report of the last make test in allure-r
 
 bench: $(STAMP)  ## benchmark beside grpcio alone (python -m bench --help); more: make bench ARGS=--full
 	$(BIN)/python -m bench $(ARGS)
+
+profile: $(STAMP)  ## where the server's CPU goes under load: py-spy's top functions for memory:// and SQLite, stacks in profiles/
+	$(BIN)/python -m bench --only profile $(ARGS)
 
 proto: $(STAMP)  ## regenerate generated/ from connection.proto and notifications.proto
 	$(BIN)/python -m grpc_tools.protoc --proto_path=generated=. --python_out=. --pyi_out=. --grpc_python_out=. connection.proto notifications.proto

@@ -42,6 +42,7 @@ import logging
 import math
 import operator
 import os
+import queue
 import re
 import resource
 import secrets
@@ -237,8 +238,13 @@ class Unavailable(RuntimeError):
     """The server cannot take this call now (it is stopping); the message says why."""
 
 
-# Our own refusals, each answered with its status code (refusal_code) and its message.
-REFUSED = (InvalidArgument, LimitExceeded, StoreError, Unavailable)
+class Refusal(Exception):
+    """A call refused once its handler has returned (see CallGate): its code and details."""
+
+    def __init__(self, code, details):
+        super().__init__(details)
+        self.code = code
+        self.details = details
 
 
 # --- rules: ids, messages, page tokens, sessions ---------------------------------------------
@@ -262,6 +268,9 @@ def validate_client_id(client_id, field="client_id", allow_empty=False):
         if allow_empty:
             return
         raise InvalidArgument(f"{field} must not be empty")
+    if len(client_id) <= MAX_ID_LENGTH and client_id.isascii() and client_id.isprintable() \
+            and not client_id.isspace():
+        return  # the common id, passed without the searches below: printable ASCII holds none
     if len(client_id) > MAX_ID_LENGTH:
         raise InvalidArgument(
             f"{field} must be at most {MAX_ID_LENGTH} characters, got {len(client_id)}"
@@ -409,14 +418,24 @@ class Registry:
 
     def apply_one(self, message: Message) -> tuple[Client, Change | None]:
         """Apply one message and wait until it is durable: (record, change or None)."""
+        record, change, ticket = self.begin_one(message)
+        self.finish_one(ticket, change)
+        return record, change
+
+    def begin_one(self, message: Message) -> tuple[Client, Change | None, Any]:
+        """The first half of apply_one, which never waits: the message decided and handed to
+        the store; (record, change or None, the ticket for finish_one). Not on a replica."""
         now = self._clock()
         with self._lock:
             record, change = self._decide_locked(message, now)
             ticket = self._hand_over_locked((record,), (change,) if change else ())
+        return record, change, ticket
+
+    def finish_one(self, ticket: Any, change: Change | None) -> None:
+        """The second half of apply_one: wait until the change is durable, and publish it."""
         self._await(ticket)
         if change:
             log_changes((change,))
-        return record, change
 
     def apply_many(self, messages: Sequence[Message],
                    check: Callable[[list[Applied]], object] | None = None) -> list[Applied]:
@@ -548,19 +567,20 @@ class Registry:
     def _install_locked(self, position, records, changes):
         """Make durable records what readers see: the records, the index, the counts, the log."""
         clients, ids = self._clients, self._ids
+        connected, disconnected = ids[Status.CONNECTED], ids[Status.DISCONNECTED]
         for record in records:
-            client_id = record.client_id
+            client_id, sessions = record.client_id, record.sessions
             old = clients.get(client_id)
             clients[client_id] = record
             if old is None:
-                ids[record.status].add(client_id)
-                self._live_sessions += len(record.sessions)
+                (connected if sessions else disconnected).add(client_id)
+                self._live_sessions += len(sessions)
                 continue
-            if old.sessions is not record.sessions:
-                self._live_sessions += len(record.sessions) - len(old.sessions)
-                if old.status != record.status:
-                    ids[old.status].remove(client_id)
-                    ids[record.status].add(client_id)
+            if old.sessions is not sessions:
+                self._live_sessions += len(sessions) - len(old.sessions)
+                if bool(old.sessions) != bool(sessions):  # the status changed
+                    (disconnected if sessions else connected).remove(client_id)
+                    (connected if sessions else disconnected).add(client_id)
         if changes:
             self.log.append(changes)
             self.durable_revision = changes[-1].revision
@@ -2035,9 +2055,10 @@ class SqliteStore:
     def wait(self, batch):
         """Return once batch is saved, by this thread or by the one that held the lock before:
         the last durable position."""
-        with self._commit_lock:
-            if not batch.done:
-                self._commit_pending()
+        if not batch.done:  # else saved by a commit since (done is set last, error before it)
+            with self._commit_lock:  # held by a later commit, maybe: this one need not wait
+                if not batch.done:
+                    self._commit_pending()
         if batch.error is not None:
             raise batch.error
         return self.durable
@@ -2817,14 +2838,30 @@ def same_kind(wrapper, behavior):
     return wrapper
 
 
-def method_handlers(service, descriptor=SERVICE):
-    """The service's handlers, as the generated code makes them but with serialize_response."""
+# The calls that never wait when the store is durable at once (memory://).
+INLINE_METHODS = frozenset({"SendMessage", "GetClientStatus", "CountClients"})
+# On a store that commits (SQLite), the calls split in two: their first half, to the commit,
+# never waits; the rest runs once a commit has saved it. The method's halves, by name.
+DEFERRED_METHODS = {"SendMessage": "begin_send_message"}
+
+
+def method_handlers(service, descriptor=SERVICE, inline=(), deferred=()):
+    """The service's handlers, as the generated code makes them but with serialize_response.
+
+    The methods named in inline never wait (on memory://: no commit, a lock held briefly),
+    so CallGate runs them on gRPC's own thread rather than handing each to a pool thread.
+    Those named in deferred carry their first half (DEFERRED_METHODS), which CallGate runs
+    there too, the rest on a thread of its own that waits for the commits."""
     handlers = {}
     for method in descriptor.methods:
         make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
                 else grpc.unary_unary_rpc_method_handler)
+        behavior = refuse_malformed(getattr(service, method.name))
+        behavior.inline = method.name in inline
+        if method.name in deferred:
+            behavior.deferred = refuse_malformed(getattr(service, DEFERRED_METHODS[method.name]))
         handlers[method.name] = make(
-            refuse_malformed(getattr(service, method.name)),
+            behavior,
             request_deserializer=parse_request_bytes(
                 message_factory.GetMessageClass(method.input_type)),
             response_serializer=serialize_response,
@@ -2897,7 +2934,72 @@ def message_response(message: Message, record: Client,
     return response
 
 
+# The answer to one SendMessage written as bytes, field by field in field-number order as
+# protobuf writes them: what varies from call to call (the ids, times, revision and texts)
+# filled into the fixed tags. It costs a third of building the message; records with
+# sessions of their own (not the default one) go through message_response instead.
+_SMALL_VARINTS = [bytes((number,)) for number in range(128)]
+
+
+def _varint(number: int) -> bytes:
+    """A non-negative integer as a protobuf varint."""
+    if number < 128:
+        return _SMALL_VARINTS[number]
+    out = bytearray()
+    while number >= 128:
+        out.append(number & 127 | 128)
+        number >>= 7
+    out.append(number)
+    return bytes(out)
+
+
+def _timestamp_bytes(seconds: float) -> bytes:
+    """A Timestamp's bytes with their length in front, as _set_timestamp sets it."""
+    whole = int(seconds)
+    nanos = int((seconds - whole) * 1e9)
+    body = (b"\x08" + _varint(whole) if whole else b"") + (b"\x10" + _varint(nanos) if nanos
+                                                            else b"")
+    return _SMALL_VARINTS[len(body)] + body
+
+
+def _text_field(tag: bytes, text: str) -> bytes:
+    """A string field: its tag, its length, its UTF-8 (nothing for an empty one)."""
+    if not text:
+        return b""
+    data = text.encode()
+    return tag + _varint(len(data)) + data
+
+
+def encode_reply(message: Message, record: Client, change: Change | None) -> bytes:
+    """message_response(message, record, change), serialized, in the same bytes."""
+    client_id, changed_at, last_seen, revision, reason, sessions = record
+    if (sessions and sessions is not DEFAULT_SESSIONS) or changed_at < 0 or last_seen < 0:
+        return message_response(message, record, change).SerializeToString()
+    changed = _timestamp_bytes(changed_at)
+    seen = changed if last_seen == changed_at else _timestamp_bytes(last_seen)
+    client = b"".join((
+        _text_field(b"\x0a", client_id),
+        b"\x10\x01" if sessions else b"\x10\x02",
+        b"\x1a", changed, b"\x22", seen,
+        b"\x28" + _varint(revision) if revision else b"",
+        DEFAULT_SESSIONS_WIRE if sessions else b"",
+        _text_field(b"\x3a", reason)))
+    return b"".join((b"\x08\x01", _text_field(b"\x12", reply_info(message, record)),
+                     b"\x1a", _varint(len(client)), client, b"\x20\x01" if change else b""))
+
+
 # --- handlers: protobuf in, the registry, protobuf out ---------------------------------------
+
+
+REFUSALS = ((InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+            (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+            ((StoreError, Unavailable), grpc.StatusCode.UNAVAILABLE))
+REFUSED = (InvalidArgument, LimitExceeded, StoreError, Unavailable)  # every kind in REFUSALS
+
+
+def refuse(context, error):
+    """Answer one of our own exceptions with its status code and its sentence."""
+    context.abort(refusal_code(error), str(error))
 
 
 @contextlib.contextmanager
@@ -2906,16 +3008,12 @@ def refusals(context):
     try:
         yield
     except REFUSED as error:
-        context.abort(refusal_code(error), str(error))
+        refuse(context, error)
 
 
 def refusal_code(error):
     """The status code that answers one of our own exceptions."""
-    if isinstance(error, InvalidArgument):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(error, LimitExceeded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    return grpc.StatusCode.UNAVAILABLE  # StoreError, Unavailable
+    return next(code for kind, code in REFUSALS if isinstance(error, kind))
 
 
 def answer_fits(results):
@@ -2943,10 +3041,31 @@ class ClientService(pb_grpc.ClientServiceServicer):
         self._fanout = Fanout(registry.log, watch_buffer)
 
     def SendMessage(self, request, context):
-        with refusals(context):
+        # The busiest call: a plain try rather than refusals(), which costs a generator.
+        try:
             message = parse_request(request, self._max_lease)
             record, change = self._registry.apply_one(message)
-        return message_response(message, record, change)
+        except REFUSED as error:
+            refuse(context, error)
+        return encode_reply(message, record, change)
+
+    def begin_send_message(self, request, context):
+        """SendMessage up to the commit, which never waits; the rest to run once it is made
+        (on a store that commits: CallGate answers the call then, see DEFERRED_METHODS)."""
+        try:
+            message = parse_request(request, self._max_lease)
+            record, change, ticket = self._registry.begin_one(message)
+        except REFUSED as error:
+            refuse(context, error)
+        return functools.partial(self._finish_send_message, message, record, change, ticket)
+
+    def _finish_send_message(self, message, record, change, ticket):
+        """Wait until the change is durable, then the reply; a Refusal if the store failed."""
+        try:
+            self._registry.finish_one(ticket, change)
+        except StoreError as error:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, str(error)) from None
+        return encode_reply(message, record, change)
 
     def SendMessages(self, request, context):
         with refusals(context):
@@ -3207,38 +3326,116 @@ class _Awaited:
 
 
 class _Lane:
-    """A pool of threads, and how many calls may hold one or wait for one at once."""
+    """Threads that run calls, and how many calls may hold one or wait for one at once.
+
+    A call costs one lock taken at its start and one at its end and a queue put that wakes
+    one idle thread (a ThreadPoolExecutor adds a Future, a semaphore and a callback per call);
+    a thread is started only when none is idle, up to `threads`."""
 
     def __init__(self, name, threads, limit):
-        self._pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._name = name
+        self._most = threads
         self._limit = limit
-        self._running = 0
+        self._work = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._running = 0  # calls started and not yet ended
+        self._reserved = 0  # of them, those that run elsewhere (reserve)
+        self._idle = 0  # threads waiting for work that no queued call has claimed
+        self._threads = []
 
     def start(self, state, call, run):
-        """Run a call on the pool if the limit allows, else refuse it with RESOURCE_EXHAUSTED."""
+        """Run a call on the lane if the limit allows, else refuse it with RESOURCE_EXHAUSTED."""
         with self._lock:
             full = self._running >= self._limit
             if not full:
                 self._running += 1
+                self._claim_locked()
         if full:
-            end_call(state, call, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                     f"too many calls at once (limit {self._limit}); try again later")
+            self._refuse(state, call)
             return
-        self._pool.submit(run).add_done_callback(self._release)
+        self._work.put(run)
 
-    def submit(self, fn, *args, **kwargs):
-        """Run fn on the pool, outside the limit."""
-        return self._pool.submit(fn, *args, **kwargs)
+    def reserve(self, state, call):
+        """Count a call that runs elsewhere but waits (a deferred one) against the limit;
+        False, the call refused with RESOURCE_EXHAUSTED, when the limit is reached."""
+        with self._lock:
+            full = self._running >= self._limit
+            if not full:
+                self._running += 1
+                self._reserved += 1
+        if full:
+            self._refuse(state, call)
+        return not full
 
-    def _release(self, unused_future):
-        """Free the slot of a call that has ended."""
+    def release(self):
+        """Free the slot of a reserved call that has ended."""
         with self._lock:
             self._running -= 1
+            self._reserved -= 1
 
-    def shutdown(self, wait, cancel_futures):
-        """Let the threads end once the server has stopped."""
-        self._pool.shutdown(wait, cancel_futures=cancel_futures)
+    def idle(self):
+        """Whether no call runs on the lane's threads (read without the lock: a stale answer
+        only sends one call the other way)."""
+        return self._running == self._reserved
+
+    def _refuse(self, state, call):
+        end_call(state, call, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 f"too many calls at once (limit {self._limit}); try again later")
+
+    def submit(self, fn, *args, **kwargs):
+        """Run fn on the lane, outside the limit; a Future of its outcome."""
+        future = futures.Future()
+        self.later(functools.partial(_run_into, future, fn, args, kwargs))
+        return future
+
+    def later(self, run):
+        """Run run() on the lane, outside the limit: work that must not be refused."""
+        with self._lock:
+            self._running += 1
+            self._claim_locked()
+        self._work.put(run)
+
+    def _claim_locked(self):
+        """Count one idle thread as taken by the call about to be queued, or start one."""
+        if self._idle:
+            self._idle -= 1
+        elif len(self._threads) < self._most:
+            thread = threading.Thread(target=self._serve, daemon=True,
+                                      name=f"{self._name}_{len(self._threads)}")
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self):
+        """Run queued calls until shut down, freeing each one's slot once it ends."""
+        work, lock = self._work, self._lock
+        while (run := work.get()) is not None:
+            try:
+                run()
+            except Exception:  # grpc's call runners catch their own; this keeps the thread
+                logger.exception("a call failed outside gRPC's handling")
+            with lock:
+                self._running -= 1
+                self._idle += 1
+
+    def shutdown(self, wait):
+        """Let the threads end once the server has stopped (queued calls run first)."""
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
+            self._work.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
+
+
+def _run_into(future, fn, args, kwargs):
+    """Run fn(*args, **kwargs) with its outcome in future, as an executor does."""
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn(*args, **kwargs))
+    except BaseException as error:
+        future.set_exception(error)
 
 
 class CallGate(futures.Executor):
@@ -3252,7 +3449,10 @@ class CallGate(futures.Executor):
     is in run on `threads` threads, at most max_concurrent at once. Calls that stream their
     requests (reflection's) hold a thread while they wait for each one, so they run apart,
     at most stream_threads at once, and can never take the others' threads. Beyond either
-    limit a call gets RESOURCE_EXHAUSTED.
+    limit a call gets RESOURCE_EXHAUSTED. While no call runs on the pool, calls marked
+    inline (they never wait) run on gRPC's own thread, holding no slot; so does the first
+    half of a deferred call (up to the commit), whose rest runs on the finisher thread, in
+    order, once a commit saves it: such a call holds a slot but no thread meanwhile.
 
     It drives grpcio's private server internals (grpc._server) of the pinned version;
     tests/test_hostile_peers.py fails when they change, and a call of a shape it does not
@@ -3263,6 +3463,9 @@ class CallGate(futures.Executor):
         self.max_workers = threads  # the calls' threads, as a ThreadPoolExecutor would say
         self._calls = _Lane("rpc", threads, max_concurrent)
         self._streams = _Lane("rpc-stream", stream_threads, stream_threads)
+        # One thread finishes the deferred calls in order: the first waits for a commit that
+        # saves the others too, so each after it finds its change durable.
+        self._finisher = _Lane("rpc-finish", 1, 1)
         self._request_timeout = request_timeout
         self._lock = threading.Lock()
         self._awaiting = threading.Condition(self._lock)
@@ -3282,17 +3485,23 @@ class CallGate(futures.Executor):
             end_call(state, event.call, *refusal)
             return _DONE
 
-        def run(request_thunk):
+        deferred = getattr(behavior, "deferred", None)
+
+        def run(request_thunk, here=False):
+            if here and deferred is not None:  # the first half here, the rest to the finisher
+                return functools.partial(fn, self._begin_deferred, event, state, deferred,
+                                         request_thunk, deserializer, serializer)
             return functools.partial(fn, task, event, state, behavior, request_thunk,
                                      deserializer, serializer)
 
         if take_request.__name__ == "unary_request":
-            self._await_request(event, state, deserializer, run)
+            self._await_request(event, state, deserializer, run,
+                                inline=deferred is not None or getattr(behavior, "inline", False))
         else:
             self._streams.start(state, event.call, run(take_request))
         return _DONE
 
-    def _await_request(self, event, state, deserializer, run):
+    def _await_request(self, event, state, deserializer, run, inline=False):
         """Ask gRPC for the request; start the call when it comes, or end it at its deadline."""
         awaited = _Awaited(time.monotonic() + self._request_timeout, state, event.call)
         receive = grpc_internals._receive_message(state, event.call, deserializer)
@@ -3300,7 +3509,7 @@ class CallGate(futures.Executor):
         def arrived(receive_event):
             outcome = receive(receive_event)  # gRPC's own: keeps the request, or notes the end
             try:
-                self._request_arrived(awaited, run)
+                self._request_arrived(awaited, run, inline)
             except Exception:  # raised here, it would end gRPC's serving thread
                 logger.exception("could not start a call")
                 end_call(state, event.call, grpc.StatusCode.INTERNAL, "could not start the call")
@@ -3316,8 +3525,14 @@ class CallGate(futures.Executor):
             if len(self._awaited) == 1:
                 self._awaiting.notify()
 
-    def _request_arrived(self, awaited, run):
-        """Start a call whose request came; one that ended without a request is refused."""
+    def _request_arrived(self, awaited, run, inline):
+        """Start a call whose request came; one that ended without a request is refused.
+
+        An inline call (one that never waits: see method_handlers) runs here, on gRPC's own
+        thread, with no hand-off to another thread and back, while no call runs on the pool:
+        one there (a page, the all-clients map, a snapshot) may hold the registry's lock or
+        the GIL for a while, and gRPC's thread must not wait for it, so then it goes there
+        too."""
         state, call = awaited.state, awaited.call
         with state.condition:
             awaited.arrived = True
@@ -3329,8 +3544,33 @@ class CallGate(futures.Executor):
                 _end_locked(state, call, grpc.StatusCode.UNIMPLEMENTED,
                             "a unary call needs exactly one request message")
                 return
-        self._calls.start(state, call, run(
-            lambda: request if grpc_internals._is_rpc_state_active(state) else None))
+        here = inline and self._calls.idle()
+        call_run = run(lambda: request if grpc_internals._is_rpc_state_active(state) else None,
+                       here)
+        if here:
+            call_run()
+        else:
+            self._calls.start(state, call, call_run)
+
+    def _begin_deferred(self, event, state, begin, request_thunk, deserializer, serializer):
+        """Run a deferred call's first half as gRPC runs a behavior; its rest to the finisher."""
+        request = request_thunk()
+        if request is None or not self._calls.reserve(state, event.call):  # it will wait
+            return
+        finish, proceed = grpc_internals._call_behavior(event, state, begin, request,
+                                                        deserializer)
+        if not proceed:
+            self._calls.release()
+            return
+        self._finisher.later(functools.partial(self._finish_deferred, event, state, finish,
+                                               serializer))
+
+    def _finish_deferred(self, event, state, finish, serializer):
+        """The rest of a deferred call, then its slot freed."""
+        try:
+            _finish_deferred(event, state, finish, serializer)
+        finally:
+            self._calls.release()
 
     def _end_late_requests(self):
         """End every call whose request has not come by its deadline."""
@@ -3368,8 +3608,25 @@ class CallGate(futures.Executor):
         with self._lock:
             self._stopped = True
             self._awaiting.notify()
-        self._calls.shutdown(wait, cancel_futures)
-        self._streams.shutdown(wait, cancel_futures)
+        self._calls.shutdown(wait)
+        self._streams.shutdown(wait)
+        self._finisher.shutdown(wait)
+
+
+def _finish_deferred(event, state, finish, serializer):
+    """The rest of a deferred call: its reply once finish() gives it, or its Refusal."""
+    try:
+        reply = finish()
+    except Refusal as refusal:
+        end_call(state, event.call, refusal.code, refusal.details)
+        return
+    except Exception:
+        logger.exception("a call failed after its handler returned")
+        end_call(state, event.call, grpc.StatusCode.INTERNAL, "the call failed")
+        return
+    serialized = grpc_internals._serialize_response(event, state, reply, serializer)
+    if serialized is not None:
+        grpc_internals._status(event, state, serialized)
 
 
 def end_call(state, call, code, details):
@@ -3604,9 +3861,10 @@ def add_reflection(grpc_server, service_names):
         for name in (REFLECTION_V1_NAME, reflection.SERVICE_NAME)))
 
 
-def add_service(grpc_server, descriptor, servicer):
-    """Serve servicer's methods as the service descriptor names them."""
-    handlers = method_handlers(servicer, descriptor)
+def add_service(grpc_server, descriptor, servicer, inline=(), deferred=()):
+    """Serve servicer's methods as the service descriptor names them (inline and deferred:
+    see method_handlers)."""
+    handlers = method_handlers(servicer, descriptor, inline, deferred)
     grpc_server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
     grpc_server.add_registered_method_handlers(descriptor.full_name, handlers)
@@ -3763,7 +4021,9 @@ def create_server(
     if metrics:
         metrics.watch(registry, service)
         store.commit_timer = metrics.commit
-    add_service(grpc_server, SERVICE, service)
+    immediate, shared = getattr(store, "immediate", False), getattr(store, "shared", False)
+    add_service(grpc_server, SERVICE, service, INLINE_METHODS if immediate else (),
+                DEFERRED_METHODS if not immediate and not shared else ())
     add_service(grpc_server, NOTIFICATION_SERVICE, NotificationService(registry))
     health_servicer = HealthService()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

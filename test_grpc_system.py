@@ -579,7 +579,8 @@ def test_calls_past_the_concurrency_limit_are_resource_exhausted(make_server):
     armed, release, entered = threading.Event(), threading.Event(), threading.Semaphore(0)
 
     def stalled_clock():
-        """Once armed, hold each SendMessage that asks the time until the test releases it."""
+        """Once armed, hold each SendMessages that asks the time until the test releases it
+        (a batch, which runs on the pool: a lone SendMessage would run on gRPC's thread)."""
         if armed.is_set():
             entered.release()
             release.wait(DEADLINE)
@@ -590,18 +591,42 @@ def test_calls_past_the_concurrency_limit_are_resource_exhausted(make_server):
     try:
         with connect(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ClientServiceStub(channel)
-            stalled = [stub.SendMessage.future(pb.MessageRequest(client_id=f"c{n}",
-                                                                 message="hello"))
-                       for n in range(limit)]
+            stalled = [stub.SendMessages.future(pb.SendMessagesRequest(requests=[
+                pb.MessageRequest(client_id=f"c{n}", message="hello")])) for n in range(limit)]
             for _ in stalled:
                 assert entered.acquire(timeout=DEADLINE)
-            error = rpc_error(stub.CountClients, pb.CountClientsRequest())
+            error = rpc_error(stub.ListClients, pb.ListClientsRequest())
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            armed.clear()
+            with allure.step("a SendMessage too, since the pool is busy: it would run there"):
+                assert rpc_error(send, stub, "queued", "hello").code() == (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED)
             release.set()
-            assert all(call.result(timeout=DEADLINE).success for call in stalled)
+            assert all(call.result(timeout=DEADLINE).responses[0].success for call in stalled)
             assert stub.CountClients(pb.CountClientsRequest()).connected == limit
     finally:
         release.set()
+
+
+@allure.feature("Operations")
+@allure.story("Limits")
+def test_a_send_message_runs_on_grpcs_own_thread_unless_it_talks_to_a_shared_store(
+        make_server, new_store):
+    threads = []
+
+    def noting_clock():
+        """The time, noting which thread asks for it."""
+        threads.append(threading.current_thread().name)
+        return 1_800_000_000.0
+
+    store = new_store()
+    shared = isinstance(store, presence.RedisStore)
+    server = make_server(store, clock=noting_clock)
+    threads.clear()  # building the server asks the time too
+    with connect(f"127.0.0.1:{server.port}") as channel:
+        assert send(pb_grpc.ClientServiceStub(channel), "alice", "hello").success
+    pool = [name.startswith("rpc_") for name in threads]
+    assert pool and all(pool) if shared else not any(pool), threads
 
 
 @allure.feature("Operations")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 
+import server as presence
 from bench.figures import (
     SECOND_NS,
     Goal,
@@ -30,6 +31,8 @@ from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
 
 STREAMS_PER_PROCESS = 1000
+# Every connection is pinged within the server's default keepalive interval and timeout.
+IDLE_SECONDS = presence.DEFAULT_KEEPALIVE_INTERVAL + presence.DEFAULT_KEEPALIVE_TIMEOUT + 5
 SERVERS = ("memory", "sqlite")
 OTHER_TRAFFIC_IN_FLIGHT = 4  # a light load beside the held streams, whose latency is watched
 POLL_SECONDS = 0.01
@@ -53,9 +56,10 @@ def add_flags(parser, quick, full):
     group.add_argument("--attach-processes", type=positive_int, metavar="P",
                        help=f"load processes holding them (default: one per "
                        f"{STREAMS_PER_PROCESS:,} streams)")
-    group.add_argument("--idle-seconds", type=positive_float, default=5.0, metavar="S",
-                       help="seconds the server's CPU is read while they only hold "
-                       "(default: %(default)s)")
+    group.add_argument("--idle-seconds", type=positive_float, default=IDLE_SECONDS, metavar="S",
+                       help="seconds the server's CPU is read while they only hold; at least "
+                       "the server's keepalive interval and timeout, so that every stream is "
+                       "pinged in it (default: %(default)s)")
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ class FloorService(pb_grpc.ClientServiceServicer):
             else:
                 record = old._replace(last_seen=now)
             self._clients[message.client_id] = record
-        return presence.message_response(message, record, True if changed else None)
+        return presence.encode_reply(message, record, True if changed else None)
 
 
 class AsyncioDictService(pb_grpc.ClientServiceServicer):

@@ -22,7 +22,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from bench import attached, connections, scale, soak, throughput, watch
+from bench import attached, connections, profile, scale, soak, throughput, watch
 from bench.baselines import STOP_SIGNALS, serve_baseline
 from bench.harness import Run, positive_float, positive_int
 from bench.machine import machine_info, source_version
@@ -31,7 +31,7 @@ from bench.processes import BenchError, raise_fd_limit
 logger = logging.getLogger("bench")
 
 MODES = {mode.name: mode for mode in (throughput.MODE, scale.MODE, connections.MODE, watch.MODE,
-                                      attached.MODE, soak.MODE)}
+                                      attached.MODE, soak.MODE, profile.MODE)}
 PRESETS = {
     "quick": {"rounds": 3, "window": 5.0, "load": ["asyncio"],
               "targets": ["asyncio-dict", "memory", "memory+lease", "sqlite"],

@@ -112,7 +112,7 @@ def answers(service, request):
         reply = service.SendMessage(request, Context())
     except Aborted as refusal:
         return refusal.args
-    return reply.SerializeToString()
+    return presence.serialize_response(reply)
 
 @pytest.fixture
 def baseline():
@@ -366,3 +366,29 @@ def test_the_watch_tally_waits_for_every_stream_to_reach_the_last_revision():
     tally.receive(1, events(6))
     assert tally.all_reached.is_set()
     assert tally.report()["revisions"] is None
+
+
+@allure.story("Profile")
+def test_the_profile_names_our_functions_and_measures_each_part_alone(tmp_path):
+    output, stacks = tmp_path / "results.json", tmp_path / "profiles"
+    token = uuid.uuid4().hex
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "profile", "--profile-targets", "memory",
+         "--window", "1", "--warmup", "0.3", "--profile-dir", str(stacks),
+         "--output", str(output)],
+        cwd=ROOT, capture_output=True, text=True, timeout=90,
+        env={**os.environ, "PRESENCE_BENCH_SMOKE": token})
+    left = processes_ended(f"PRESENCE_BENCH_SMOKE={token}".encode())
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert left == [], "the benchmark left processes running"
+    profile = json.loads(output.read_text())["profile"]
+    memory = profile["targets"]["memory"]
+    with allure.step("py-spy's stacks are written, and the table names the server's code"):
+        assert (stacks / "memory.txt").read_text().strip()
+        assert memory["calls"] > 0 and memory["samples"] > 0
+        assert any("(server.py)" in row["function"] for row in memory["by_total"])
+    with allure.step("every part of a call has its floor"):
+        assert len(profile["floors"]) >= 7 and all(
+            micros > 0 for micros in profile["floors"].values())

@@ -8,6 +8,8 @@ from concurrent import futures
 
 import allure
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import server as presence
 from server import Message, Registry, Status
@@ -15,6 +17,21 @@ from server import Message, Registry, Status
 CONNECTED, DISCONNECTED = Status.CONNECTED, Status.DISCONNECTED
 
 pytestmark = [allure.feature("Registry and stores")]
+
+
+# Characters the id rule is about (controls, bidirectional ones, white space) among plain ones.
+ID_TEXT = st.text(st.sampled_from("ab- \t\x00\x1f\x7f\x85\x9f\u00e9\u2003\u202a\u202e\u2066"
+                                  "\u2069\U0001f642"), max_size=140)
+REPLY_TIMES = st.floats(min_value=0, max_value=4e9, allow_nan=False)
+REPLY_SESSIONS = st.sampled_from([(), presence.DEFAULT_SESSIONS,
+                                  (presence.Session("tty", 1_800_000_030.5),)])
+
+
+def id_rule_holds(client_id):
+    """The id rule, said once more as plainly as it reads in the README."""
+    forbidden = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+    return (0 < len(client_id) <= 128 and not client_id.isspace()
+            and not forbidden.search(client_id))
 
 
 def statuses(registry):
@@ -112,6 +129,39 @@ def setup_for_refusal(store, clock):
 def test_client_id_rule_names_what_broke(client_id, reason):
     with pytest.raises(presence.InvalidArgument, match=reason.replace("+", r"\+")):
         presence.validate_client_id(client_id)
+
+
+@allure.story("Client id rule")
+@settings(max_examples=500, deadline=None)
+@given(client_id=ID_TEXT)
+@example(client_id="x" * 128)
+@example(client_id="x" * 129)
+@example(client_id="   ")
+def test_the_quick_path_for_plain_ids_keeps_the_whole_id_rule(client_id):
+    try:
+        presence.validate_client_id(client_id)
+        accepted = True
+    except presence.InvalidArgument:
+        accepted = False
+    assert accepted == id_rule_holds(client_id)
+
+
+@allure.story("Replies")
+@settings(max_examples=300, deadline=None)
+@given(client_id=st.text(min_size=1, max_size=128), changed_at=REPLY_TIMES,
+       last_seen=REPLY_TIMES, revision=st.integers(0, 2**62), sessions=REPLY_SESSIONS,
+       reason=st.sampled_from(["hello", "goodbye", "lease expired", ""]),
+       status=st.sampled_from(list(Status)), session_id=st.sampled_from(["", "tty"]),
+       changed=st.booleans())
+@example(client_id="a", changed_at=0.0, last_seen=0.0, revision=0, sessions=(), reason="",
+         status=DISCONNECTED, session_id="", changed=False)
+def test_the_reply_written_as_bytes_is_the_reply_protobuf_writes(
+        client_id, changed_at, last_seen, revision, sessions, reason, status, session_id, changed):
+    record = presence.Client(client_id, changed_at, last_seen, revision, reason, sessions)
+    message = Message(client_id, status, session_id)
+    change = presence.Change(presence.EventKind.CONNECTED, record, session_id) if changed else None
+    assert (presence.encode_reply(message, record, change)
+            == presence.message_response(message, record, change).SerializeToString())
 
 
 @allure.story("Messages")

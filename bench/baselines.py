@@ -103,6 +103,15 @@ class FloorService(pb_grpc.ClientServiceServicer):
         return presence.encode_reply(message, record, True if changed else None)
 
 
+def add_floor(grpc_server, service):
+    """The floor's SendMessage with gRPC's own request parsing; its reply is bytes already."""
+    handlers = {"SendMessage": grpc.unary_unary_rpc_method_handler(
+        service.SendMessage, request_deserializer=pb.MessageRequest.FromString,
+        response_serializer=presence.serialize_response)}
+    grpc_server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(presence.SERVICE_NAME, handlers),))
+
+
 class AsyncioDictService(pb_grpc.ClientServiceServicer):
     """asyncio-dict: SendMessage sets a dict entry and answers the original reply (success and
     info), as the simplest earlier implementations of this service do; no revision, no record,
@@ -157,8 +166,10 @@ def threaded_server(kind):
         maximum_concurrent_rpcs=model.get("maximum_concurrent_rpcs"),
         options=model.get("options"),
     )
-    service = FloorService() if kind == "floor" else CeilingService()
-    pb_grpc.add_ClientServiceServicer_to_server(service, grpc_server)
+    if kind == "floor":
+        add_floor(grpc_server, FloorService())
+    else:
+        pb_grpc.add_ClientServiceServicer_to_server(CeilingService(), grpc_server)
     logger.info("%s: %d workers, at most %s concurrent calls, options %s", kind,
                 model["max_workers"], model.get("maximum_concurrent_rpcs"), model.get("options"))
     return grpc_server

@@ -132,6 +132,26 @@ def stub_for():
         channel.close()
 
 
+@pytest.fixture
+def redis_replicas(shared_redis, request):
+    """Start `redis_replicas(n, **create_server options)`: in-process replicas on the shared
+    Redis, under keys of this test's own; all stopped afterwards."""
+    started = []
+
+    def start(count, **options):
+        for _ in range(count):
+            server = presence.create_server("127.0.0.1:0", presence.RedisStore(
+                shared_redis.url, prefix=request.node.nodeid), **options)
+            server.start()
+            started.append(server)
+        return started[-count:]
+
+    yield start
+    for server in started:
+        server.stop(0)
+        server.registry._store.close()
+
+
 def describe(events):
     return [(event.client.client_id, pb.EventKind.Name(event.kind), event.session_id,
              event.reason) for event in events]
@@ -332,29 +352,20 @@ def test_goodbye_ends_an_attached_session_and_its_stream_whose_end_then_changes_
 
 @allure.story("Takeover")
 def test_attaching_on_another_replica_takes_the_session_over_and_ends_the_older_stream(
-        shared_redis, request, stub_for):
-    replicas = [presence.create_server("127.0.0.1:0", presence.RedisStore(
-        shared_redis.url, prefix=request.node.nodeid)) for _ in range(2)]
-    for replica in replicas:
-        replica.start()
-    try:
-        first, second = (stub_for(replica) for replica in replicas)
-        older = Attached(first, "alice", "laptop")
-        revision = older.attached().revision
-        newer = Attached(second, "alice", "laptop")
-        assert newer.attached().revision == revision, "a takeover is no change"
-        with allure.step("the older stream, on the other replica, ends ABORTED"):
-            ended = rpc_error(older)
-            assert ended.code() == grpc.StatusCode.ABORTED
-            assert "attached by another stream" in ended.details()
-        watch = Watch(second, since_revision=revision)
-        nothing_happened_to(watch, second, "alice")
-        assert kinds(status_of(second, "alice")) == [("laptop", "SESSION_KIND_ATTACHED", False)]
-        newer.cancel()
-    finally:
-        for replica in replicas:
-            replica.stop(0)
-            replica.registry._store.close()
+        redis_replicas, stub_for):
+    first, second = (stub_for(replica) for replica in redis_replicas(2))
+    older = Attached(first, "alice", "laptop")
+    revision = older.attached().revision
+    newer = Attached(second, "alice", "laptop")
+    assert newer.attached().revision == revision, "a takeover is no change"
+    with allure.step("the older stream, on the other replica, ends ABORTED"):
+        ended = rpc_error(older)
+        assert ended.code() == grpc.StatusCode.ABORTED
+        assert "attached by another stream" in ended.details()
+    watch = Watch(second, since_revision=revision)
+    nothing_happened_to(watch, second, "alice")
+    assert kinds(status_of(second, "alice")) == [("laptop", "SESSION_KIND_ATTACHED", False)]
+    newer.cancel()
 
 
 # --- restarts: a stop, a crash ----------------------------------------------------------
@@ -404,56 +415,32 @@ def test_a_graceful_restart_with_clients_attaching_again_shows_no_disconnect(
 
 @allure.story("Graceful stop")
 def test_a_replica_stopping_hands_its_attached_clients_to_another_without_a_disconnect(
-        shared_redis, request, stub_for):
-    prefix = f"{request.node.nodeid}"
-    replicas = [presence.create_server("127.0.0.1:0",
-                                       presence.RedisStore(shared_redis.url, prefix=prefix))
-                for _ in range(2)]
-    for replica in replicas:
-        replica.start()
-    try:
-        leaving, staying = (stub_for(replica) for replica in replicas)
-        stream = Attached(leaving, "alice", "laptop")
-        revision = stream.attached().revision
-        replicas[0].stop(DEADLINE)
-        assert stream.next().notice == SERVER_STOPPING
-        again = Attached(staying, "alice", "laptop")
-        assert again.attached().revision == revision
-        nothing_happened_to(Watch(staying, since_revision=revision), staying, "alice")
-        again.cancel()
-    finally:
-        for replica in replicas:
-            replica.stop(0)
-            replica.registry._store.close()
+        redis_replicas, stub_for):
+    replicas = redis_replicas(2)
+    leaving, staying = (stub_for(replica) for replica in replicas)
+    stream = Attached(leaving, "alice", "laptop")
+    revision = stream.attached().revision
+    replicas[0].stop(DEADLINE)
+    assert stream.next().notice == SERVER_STOPPING
+    again = Attached(staying, "alice", "laptop")
+    assert again.attached().revision == revision
+    nothing_happened_to(Watch(staying, since_revision=revision), staying, "alice")
+    again.cancel()
 
 
 @allure.story("Crash")
 def test_a_replica_starting_on_redis_leaves_sessions_other_replicas_hold_attached(
-        shared_redis, request, stub_for):
-    def replica():
-        server = presence.create_server("127.0.0.1:0", presence.RedisStore(
-            shared_redis.url, prefix=request.node.nodeid), reattach_grace=5)
-        server.start()
-        started.append(server)
-        return stub_for(server)
-
-    started = []
-    try:
-        first = replica()
-        stream = Attached(first, "alice", "laptop")
-        stream.attached()
-        second = replica()
-        with allure.step("the new replica sees alice attached, not a lease of its grace"):
-            assert kinds(status_of(second, "alice")) == [("laptop", "SESSION_KIND_ATTACHED",
-                                                          False)]
-        watch = Watch(second, since_revision=status_of(second, "alice").revision)
-        stream.cancel()
-        assert describe(watch.events(1)) == [("alice", "EVENT_DISCONNECTED", "laptop",
-                                              "connection closed")]
-    finally:
-        for server in started:
-            server.stop(0)
-            server.registry._store.close()
+        redis_replicas, stub_for):
+    first = stub_for(*redis_replicas(1, reattach_grace=5))
+    stream = Attached(first, "alice", "laptop")
+    stream.attached()
+    second = stub_for(*redis_replicas(1, reattach_grace=5))
+    with allure.step("the new replica sees alice attached, not a lease of its grace"):
+        assert kinds(status_of(second, "alice")) == [("laptop", "SESSION_KIND_ATTACHED", False)]
+    watch = Watch(second, since_revision=status_of(second, "alice").revision)
+    stream.cancel()
+    assert describe(watch.events(1)) == [("alice", "EVENT_DISCONNECTED", "laptop",
+                                          "connection closed")]
 
 
 # a dead replica's sessions end once its liveness runs out and another replica's reaper looks
@@ -478,32 +465,23 @@ def test_sessions_held_by_a_replica_that_dies_end_within_its_liveness(server_pro
 
 
 @allure.story("Replicas")
-def test_sessions_held_by_a_replica_that_lives_never_end_past_its_liveness(shared_redis,
-                                                                           request, stub_for):
-    replicas = [presence.create_server("127.0.0.1:0", presence.RedisStore(
-        shared_redis.url, prefix=request.node.nodeid)) for _ in range(2)]
-    for replica in replicas:
-        replica.start()
-    try:
-        holding, other = (stub_for(replica) for replica in replicas)
-        watch = Watch(other)
-        watch.snapshot()
-        stream = Attached(holding, "omar")
-        stream.attached()
-        lease = math.ceil(presence.REPLICA_LIVENESS_SECONDS * 2)
-        hello(other, "timer", lease=lease)
-        watch.events(2)
-        with allure.step(f"a {lease} s lease runs out, so every reaper has looked for replicas "
-                         "gone quiet for longer than their liveness: omar's replica was not"):
-            assert describe(watch.events(1, within=lease + DEADLINE)) == [
-                ("timer", "EVENT_DISCONNECTED", "", "lease expired")]
-            nothing_happened_to(watch, other, "omar")
-        assert kinds(status_of(other, "omar")) == [("", "SESSION_KIND_ATTACHED", False)]
-        stream.cancel()
-    finally:
-        for replica in replicas:
-            replica.stop(0)
-            replica.registry._store.close()
+def test_sessions_held_by_a_replica_that_lives_never_end_past_its_liveness(redis_replicas,
+                                                                           stub_for):
+    holding, other = (stub_for(replica) for replica in redis_replicas(2))
+    watch = Watch(other)
+    watch.snapshot()
+    stream = Attached(holding, "omar")
+    stream.attached()
+    lease = math.ceil(presence.REPLICA_LIVENESS_SECONDS * 2)
+    hello(other, "timer", lease=lease)
+    watch.events(2)
+    with allure.step(f"a {lease} s lease runs out, so every reaper has looked for replicas "
+                     "gone quiet for longer than their liveness: omar's replica was not"):
+        assert describe(watch.events(1, within=lease + DEADLINE)) == [
+            ("timer", "EVENT_DISCONNECTED", "", "lease expired")]
+        nothing_happened_to(watch, other, "omar")
+    assert kinds(status_of(other, "omar")) == [("", "SESSION_KIND_ATTACHED", False)]
+    stream.cancel()
 
 
 @allure.story("Replicas")

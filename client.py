@@ -1090,6 +1090,7 @@ class PresenceKeeper:
         if self._stopped.is_set():  # close() came just before it was noted
             call.cancel()
         timer = threading.Timer(self._client.timeout, call.cancel)
+        timer.daemon = True  # an exit (a signal) between here and its cancel must not wait for it
         timer.start()
         try:
             first = next(call)

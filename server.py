@@ -506,9 +506,13 @@ class Registry:
         held, self._held_at_load = self._held_at_load, []
         messages = [Message(client_id, Status.DISCONNECTED, session.session_id, seconds,
                             session.holder) for client_id, session in held]
-        for start in range(0, len(messages), MAX_BATCH):
-            self.apply_many(messages[start:start + MAX_BATCH])
+        self.apply_in_batches(messages)
         return len(messages)
+
+    def apply_in_batches(self, messages: Sequence[Message]) -> list[Change]:
+        """Apply messages MAX_BATCH at a time, each batch durable together; the changes."""
+        return [change for start in range(0, len(messages), MAX_BATCH)
+                for _, change in self.apply_many(messages[start:start + MAX_BATCH]) if change]
 
     def seconds_to_next_expiry(self) -> float:
         """How long until the earliest lease may run out (it may have been renewed)."""
@@ -857,9 +861,7 @@ class SharedRegistry(Registry):
                 continue  # this replica lives; on_lapse deals with a renewal that was late
             self._catch_up()  # every session that replica's streams attached is in the cache
             held = self._held_by(f"{server_id}/")
-            for start in range(0, len(held), MAX_BATCH):
-                changes += [change for _, change in self.apply_many(held[start:start + MAX_BATCH])
-                            if change]
+            changes += self.apply_in_batches(held)
             self._store.forget_replica(server_id)
             logger.info("replica %s stopped saying it lives: %d sessions its streams held "
                         "ended", server_id, len(held))
@@ -1782,8 +1784,7 @@ class Attachments:
         messages = [stream.message(Status.DISCONNECTED, self.reattach_seconds)
                     for stream in streams]
         try:
-            for start in range(0, len(messages), MAX_BATCH):
-                self._registry.apply_many(messages[start:start + MAX_BATCH])
+            self._registry.apply_in_batches(messages)
         except StoreError as error:
             logger.error("cannot keep attached sessions as leases: %s", error)
         notice = attach_response(pb.AttachResponse.SERVER_STOPPING,
@@ -2993,8 +2994,9 @@ def encode_reply(message: Message, record: Client, change: Change | None) -> byt
 
 REFUSALS = ((InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
             (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-            ((StoreError, Unavailable), grpc.StatusCode.UNAVAILABLE))
-REFUSED = (InvalidArgument, LimitExceeded, StoreError, Unavailable)  # every kind in REFUSALS
+            (StoreError, grpc.StatusCode.UNAVAILABLE),
+            (Unavailable, grpc.StatusCode.UNAVAILABLE))
+REFUSED = tuple(kind for kind, _ in REFUSALS)
 
 
 def refuse(context, error):

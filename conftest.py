@@ -243,11 +243,14 @@ def goodbye(stub, client_id, session_id=""):
                                               session_id=session_id))
 
 
-class Watch:
-    """A Watch stream read by a background thread, so the test waits with a deadline."""
+class StreamReader:
+    """A server stream read by a background thread, so the test waits with a deadline for
+    each message, None at a clean end, or the RpcError it ended with."""
 
-    def __init__(self, stub, since_revision=0, read=True):
-        self.call = stub.Watch(pb.WatchRequest(since_revision=since_revision))
+    kind = "stream"  # what the test waits for, in its failure message
+
+    def __init__(self, call, read=True):
+        self.call = call
         self._messages = queue.Queue()
         self._reading = threading.Event()
         if read:
@@ -272,7 +275,16 @@ class Watch:
         try:
             return self._messages.get(timeout=max(within, 0))
         except queue.Empty:
-            raise AssertionError(f"no watch message within {within:.2f} s") from None
+            raise AssertionError(f"no {self.kind} message within {within:.2f} s") from None
+
+
+class Watch(StreamReader):
+    """A Watch stream, read as it comes."""
+
+    kind = "watch"
+
+    def __init__(self, stub, since_revision=0, read=True):
+        super().__init__(stub.Watch(pb.WatchRequest(since_revision=since_revision)), read)
 
     def snapshot(self):
         """Read a whole snapshot: the clients by id and the revision."""

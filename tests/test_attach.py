@@ -7,11 +7,9 @@ import collections
 import json
 import math
 import os
-import queue
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
@@ -20,7 +18,17 @@ import grpc
 import pytest
 
 import server as presence
-from conftest import DEADLINE, ROOT, Lines, ManualClock, Watch, connect, goodbye, hello
+from conftest import (
+    DEADLINE,
+    ROOT,
+    Lines,
+    ManualClock,
+    StreamReader,
+    Watch,
+    connect,
+    goodbye,
+    hello,
+)
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
 
@@ -32,31 +40,15 @@ KILL_PROMISE = 1.0  # seconds from a client's kill -9 to a watcher seeing it off
 COMMIT_AND_DELIVERY = 0.5  # beyond the keepalive bound: the end's commit and its event
 
 
-class Attached:
-    """An Attach stream of this test process, read by a thread so the test waits with a
-    deadline."""
+class Attached(StreamReader):
+    """An Attach stream of this test process, read as it comes."""
+
+    kind = "Attach"
 
     def __init__(self, stub, client_id, session_id="", metadata=None):
-        self.call = stub.Attach(pb.AttachRequest(client_id=client_id, session_id=session_id),
-                                metadata=metadata, timeout=DEADLINE * 8)
-        self._messages = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        try:
-            for message in self.call:
-                self._messages.put(message)
-        except grpc.RpcError as error:
-            self._messages.put(error)
-        else:
-            self._messages.put(None)
-
-    def next(self):
-        """The next message; None when the stream ended with OK; the RpcError it ended with."""
-        try:
-            return self._messages.get(timeout=DEADLINE)
-        except queue.Empty:
-            raise AssertionError("no Attach message within the deadline") from None
+        super().__init__(stub.Attach(
+            pb.AttachRequest(client_id=client_id, session_id=session_id), metadata=metadata,
+            timeout=DEADLINE * 8))
 
     def attached(self):
         """The record of the first message, which must say ATTACHED."""

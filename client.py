@@ -1021,24 +1021,23 @@ class ServerMonitor:
                               keeper and keeper.user, width, keeper and keeper.state)
 
 
-class NoAnswer(grpc.RpcError):
-    """A stream whose first message did not come within the client's timeout."""
-
-    def code(self):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-
-    def details(self):
-        return "no answer from the server in time"
-
-
 class NotAttached(grpc.RpcError):
-    """An Attach stream whose first word was that its server is stopping."""
+    """An attach that failed on this side, told as a call's error: its first message did not
+    come in time, or said its server is stopping."""
+
+    def __init__(self, code, details):
+        super().__init__(details)
+        self._code, self._details = code, details
 
     def code(self):
-        return grpc.StatusCode.UNAVAILABLE
+        return self._code
 
     def details(self):
-        return "the server is stopping"
+        return self._details
+
+
+NO_ANSWER = (grpc.StatusCode.DEADLINE_EXCEEDED, "no answer from the server in time")
+STOPPING = (grpc.StatusCode.UNAVAILABLE, "the server is stopping")
 
 
 class PresenceKeeper:
@@ -1084,7 +1083,8 @@ class PresenceKeeper:
 
     def _attach(self, avoid="", wait_for_ready=False):
         """Open an Attach stream and read its first notice; a stream that fails raises as a
-        call does, one that stays silent past the client's timeout raises NoAnswer."""
+        call does, one silent past the client's timeout or whose server is stopping raises
+        NotAttached."""
         call, address = self._client.attach(self.user, self.session_id, avoid, wait_for_ready)
         self._call = call  # so close() ends it even while it waits for its first notice
         if self._stopped.is_set():  # close() came just before it was noted
@@ -1096,15 +1096,15 @@ class PresenceKeeper:
             first = next(call)
         except grpc.RpcError as error:
             if error.code() is grpc.StatusCode.CANCELLED and not self._stopped.is_set():
-                raise NoAnswer() from None
+                raise NotAttached(*NO_ANSWER) from None
             raise
         except StopIteration:
-            raise NoAnswer() from None
+            raise NotAttached(*NO_ANSWER) from None
         finally:
             timer.cancel()
         if first.notice != pb.AttachResponse.ATTACHED:  # the server stops: try the next
             call.cancel()
-            raise NotAttached()
+            raise NotAttached(*STOPPING)
         self.address, self.state = address, "attached"
         self._on_notice(f"{self.user} attached to {address} (session {self.session_id})")
         return first

@@ -1538,17 +1538,22 @@ class AttachedStream:
 DETACH_BATCH = 500
 ATTACH_SWEEP_SECONDS = 1.0  # how often streams are checked against the records
 DETACH_RETRY_SECONDS = 1.0
+DETACH_GATHER_SECONDS = 0.02  # how long the first end waits for the others of a disconnect
 
 
 class Detacher:
     """A thread that ends the sessions of streams that ended, many in one apply_many.
 
     gRPC says a stream ended on its own serving thread, which must not wait for the store;
-    the ends queue here instead, and whatever queued while a commit ran goes in the next, so
-    a mass disconnect of thousands costs a few commits. A store that refuses is tried again
+    the ends queue here instead. The first end after a quiet spell waits a moment for the
+    rest of its disconnect (gRPC reports a closed connection's streams one by one), and
+    whatever queued while a commit ran goes in the next, so a mass disconnect of thousands
+    costs a few commits. A store that refuses is tried again
     each second; ends still refused when the server stops stay attached in the store, and
     become leases when a server loads it again.
     """
+
+    gather_seconds = DETACH_GATHER_SECONDS
 
     def __init__(self, registry: Registry, name: str = "detacher") -> None:
         self._registry = registry
@@ -1592,8 +1597,10 @@ class Detacher:
         with self._ready:
             if failing and not self._closing:
                 self._ready.wait(DETACH_RETRY_SECONDS)
-            while not self._queued and not self._closing:
-                self._ready.wait()
+            if not self._queued:
+                while not self._queued and not self._closing:
+                    self._ready.wait()
+                self._gather()
             if self._closing and failing:
                 logger.error("%d sessions whose streams ended stay attached in the store; the "
                              "next server to load it makes them leases", len(self._queued))
@@ -1601,11 +1608,24 @@ class Detacher:
             count = min(len(self._queued), DETACH_BATCH)
             return [self._queued.popleft() for _ in range(count)]
 
+    def _gather(self):
+        """Wait while more ends keep coming, each within gather_seconds of the last (called
+        holding the lock), for at most ten times that or a full batch."""
+        deadline = time.monotonic() + 10 * self.gather_seconds
+        while self.gather_seconds and not self._closing and len(self._queued) < DETACH_BATCH:
+            queued = len(self._queued)
+            wait = min(self.gather_seconds, deadline - time.monotonic())
+            if wait <= 0 or not self._ready.wait_for(
+                    lambda queued=queued: self._closing or len(self._queued) > queued, wait):
+                return
+
 
 class Attacher(Detacher):
     """A thread that applies the attaches of new streams, many in one apply_many, then has
     each stream told. An Attach call thus returns at once: a burst of clients attaching (all
     of them again after a restart, say) holds no pool thread each and shares commits."""
+
+    gather_seconds = 0.0  # a client waits for its ATTACHED; a burst shares commits anyway
 
     def __init__(self, registry: Registry, settle: Callable[["AttachedStream", object], None]):
         self._settle = settle  # settle(stream, its record, or the error that refused it)

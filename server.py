@@ -2693,7 +2693,7 @@ MAX_BATCH = 1000
 MAX_ANSWER_BYTES = 4 * 1024 * 1024 - 256 * 1024
 
 SNAPSHOT_CHUNK = 1000
-STATUS_MAP_CHUNK = 10_000
+STATUS_MAP_CHUNK = 1_000
 EVENTS_PER_MESSAGE = 500
 
 
@@ -2808,15 +2808,18 @@ def split_to_fit(records: Sequence[Client], count: int) -> Iterator[Sequence[Cli
 def serialize_statuses(records: Sequence[Client]) -> bytes:
     """The all-clients answer, serialized chunk by chunk.
 
-    Serialized messages concatenate into their merge, so chunks give the same
-    bytes as one big message while letting other threads run between them: one
-    call at a million clients never stalls the rest of the server.
+    Serialized messages concatenate into their merge, so chunks give the same bytes as one
+    big message while the thread gives up the GIL after each (a sleep(0)): the calls that
+    come meanwhile wait for one chunk, not for the interpreter's 5 ms switch interval several
+    times over, and one call at a million clients never stalls the rest of the server.
     """
-    return b"".join(
-        pb.ClientStatusResponse(statuses={
+    chunks = []
+    for start in range(0, len(records), STATUS_MAP_CHUNK):
+        chunks.append(pb.ClientStatusResponse(statuses={
             record.client_id: STATUS_WORDS[record.status]
-            for record in records[start:start + STATUS_MAP_CHUNK]}).SerializeToString()
-        for start in range(0, len(records), STATUS_MAP_CHUNK))
+            for record in records[start:start + STATUS_MAP_CHUNK]}).SerializeToString())
+        time.sleep(0)
+    return b"".join(chunks)
 
 
 def serialize_response(response: bytes | ProtobufMessage) -> bytes:
@@ -2859,18 +2862,32 @@ def same_kind(wrapper, behavior):
     return wrapper
 
 
-# The calls that never wait when the store is durable at once (memory://).
-INLINE_METHODS = frozenset({"SendMessage", "GetClientStatus", "CountClients"})
+def any_request(request) -> bool:
+    """The test of a method that never waits, whatever its request asks."""
+    return True
+
+
+def one_client(request) -> bool:
+    """GetClientStatus waits for nothing unless it asks for the map of every client, which
+    at 100,000 takes long enough to stall every call behind it on gRPC's thread."""
+    return bool(getattr(request, "client_id", ""))  # a Malformed request has none
+
+
+# The calls that never wait when the store is durable at once (memory://), by name, each
+# with the test of its request.
+INLINE_METHODS = {"SendMessage": any_request, "GetClientStatus": one_client,
+                  "CountClients": any_request}
 # On a store that commits (SQLite), the calls split in two: their first half, to the commit,
 # never waits; the rest runs once a commit has saved it. The method's halves, by name.
 DEFERRED_METHODS = {"SendMessage": "begin_send_message"}
 
 
-def method_handlers(service, descriptor=SERVICE, inline=(), deferred=()):
+def method_handlers(service, descriptor=SERVICE, inline=None, deferred=()):
     """The service's handlers, as the generated code makes them but with serialize_response.
 
-    The methods named in inline never wait (on memory://: no commit, a lock held briefly),
-    so CallGate runs them on gRPC's own thread rather than handing each to a pool thread.
+    The methods named in inline never wait (on memory://: no commit, a lock held briefly)
+    when their request passes its test, so CallGate runs them on gRPC's own thread rather
+    than handing each to a pool thread.
     Those named in deferred carry their first half (DEFERRED_METHODS), which CallGate runs
     there too, the rest on a thread of its own that waits for the commits."""
     handlers = {}
@@ -2878,7 +2895,7 @@ def method_handlers(service, descriptor=SERVICE, inline=(), deferred=()):
         make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
                 else grpc.unary_unary_rpc_method_handler)
         behavior = refuse_malformed(getattr(service, method.name))
-        behavior.inline = method.name in inline
+        behavior.inline = (inline or {}).get(method.name)
         if method.name in deferred:
             behavior.deferred = refuse_malformed(getattr(service, DEFERRED_METHODS[method.name]))
         handlers[method.name] = make(
@@ -3517,13 +3534,14 @@ class CallGate(futures.Executor):
                                      deserializer, serializer)
 
         if take_request.__name__ == "unary_request":
+            inline = getattr(behavior, "inline", None)
             self._await_request(event, state, deserializer, run,
-                                inline=deferred is not None or getattr(behavior, "inline", False))
+                                inline=any_request if deferred is not None else inline)
         else:
             self._streams.start(state, event.call, run(take_request))
         return _DONE
 
-    def _await_request(self, event, state, deserializer, run, inline=False):
+    def _await_request(self, event, state, deserializer, run, inline=None):
         """Ask gRPC for the request; start the call when it comes, or end it at its deadline."""
         awaited = _Awaited(time.monotonic() + self._request_timeout, state, event.call)
         receive = grpc_internals._receive_message(state, event.call, deserializer)
@@ -3566,7 +3584,7 @@ class CallGate(futures.Executor):
                 _end_locked(state, call, grpc.StatusCode.UNIMPLEMENTED,
                             "a unary call needs exactly one request message")
                 return
-        here = inline and self._calls.idle()
+        here = inline is not None and inline(request) and self._calls.idle()
         call_run = run(lambda: request if grpc_internals._is_rpc_state_active(state) else None,
                        here)
         if here:
@@ -3883,7 +3901,7 @@ def add_reflection(grpc_server, service_names):
         for name in (REFLECTION_V1_NAME, reflection.SERVICE_NAME)))
 
 
-def add_service(grpc_server, descriptor, servicer, inline=(), deferred=()):
+def add_service(grpc_server, descriptor, servicer, inline=None, deferred=()):
     """Serve servicer's methods as the service descriptor names them (inline and deferred:
     see method_handlers)."""
     handlers = method_handlers(servicer, descriptor, inline, deferred)
@@ -4044,7 +4062,7 @@ def create_server(
         metrics.watch(registry, service)
         store.commit_timer = metrics.commit
     immediate, shared = getattr(store, "immediate", False), getattr(store, "shared", False)
-    add_service(grpc_server, SERVICE, service, INLINE_METHODS if immediate else (),
+    add_service(grpc_server, SERVICE, service, INLINE_METHODS if immediate else None,
                 DEFERRED_METHODS if not immediate and not shared else ())
     add_service(grpc_server, NOTIFICATION_SERVICE, NotificationService(registry))
     health_servicer = HealthService()

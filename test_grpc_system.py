@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from concurrent import futures
 
@@ -628,6 +629,40 @@ def test_a_send_message_runs_on_grpcs_own_thread_unless_it_talks_to_a_shared_sto
     pool = [name.startswith("rpc_") for name in threads]
     assert pool and all(pool) if shared else not any(pool), threads
 
+
+
+def threads_in(function_name):
+    """The names of the threads whose stack is in a function of that name just now."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    found = []
+    for ident, frame in sys._current_frames().items():
+        while frame is not None and frame.f_code.co_name != function_name:
+            frame = frame.f_back
+        if frame is not None:
+            found.append(names.get(ident, str(ident)))
+    return found
+
+
+@allure.feature("Operations")
+@allure.story("Limits")
+def test_the_all_clients_map_never_runs_on_grpcs_own_thread():
+    """A one-client GetClientStatus runs on gRPC's thread on memory://; the map of every
+    client must not: at 100,000 clients it would stall every other call behind it."""
+    server = presence.create_server("127.0.0.1:0", presence.MemoryStore())
+    server.start()
+    try:
+        with connect(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ClientServiceStub(channel)
+            assert send(stub, "alice", "hello").success
+            with server.registry._lock:  # the map waits for it, on whichever thread runs it
+                answer = stub.GetClientStatus.future(pb.ClientStatusRequest(client_id=""))
+                deadline = time.monotonic() + DEADLINE
+                while not (waiting := threads_in("snapshot")) and time.monotonic() < deadline:
+                    pass  # the map is on its way to the lock
+            assert answer.result(timeout=DEADLINE).statuses == {"alice": "connected"}
+    finally:
+        server.stop(0)
+    assert waiting and all(name.startswith("rpc_") for name in waiting), waiting
 
 @allure.feature("Operations")
 @allure.story("Command line")

@@ -419,23 +419,25 @@ class Registry:
     def apply_one(self, message: Message) -> tuple[Client, Change | None]:
         """Apply one message and wait until it is durable: (record, change or None)."""
         record, change, ticket = self.begin_one(message)
-        self.finish_one(ticket, change)
-        return record, change
+        return self.finish_one(ticket, record, change)
 
-    def begin_one(self, message: Message) -> tuple[Client, Change | None, Any]:
+    def begin_one(self, message: Message) -> tuple[Client | None, Change | None, Any]:
         """The first half of apply_one, which never waits: the message decided and handed to
-        the store; (record, change or None, the ticket for finish_one). Not on a replica."""
+        the store; (record, change or None, the ticket for finish_one)."""
         now = self._clock()
         with self._lock:
             record, change = self._decide_locked(message, now)
             ticket = self._hand_over_locked((record,), (change,) if change else ())
         return record, change, ticket
 
-    def finish_one(self, ticket: Any, change: Change | None) -> None:
-        """The second half of apply_one: wait until the change is durable, and publish it."""
+    def finish_one(self, ticket: Any, record: Client | None,
+                   change: Change | None) -> tuple[Client, Change | None]:
+        """The second half of apply_one: wait until the change is durable, and publish it;
+        begin_one's record and change."""
         self._await(ticket)
         if change:
             log_changes((change,))
+        return record, change  # type: ignore[return-value]  # begin_one's here is never None
 
     def apply_many(self, messages: Sequence[Message],
                    check: Callable[[list[Applied]], object] | None = None) -> list[Applied]:
@@ -979,20 +981,43 @@ class SharedRegistry(Registry):
         (record, change), = self.apply_many((message,))
         return record, change
 
+    def begin_one(self, message: Message) -> tuple[Client | None, Change | None, Any]:
+        """The first half of apply_one, which never waits: the message queued for the next
+        commit call, worked out then; (None, None, the ticket for finish_one)."""
+        write = _Write((message,), None, self._clock())
+        self._queue(write)
+        return None, None, write
+
+    def finish_one(self, ticket: Any, record: Client | None,
+                   change: Change | None) -> tuple[Client, Change | None]:
+        """The second half of apply_one: the write committed (by this thread, or with another
+        writer's), its record and change as saved."""
+        (record, change), = self._finish(ticket)
+        return record, change
+
     def apply_many(self, messages: Sequence[Message],
                    check: Callable[[list[Applied]], object] | None = None) -> list[Applied]:
         if not messages:
             return []
         write = _Write(messages, check, self._clock())
-        for _ in range(SHARED_MAX_CONFLICTS):
+        self._queue(write)
+        return self._finish(write)
+
+    def _finish(self, write: _Write) -> list[Applied]:
+        """Have a queued write committed, worked out again from the stored records while
+        another replica changed its clients first; its results once the cache has them."""
+        conflicts = 0
+        while True:
             self._commit_together(write)
             if write.result.ok:
                 break
+            conflicts += 1
+            if conflicts == SHARED_MAX_CONFLICTS:
+                raise StoreError("too many concurrent changes to the same clients on other "
+                                 "replicas; try again")
             write.bases = {client_id: (decode_record(client_id, stored) if stored else None,
                                        stored) for client_id, stored in write.result.stored.items()}
-        else:
-            raise StoreError("too many concurrent changes to the same clients on other replicas; "
-                             "try again")
+            self._queue(write)
         result = write.result
         try:
             self._wait_applied(stream_id(result.ids[-1]))
@@ -1006,12 +1031,16 @@ class SharedRegistry(Registry):
         log_changes(change for _, change in final)
         return final
 
-    def _commit_together(self, write):
-        """Have write committed with every other write waiting meanwhile, in one store call:
-        by this thread, or by the one that held the commit lock before it took write along."""
+    def _queue(self, write):
+        """Put write among those the next commit call takes."""
         write.done, write.error = False, None
         with self._queue_lock:
             self._queued.append(write)
+
+    def _commit_together(self, write):
+        """Have queued write committed with every other write waiting meanwhile, in one store
+        call: by this thread, or by the one that held the commit lock before it took write
+        along."""
         with self._commit_lock:
             if not write.done:
                 self._commit_queued()
@@ -2877,8 +2906,8 @@ def one_client(request) -> bool:
 # with the test of its request.
 INLINE_METHODS = {"SendMessage": any_request, "GetClientStatus": one_client,
                   "CountClients": any_request}
-# On a store that commits (SQLite), the calls split in two: their first half, to the commit,
-# never waits; the rest runs once a commit has saved it. The method's halves, by name.
+# On a store that commits (SQLite, Redis), the calls split in two: their first half, to the
+# commit, never waits; the rest runs once a commit has saved it. The method's halves, by name.
 DEFERRED_METHODS = {"SendMessage": "begin_send_message"}
 
 
@@ -3099,11 +3128,12 @@ class ClientService(pb_grpc.ClientServiceServicer):
         return functools.partial(self._finish_send_message, message, record, change, ticket)
 
     def _finish_send_message(self, message, record, change, ticket):
-        """Wait until the change is durable, then the reply; a Refusal if the store failed."""
+        """Wait until the change is durable, then the reply; a Refusal if the store failed
+        (or, on a replica, which works the change out at its commit, if the message did)."""
         try:
-            self._registry.finish_one(ticket, change)
-        except StoreError as error:
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, str(error)) from None
+            record, change = self._registry.finish_one(ticket, record, change)
+        except REFUSED as error:
+            raise Refusal(refusal_code(error), str(error)) from None
         return encode_reply(message, record, change)
 
     def SendMessages(self, request, context):
@@ -4061,9 +4091,9 @@ def create_server(
     if metrics:
         metrics.watch(registry, service)
         store.commit_timer = metrics.commit
-    immediate, shared = getattr(store, "immediate", False), getattr(store, "shared", False)
+    immediate = getattr(store, "immediate", False)
     add_service(grpc_server, SERVICE, service, INLINE_METHODS if immediate else None,
-                DEFERRED_METHODS if not immediate and not shared else ())
+                () if immediate else DEFERRED_METHODS)
     add_service(grpc_server, NOTIFICATION_SERVICE, NotificationService(registry))
     health_servicer = HealthService()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

@@ -2214,6 +2214,9 @@ _LEASE_SEPARATOR = "\0"  # ids never hold control characters
 # Answers {the revision of each item (0 when refused), the stream id of each item saved, the
 # stored record of each item refused (after the call), per group the position in it of the
 # item whose stored record had changed (0 when it followed a refused group or was saved)}.
+# Redis's own time goes mostly to each command a script calls, so per item it calls only XADD:
+# the stored records come in one HMGET, the saved ones go in one HSET (1,000 values a call at
+# most, what unpack takes), the revision is read and set once, the stream trimmed once.
 # A replica's liveness, scored by Redis's own clock: renew (1 if it was still live), the
 # lapsed ones, and taking one off the set only while it is still lapsed.
 _REDIS_NOW = "local t = redis.call('TIME') local now = t[1] + t[2] / 1e6 "
@@ -2232,11 +2235,39 @@ return 0""",
 
 _COMMIT_SCRIPT = """
 local history, count, at = ARGV[1], #ARGV, 2
-local stored, refused, groups, conflicts = {}, {}, {}, {}
 local function skip(from)
   local leases_at = from + 7 + tonumber(ARGV[from + 6])
   return leases_at + 1 + 2 * tonumber(ARGV[leases_at])
 end
+local function in_chunks(command, key, values, step)
+  local replies = {}
+  for first = 1, #values, step do
+    local last = math.min(first + step - 1, #values)
+    local reply = redis.call(command, key, unpack(values, first, last))
+    if type(reply) == 'table' then
+      for _, value in ipairs(reply) do replies[#replies + 1] = value end
+    end
+  end
+  return replies
+end
+local names, seen = {}, {}
+while at <= count do
+  local size = tonumber(ARGV[at])
+  at = at + 1
+  for _ = 1, size do
+    if not seen[ARGV[at]] then
+      seen[ARGV[at]] = true
+      names[#names + 1] = ARGV[at]
+    end
+    at = skip(at)
+  end
+end
+local stored = {}
+for position, current in ipairs(in_chunks('HMGET', KEYS[1], names, 1000)) do
+  stored[names[position]] = current or ''
+end
+local compared, refused, groups, conflicts = {}, {}, {}, {}
+at = 2
 while at <= count do
   local size, clients, conflict = tonumber(ARGV[at]), {}, nil
   local group = {at + 1, size}
@@ -2244,10 +2275,9 @@ while at <= count do
   for position = 1, size do
     local client = ARGV[at]
     clients[position] = client
-    if stored[client] == nil then
-      local current = redis.call('HGET', KEYS[1], client)
-      stored[client] = current or false
-      if conflict == nil and (current or '') ~= ARGV[at + 1] then conflict = position end
+    if not compared[client] then
+      compared[client] = true
+      if conflict == nil and stored[client] ~= ARGV[at + 1] then conflict = position end
     elseif refused[client] and conflict == nil then
       conflict = 0
     end
@@ -2260,7 +2290,9 @@ while at <= count do
   groups[#groups + 1] = group
   conflicts[#groups] = conflict or 0
 end
-local revisions, ids, currents, latest, index = {}, {}, {}, {}, 1
+local newest = tonumber(redis.call('GET', KEYS[2]) or '0')
+local last = newest
+local revisions, ids, currents, latest, saved, index = {}, {}, {}, {}, {}, 1
 for _, group in ipairs(groups) do
   at = group[1]
   for _ = 1, group[2] do
@@ -2272,21 +2304,21 @@ for _, group in ipairs(groups) do
       revisions[index], ids[index], currents[index] = 0, false, client
     else
       if kind ~= '' then
-        revision = string.format('%d', redis.call('INCR', KEYS[2]))
+        newest = newest + 1
+        revision = string.format('%d', newest)
         latest[client] = revision
       elseif latest[client] then
         revision = latest[client]  -- a renewal after a change of this call keeps that revision
       end
       local record = revision .. tail
       if kind ~= '' then
-        ids[index] = redis.call('XADD', KEYS[3], 'MAXLEN', '~', history, revision .. '-0',
+        ids[index] = redis.call('XADD', KEYS[3], revision .. '-0',
                                 'c', client, 'r', record, 'k', kind, 's', ARGV[at + 4])
       else
-        ids[index] = redis.call('XADD', KEYS[3], 'MAXLEN', '~', history,
-                                (redis.call('GET', KEYS[2]) or '0') .. '-*',
+        ids[index] = redis.call('XADD', KEYS[3], string.format('%d', newest) .. '-*',
                                 'c', client, 'r', record)
       end
-      redis.call('HSET', KEYS[1], client, record)
+      saved[#saved + 1], saved[#saved + 2] = client, record
       if removed > 0 then redis.call('ZREM', KEYS[4], unpack(ARGV, at + 7, at + 6 + removed)) end
       if leased > 0 then
         redis.call('ZADD', KEYS[4], unpack(ARGV, leases_at + 1, leases_at + 2 * leased))
@@ -2296,6 +2328,11 @@ for _, group in ipairs(groups) do
     at, index = leases_at + 1 + 2 * leased, index + 1
   end
 end
+if #saved > 0 then
+  in_chunks('HSET', KEYS[1], saved, 1000)
+  redis.call('XTRIM', KEYS[3], 'MAXLEN', '~', history)
+end
+if newest ~= last then redis.call('SET', KEYS[2], string.format('%d', newest)) end
 for position, client in ipairs(currents) do
   if client then currents[position] = redis.call('HGET', KEYS[1], client) or false end
 end

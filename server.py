@@ -419,23 +419,25 @@ class Registry:
     def apply_one(self, message: Message) -> tuple[Client, Change | None]:
         """Apply one message and wait until it is durable: (record, change or None)."""
         record, change, ticket = self.begin_one(message)
-        self.finish_one(ticket, change)
-        return record, change
+        return self.finish_one(ticket, record, change)
 
-    def begin_one(self, message: Message) -> tuple[Client, Change | None, Any]:
+    def begin_one(self, message: Message) -> tuple[Client | None, Change | None, Any]:
         """The first half of apply_one, which never waits: the message decided and handed to
-        the store; (record, change or None, the ticket for finish_one). Not on a replica."""
+        the store; (record, change or None, the ticket for finish_one)."""
         now = self._clock()
         with self._lock:
             record, change = self._decide_locked(message, now)
             ticket = self._hand_over_locked((record,), (change,) if change else ())
         return record, change, ticket
 
-    def finish_one(self, ticket: Any, change: Change | None) -> None:
-        """The second half of apply_one: wait until the change is durable, and publish it."""
+    def finish_one(self, ticket: Any, record: Client | None,
+                   change: Change | None) -> tuple[Client, Change | None]:
+        """The second half of apply_one: wait until the change is durable, and publish it;
+        begin_one's record and change."""
         self._await(ticket)
         if change:
             log_changes((change,))
+        return record, change  # type: ignore[return-value]  # begin_one's here is never None
 
     def apply_many(self, messages: Sequence[Message],
                    check: Callable[[list[Applied]], object] | None = None) -> list[Applied]:
@@ -979,20 +981,43 @@ class SharedRegistry(Registry):
         (record, change), = self.apply_many((message,))
         return record, change
 
+    def begin_one(self, message: Message) -> tuple[Client | None, Change | None, Any]:
+        """The first half of apply_one, which never waits: the message queued for the next
+        commit call, worked out then; (None, None, the ticket for finish_one)."""
+        write = _Write((message,), None, self._clock())
+        self._queue(write)
+        return None, None, write
+
+    def finish_one(self, ticket: Any, record: Client | None,
+                   change: Change | None) -> tuple[Client, Change | None]:
+        """The second half of apply_one: the write committed (by this thread, or with another
+        writer's), its record and change as saved."""
+        (record, change), = self._finish(ticket)
+        return record, change
+
     def apply_many(self, messages: Sequence[Message],
                    check: Callable[[list[Applied]], object] | None = None) -> list[Applied]:
         if not messages:
             return []
         write = _Write(messages, check, self._clock())
-        for _ in range(SHARED_MAX_CONFLICTS):
+        self._queue(write)
+        return self._finish(write)
+
+    def _finish(self, write: _Write) -> list[Applied]:
+        """Have a queued write committed, worked out again from the stored records while
+        another replica changed its clients first; its results once the cache has them."""
+        conflicts = 0
+        while True:
             self._commit_together(write)
             if write.result.ok:
                 break
+            conflicts += 1
+            if conflicts == SHARED_MAX_CONFLICTS:
+                raise StoreError("too many concurrent changes to the same clients on other "
+                                 "replicas; try again")
             write.bases = {client_id: (decode_record(client_id, stored) if stored else None,
                                        stored) for client_id, stored in write.result.stored.items()}
-        else:
-            raise StoreError("too many concurrent changes to the same clients on other replicas; "
-                             "try again")
+            self._queue(write)
         result = write.result
         try:
             self._wait_applied(stream_id(result.ids[-1]))
@@ -1006,12 +1031,16 @@ class SharedRegistry(Registry):
         log_changes(change for _, change in final)
         return final
 
-    def _commit_together(self, write):
-        """Have write committed with every other write waiting meanwhile, in one store call:
-        by this thread, or by the one that held the commit lock before it took write along."""
+    def _queue(self, write):
+        """Put write among those the next commit call takes."""
         write.done, write.error = False, None
         with self._queue_lock:
             self._queued.append(write)
+
+    def _commit_together(self, write):
+        """Have queued write committed with every other write waiting meanwhile, in one store
+        call: by this thread, or by the one that held the commit lock before it took write
+        along."""
         with self._commit_lock:
             if not write.done:
                 self._commit_queued()
@@ -2188,6 +2217,9 @@ _LEASE_SEPARATOR = "\0"  # ids never hold control characters
 # Answers {the revision of each item (0 when refused), the stream id of each item saved, the
 # stored record of each item refused (after the call), per group the position in it of the
 # item whose stored record had changed (0 when it followed a refused group or was saved)}.
+# Redis's own time goes mostly to each command a script calls, so per item it calls only XADD:
+# the stored records come in one HMGET, the saved ones go in one HSET (1,000 values a call at
+# most, what unpack takes), the revision is read and set once, the stream trimmed once.
 # A replica's liveness, scored by Redis's own clock: renew (1 if it was still live), the
 # lapsed ones, and taking one off the set only while it is still lapsed.
 _REDIS_NOW = "local t = redis.call('TIME') local now = t[1] + t[2] / 1e6 "
@@ -2206,11 +2238,39 @@ return 0""",
 
 _COMMIT_SCRIPT = """
 local history, count, at = ARGV[1], #ARGV, 2
-local stored, refused, groups, conflicts = {}, {}, {}, {}
 local function skip(from)
   local leases_at = from + 7 + tonumber(ARGV[from + 6])
   return leases_at + 1 + 2 * tonumber(ARGV[leases_at])
 end
+local function in_chunks(command, key, values, step)
+  local replies = {}
+  for first = 1, #values, step do
+    local last = math.min(first + step - 1, #values)
+    local reply = redis.call(command, key, unpack(values, first, last))
+    if type(reply) == 'table' then
+      for _, value in ipairs(reply) do replies[#replies + 1] = value end
+    end
+  end
+  return replies
+end
+local names, seen = {}, {}
+while at <= count do
+  local size = tonumber(ARGV[at])
+  at = at + 1
+  for _ = 1, size do
+    if not seen[ARGV[at]] then
+      seen[ARGV[at]] = true
+      names[#names + 1] = ARGV[at]
+    end
+    at = skip(at)
+  end
+end
+local stored = {}
+for position, current in ipairs(in_chunks('HMGET', KEYS[1], names, 1000)) do
+  stored[names[position]] = current or ''
+end
+local compared, refused, groups, conflicts = {}, {}, {}, {}
+at = 2
 while at <= count do
   local size, clients, conflict = tonumber(ARGV[at]), {}, nil
   local group = {at + 1, size}
@@ -2218,10 +2278,9 @@ while at <= count do
   for position = 1, size do
     local client = ARGV[at]
     clients[position] = client
-    if stored[client] == nil then
-      local current = redis.call('HGET', KEYS[1], client)
-      stored[client] = current or false
-      if conflict == nil and (current or '') ~= ARGV[at + 1] then conflict = position end
+    if not compared[client] then
+      compared[client] = true
+      if conflict == nil and stored[client] ~= ARGV[at + 1] then conflict = position end
     elseif refused[client] and conflict == nil then
       conflict = 0
     end
@@ -2234,7 +2293,9 @@ while at <= count do
   groups[#groups + 1] = group
   conflicts[#groups] = conflict or 0
 end
-local revisions, ids, currents, latest, index = {}, {}, {}, {}, 1
+local newest = tonumber(redis.call('GET', KEYS[2]) or '0')
+local last = newest
+local revisions, ids, currents, latest, saved, index = {}, {}, {}, {}, {}, 1
 for _, group in ipairs(groups) do
   at = group[1]
   for _ = 1, group[2] do
@@ -2246,21 +2307,21 @@ for _, group in ipairs(groups) do
       revisions[index], ids[index], currents[index] = 0, false, client
     else
       if kind ~= '' then
-        revision = string.format('%d', redis.call('INCR', KEYS[2]))
+        newest = newest + 1
+        revision = string.format('%d', newest)
         latest[client] = revision
       elseif latest[client] then
         revision = latest[client]  -- a renewal after a change of this call keeps that revision
       end
       local record = revision .. tail
       if kind ~= '' then
-        ids[index] = redis.call('XADD', KEYS[3], 'MAXLEN', '~', history, revision .. '-0',
+        ids[index] = redis.call('XADD', KEYS[3], revision .. '-0',
                                 'c', client, 'r', record, 'k', kind, 's', ARGV[at + 4])
       else
-        ids[index] = redis.call('XADD', KEYS[3], 'MAXLEN', '~', history,
-                                (redis.call('GET', KEYS[2]) or '0') .. '-*',
+        ids[index] = redis.call('XADD', KEYS[3], string.format('%d', newest) .. '-*',
                                 'c', client, 'r', record)
       end
-      redis.call('HSET', KEYS[1], client, record)
+      saved[#saved + 1], saved[#saved + 2] = client, record
       if removed > 0 then redis.call('ZREM', KEYS[4], unpack(ARGV, at + 7, at + 6 + removed)) end
       if leased > 0 then
         redis.call('ZADD', KEYS[4], unpack(ARGV, leases_at + 1, leases_at + 2 * leased))
@@ -2270,6 +2331,11 @@ for _, group in ipairs(groups) do
     at, index = leases_at + 1 + 2 * leased, index + 1
   end
 end
+if #saved > 0 then
+  in_chunks('HSET', KEYS[1], saved, 1000)
+  redis.call('XTRIM', KEYS[3], 'MAXLEN', '~', history)
+end
+if newest ~= last then redis.call('SET', KEYS[2], string.format('%d', newest)) end
 for position, client in ipairs(currents) do
   if client then currents[position] = redis.call('HGET', KEYS[1], client) or false end
 end
@@ -2880,8 +2946,8 @@ def one_client(request) -> bool:
 # with the test of its request.
 INLINE_METHODS = {"SendMessage": any_request, "GetClientStatus": one_client,
                   "CountClients": any_request}
-# On a store that commits (SQLite), the calls split in two: their first half, to the commit,
-# never waits; the rest runs once a commit has saved it. The method's halves, by name.
+# On a store that commits (SQLite, Redis), the calls split in two: their first half, to the
+# commit, never waits; the rest runs once a commit has saved it. The method's halves, by name.
 DEFERRED_METHODS = {"SendMessage": "begin_send_message"}
 
 
@@ -3102,11 +3168,12 @@ class ClientService(pb_grpc.ClientServiceServicer):
         return functools.partial(self._finish_send_message, message, record, change, ticket)
 
     def _finish_send_message(self, message, record, change, ticket):
-        """Wait until the change is durable, then the reply; a Refusal if the store failed."""
+        """Wait until the change is durable, then the reply; a Refusal if the store failed
+        (or, on a replica, which works the change out at its commit, if the message did)."""
         try:
-            self._registry.finish_one(ticket, change)
-        except StoreError as error:
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, str(error)) from None
+            record, change = self._registry.finish_one(ticket, record, change)
+        except REFUSED as error:
+            raise Refusal(refusal_code(error), str(error)) from None
         return encode_reply(message, record, change)
 
     def SendMessages(self, request, context):
@@ -4064,9 +4131,9 @@ def create_server(
     if metrics:
         metrics.watch(registry, service)
         store.commit_timer = metrics.commit
-    immediate, shared = getattr(store, "immediate", False), getattr(store, "shared", False)
+    immediate = getattr(store, "immediate", False)
     add_service(grpc_server, SERVICE, service, INLINE_METHODS if immediate else None,
-                DEFERRED_METHODS if not immediate and not shared else ())
+                () if immediate else DEFERRED_METHODS)
     add_service(grpc_server, NOTIFICATION_SERVICE, NotificationService(registry))
     health_servicer = HealthService()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

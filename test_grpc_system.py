@@ -611,8 +611,7 @@ def test_calls_past_the_concurrency_limit_are_resource_exhausted(make_server):
 
 @allure.feature("Operations")
 @allure.story("Limits")
-def test_a_send_message_runs_on_grpcs_own_thread_unless_it_talks_to_a_shared_store(
-        make_server, new_store):
+def test_a_send_message_runs_on_grpcs_own_thread_up_to_its_commit(make_server, new_store):
     threads = []
 
     def noting_clock():
@@ -620,14 +619,11 @@ def test_a_send_message_runs_on_grpcs_own_thread_unless_it_talks_to_a_shared_sto
         threads.append(threading.current_thread().name)
         return 1_800_000_000.0
 
-    store = new_store()
-    shared = isinstance(store, presence.RedisStore)
-    server = make_server(store, clock=noting_clock)
+    server = make_server(new_store(), clock=noting_clock)
     threads.clear()  # building the server asks the time too
     with connect(f"127.0.0.1:{server.port}") as channel:
         assert send(pb_grpc.ClientServiceStub(channel), "alice", "hello").success
-    pool = [name.startswith("rpc_") for name in threads]
-    assert pool and all(pool) if shared else not any(pool), threads
+    assert threads and not any(name.startswith("rpc_") for name in threads), threads
 
 
 

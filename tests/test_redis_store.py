@@ -150,6 +150,22 @@ def test_writers_sharing_a_call_are_each_saved_or_refused_on_their_own(store):
         "2-0", "3-0", "3-1"]
 
 
+@allure.story("Compare and set")
+def test_a_call_of_more_clients_than_one_redis_command_takes_is_compared_and_saved_whole(store):
+    store.commit("bob", None, hello("bob"), (EventKind.CONNECTED, ""))
+    _, bob = store.fetch("bob")
+    many = [(f"c{number}", None, hello(f"c{number}"), (EventKind.CONNECTED, ""))
+            for number in range(4_500)]
+    results = store.commit_groups([many, [("bob", None, hello("bob", "b"),
+                                           (EventKind.CONNECTED, "b"))]])
+    with allure.step("4,500 clients (9,000 values to store, past what one Lua unpack takes) "
+                     "saved with one revision each; the stale group refused"):
+        assert results[0].ok and results[0].revisions == list(range(2, 4_502))
+        assert (results[1].ok, results[1].current) == (False, bob)
+    assert store.fetch("c4499")[0] == hello("c4499", revision=4_501)
+    assert len(store.load()[0]) == 4_501
+
+
 @allure.story("Replicas never lose an update")
 def test_concurrent_writers_on_two_stores_never_lose_an_update(stores):
     replicas = [stores(), stores()]

@@ -1580,9 +1580,9 @@ class Detacher:
     the ends queue here instead. The first end after a quiet spell waits a moment for the
     rest of its disconnect (gRPC reports a closed connection's streams one by one), and
     whatever queued while a commit ran goes in the next, so a mass disconnect of thousands
-    costs a few commits. A store that refuses is tried again
-    each second; ends still refused when the server stops stay attached in the store, and
-    become leases when a server loads it again.
+    costs a few commits. A store that refuses is tried again each second; ends still refused
+    when the server stops stay attached in the store, and become leases when a server loads
+    it again.
     """
 
     gather_seconds = DETACH_GATHER_SECONDS

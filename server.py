@@ -1991,7 +1991,8 @@ class SqliteStore:
 
     `submit` adds records to the batch now gathering and returns it; `wait` takes the
     commit lock and, unless the holder before it already saved that batch, commits
-    everything gathered so far (group commit). A lone writer thus commits with no hand-off
+    everything gathered so far (group commit), after a short wait for more while writers
+    meet (gather_seconds). A lone writer thus commits with no hand-off
     to another thread (a hand-off costs more here than the commit), and writers arriving
     while a commit runs share the next one. After every commit the database file and its
     WAL must still be the files it opened: one removed or replaced under the server would
@@ -1999,6 +2000,12 @@ class SqliteStore:
     """
 
     immediate = False
+    # While writers meet (the batch, or the last commit, holds more than one), a committer
+    # first waits this long for more to join: a commit's fixed cost (the statement, the WAL
+    # write, the file checks, waking its writers) then serves more of them. 32 calls in flight
+    # went from ~2 to ~8 records a commit, and 129 to 93 us of server CPU a call; a lone
+    # writer never waits.
+    gather_seconds = 0.0005
     SCHEMA_VERSION = 1
     _COLUMNS = ("client_id", "status", "changed_at", "last_seen", "revision", "reason", "sessions")
     _SCHEMA = """
@@ -2049,6 +2056,7 @@ class SqliteStore:
         self._pending = _Batch()
         self.durable = 0
         self.commits = 0
+        self._last_rows = 0  # records the last commit saved
         self._error = None
         self.commit_timer = None
 
@@ -2109,6 +2117,8 @@ class SqliteStore:
         """Return once batch is saved, by this thread or by the one that held the lock before:
         the last durable position."""
         if not batch.done:  # else saved by a commit since (done is set last, error before it)
+            if len(batch.records) > 1 or self._last_rows > 1:  # writers are meeting
+                time.sleep(self.gather_seconds)  # so more of them share this commit
             with self._commit_lock:  # held by a later commit, maybe: this one need not wait
                 if not batch.done:
                     self._commit_pending()
@@ -2135,6 +2145,7 @@ class SqliteStore:
                     self.commit_timer.observe(time.perf_counter() - started)
                 self.durable = batch.position
                 self.commits += 1
+                self._last_rows = len(batch.records)
         batch.error = error
         batch.done = True
 

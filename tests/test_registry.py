@@ -223,6 +223,27 @@ def test_sqlite_store_reloads_every_record_and_the_revision(tmp_path):
 
 
 @allure.story("Group commit")
+def test_writers_that_keep_meeting_share_commits_rather_than_taking_turns(tmp_path):
+    """16 writers writing in a loop: a committer waits for the others (gather_seconds), so
+    their commits hold most of them, not the 3-6 each that taking turns gave."""
+    store = presence.SqliteStore(str(tmp_path / "db.sqlite"))
+    registry = Registry(store)
+    writers, writes = 16, 100
+    start = threading.Barrier(writers)
+
+    def write(number):
+        start.wait()
+        for step in range(writes):
+            registry.apply_one(Message(f"w{number}", DISCONNECTED if step % 2 else CONNECTED))
+
+    with futures.ThreadPoolExecutor(writers) as pool:
+        for done in [pool.submit(write, number) for number in range(writers)]:
+            done.result(timeout=60)
+    assert writers * writes / store.commits >= 10, f"{store.commits} commits"
+    store.close()
+
+
+@allure.story("Group commit")
 def test_writers_arriving_during_a_commit_are_saved_by_one_commit(tmp_path):
     """While a commit waits for the disk, every writer arriving joins the next commit."""
     path = str(tmp_path / "db.sqlite")

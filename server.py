@@ -3568,6 +3568,11 @@ def _run_into(future, fn, args, kwargs):
         future.set_exception(error)
 
 
+# Two rather than one: under 32 calls in flight, SQLite's calls/s went from 0.58-0.68x to
+# 0.79-0.95x the ceiling's and a replica's from 0.42-0.47x to 0.50-0.56x; four were no better.
+FINISHER_THREADS = 2
+
+
 class CallGate(futures.Executor):
     """The executor gRPC hands calls to: a call gets a thread only once its request is in.
 
@@ -3581,7 +3586,7 @@ class CallGate(futures.Executor):
     at most stream_threads at once, and can never take the others' threads. Beyond either
     limit a call gets RESOURCE_EXHAUSTED. While no call runs on the pool, calls marked
     inline (they never wait) run on gRPC's own thread, holding no slot; so does the first
-    half of a deferred call (up to the commit), whose rest runs on the finisher thread, in
+    half of a deferred call (up to the commit), whose rest runs on a finisher thread, in
     order, once a commit saves it: such a call holds a slot but no thread meanwhile.
 
     It drives grpcio's private server internals (grpc._server) of the pinned version;
@@ -3593,9 +3598,10 @@ class CallGate(futures.Executor):
         self.max_workers = threads  # the calls' threads, as a ThreadPoolExecutor would say
         self._calls = _Lane("rpc", threads, max_concurrent)
         self._streams = _Lane("rpc-stream", stream_threads, stream_threads)
-        # One thread finishes the deferred calls in order: the first waits for a commit that
-        # saves the others too, so each after it finds its change durable.
-        self._finisher = _Lane("rpc-finish", 1, 1)
+        # Threads that finish the deferred calls, taking them in order: while one waits for a
+        # commit, another answers the calls an earlier commit saved, and the next commit starts
+        # without waiting for those answers to go out.
+        self._finisher = _Lane("rpc-finish", FINISHER_THREADS, FINISHER_THREADS)
         self._request_timeout = request_timeout
         self._lock = threading.Lock()
         self._awaiting = threading.Condition(self._lock)

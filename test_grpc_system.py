@@ -660,6 +660,57 @@ def test_the_all_clients_map_never_runs_on_grpcs_own_thread():
         server.stop(0)
     assert waiting and all(name.startswith("rpc_") for name in waiting), waiting
 
+class HeldFirstCommitStore(presence.SqliteStore):
+    """The real SQLite store whose first commit waits for `released`, counting the threads
+    waiting for a commit meanwhile."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.released = threading.Event()
+        self.waiting = 0
+        self._counting = threading.Lock()
+
+    def wait(self, batch):
+        with self._counting:
+            self.waiting += 1
+        try:
+            return super().wait(batch)
+        finally:
+            with self._counting:
+                self.waiting -= 1
+
+    def _save(self, records):
+        self.released.wait(DEADLINE)
+        super()._save(records)
+
+
+@allure.feature("Operations")
+@allure.story("Limits")
+def test_a_commit_held_open_does_not_hold_up_finishing_the_calls_after_it(tmp_path):
+    """While one call waits for its commit, the next is already being finished (waiting for
+    the commit after): answers and commits overlap rather than take turns on one thread."""
+    store = HeldFirstCommitStore(str(tmp_path / "held.db"))
+    server = presence.create_server("127.0.0.1:0", store)
+    server.start()
+    try:
+        with connect(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ClientServiceStub(channel)
+            first = stub.SendMessage.future(pb.MessageRequest(client_id="a", message="hello"))
+            deadline = time.monotonic() + DEADLINE
+            while store.waiting < 1 and time.monotonic() < deadline:
+                pass  # the first call reaches its commit, which is held
+            second = stub.SendMessage.future(pb.MessageRequest(client_id="b", message="hello"))
+            while store.waiting < 2 and time.monotonic() < deadline:
+                pass  # the second call is finished by another thread meanwhile
+            overlapped = store.waiting
+            store.released.set()
+            assert all(call.result(timeout=DEADLINE).success for call in (first, second))
+    finally:
+        store.released.set()
+        server.stop(0)
+    assert overlapped == 2, f"{overlapped} thread(s) finishing calls while a commit was held"
+
+
 @allure.feature("Operations")
 @allure.story("Command line")
 def test_help_explains_every_flag_and_its_environment_twin():

@@ -103,6 +103,12 @@ DEFAULT_KEEPALIVE_INTERVAL = 30.0  # pings cost CPU: 10,000 clients at 10 s took
 DEFAULT_KEEPALIVE_TIMEOUT = 10.0  # 5 s closed live clients of a saturated machine
 # Clients may send their own keepalive pings as often as this without being told to go away.
 MIN_CLIENT_PING_SECONDS = 1.0
+# While writers meet (this commit or the last one serves more than one), the committer first
+# waits this long for more to join: a commit's fixed cost (SQLite's statement, WAL write and
+# file checks; a replica's script call and round trip; waking the writers) then serves more of
+# them. Under 32 calls in flight: SQLite ~2 to ~6-8 records a commit, a replica ~11 to ~25 writes
+# a script call. A writer that met none in this commit or the last never waits.
+COMMIT_GATHER_SECONDS = 0.0005
 
 
 # --- data: a client's record, a change, a message --------------------------------------------
@@ -755,14 +761,6 @@ REPLICA_RENEW_SECONDS = 1.0
 REPLICA_LIVENESS_SECONDS = 5.0
 
 
-# While writers meet (the commit being made, or the last one, holds more than one), a
-# committer first waits this long for more to join: a commit's fixed cost (SQLite's statement,
-# WAL write and file checks; Redis's script call and round trip; waking the writers) then serves
-# more of them. Under 32 calls in flight: SQLite ~2 to ~6-8 records a commit, Redis ~11 to ~25
-# writes a script call. A lone writer never waits.
-COMMIT_GATHER_SECONDS = 0.0005
-
-
 class _Write:
     """One writer's messages on a replica, waiting to be committed with the others' in one
     call to the shared store, and what became of them."""
@@ -807,6 +805,8 @@ class SharedRegistry(Registry):
         self._queue_lock = threading.Lock()  # guards _queued
         self._queued: list[_Write] = []  # writes waiting for the next commit call
         self._last_writes = 0  # how many the last commit call took
+        self._gathering: list[_Write] | None = None  # the queue a writer waits to fill more
+        self._taken = threading.Condition(self._queue_lock)  # notified when a call takes the queue
         self._commit_lock = threading.Lock()  # held by the writer making the commit call
         # client id -> (stream position, record) this replica saved and the cache lacks yet
         self._saved: dict[str, tuple[tuple[int, int], Client]] = {}
@@ -1051,19 +1051,35 @@ class SharedRegistry(Registry):
         """Have queued write committed with every other write waiting meanwhile, in one store
         call: by this thread, or by the one that held the commit lock before it took write
         along."""
-        if not write.done and self._last_writes > 1:  # writers are meeting
-            time.sleep(self.gather_seconds)  # so more of them share this call
+        if not write.done and self.gather_seconds and max(len(self._queued),
+                                                          self._last_writes) > 1:
+            self._gather(write)
         with self._commit_lock:
             if not write.done:
                 self._commit_queued()
         if write.error is not None:
             raise write.error
 
+    def _gather(self, write):
+        """Writers meet: the first of the queued ones to come sleeps gather_seconds, so that more
+        join the call it makes then; the others wait until a call takes them rather than sleep
+        too (at most as long: the one that sleeps may find its write taken by an earlier call)."""
+        with self._taken:
+            queued = self._queued
+            if write not in queued:
+                return  # a call has taken it already
+            if self._gathering is queued:
+                self._taken.wait_for(lambda: self._queued is not queued, self.gather_seconds)
+                return
+            self._gathering = queued
+        time.sleep(self.gather_seconds)
+
     def _commit_queued(self):
         """Work out every queued write, each following from those before it in the call, and
         commit them in one call; called holding the commit lock."""
         with self._queue_lock:
             writes, self._queued = self._queued, []
+            self._taken.notify_all()
         self._last_writes = len(writes)
         writes.sort(key=lambda write: write.bases is None)  # retries first: their bases are fresh
         groups, taken = [], []
@@ -1990,11 +2006,13 @@ def _upsert_statement(rows):
 class _Batch:
     """Hand-overs to commit together; `done` once a commit saved them or failed (`error`)."""
 
-    __slots__ = ("records", "position", "done", "error")
+    __slots__ = ("records", "writers", "position", "gathering", "done", "error")
 
     def __init__(self):
         self.records = []
+        self.writers = 0  # hand-overs in it
         self.position = 0
+        self.gathering = False  # whether a writer waits for more to join it
         self.done = False
         self.error = None
 
@@ -2005,9 +2023,9 @@ class SqliteStore:
     `submit` adds records to the batch now gathering and returns it; `wait` takes the
     commit lock and, unless the holder before it already saved that batch, commits
     everything gathered so far (group commit), after a short wait for more while writers
-    meet (gather_seconds). A lone writer thus commits with no hand-off
-    to another thread (a hand-off costs more here than the commit), and writers arriving
-    while a commit runs share the next one. After every commit the database file and its
+    meet (gather_seconds). A lone writer thus commits at once, with no hand-off to another
+    thread (a hand-off costs more here than the commit), and writers arriving while a
+    commit runs share the next one. After every commit the database file and its
     WAL must still be the files it opened: one removed or replaced under the server would
     take every later commit with it, so the store refuses them instead.
     """
@@ -2060,11 +2078,12 @@ class SqliteStore:
             raise StoreError(f"cannot open SQLite database {path}: {error}") from error
         self._files = {name: self._identity(name) for name in (path, f"{path}-wal")}
         self._mutex = threading.Lock()  # guards _pending and _error
+        self._taken = threading.Condition(self._mutex)  # notified when a commit takes the batch
         self._commit_lock = threading.Lock()  # one commit at a time, in revision order
         self._pending = _Batch()
         self.durable = 0
         self.commits = 0
-        self._last_rows = 0  # records the last commit saved
+        self._last_writers = 0  # hand-overs the last commit saved
         self._error = None
         self.commit_timer = None
 
@@ -2118,15 +2137,16 @@ class SqliteStore:
                 raise self._error
             batch = self._pending
             batch.records.extend(records)
+            batch.writers += 1
             batch.position = position
             return batch
 
     def wait(self, batch):
         """Return once batch is saved, by this thread or by the one that held the lock before:
         the last durable position."""
+        if not batch.done and self.gather_seconds and max(batch.writers, self._last_writers) > 1:
+            self._gather(batch)
         if not batch.done:  # else saved by a commit since (done is set last, error before it)
-            if len(batch.records) > 1 or self._last_rows > 1:  # writers are meeting
-                time.sleep(self.gather_seconds)  # so more of them share this commit
             with self._commit_lock:  # held by a later commit, maybe: this one need not wait
                 if not batch.done:
                     self._commit_pending()
@@ -2134,10 +2154,21 @@ class SqliteStore:
             raise batch.error
         return self.durable
 
+    def _gather(self, batch):
+        """Writers meet: the first to wait for batch sleeps gather_seconds, so that more join it
+        before it commits; the others wait until it takes the batch rather than sleep too."""
+        with self._taken:
+            if batch.gathering:
+                self._taken.wait_for(lambda: self._pending is not batch)
+                return
+            batch.gathering = True
+        time.sleep(self.gather_seconds)
+
     def _commit_pending(self):
         """Save the batch gathering now; called holding the commit lock."""
         with self._mutex:
             batch, self._pending = self._pending, _Batch()
+            self._taken.notify_all()
             error = self._error
         if error is None and batch.records:
             started = time.perf_counter()
@@ -2153,7 +2184,7 @@ class SqliteStore:
                     self.commit_timer.observe(time.perf_counter() - started)
                 self.durable = batch.position
                 self.commits += 1
-                self._last_rows = len(batch.records)
+                self._last_writers = batch.writers
         batch.error = error
         batch.done = True
 
@@ -2525,7 +2556,7 @@ class RedisStore:
             f"{prefix}:{name}" for name in ("clients", "revision", "changes", "leases",
                                             "replicas"))
         self._closed = False
-        self.commits = 0  # commit script calls made
+        self.commits = 0  # commit script calls made (counted without a lock: a figure only)
         self._redis = self._connect(options)
         # Blocking reads wait longer than any other call, on connections of their own.
         reader_timeout = options["socket_timeout"] + REDIS_MAX_BLOCK
@@ -2979,7 +3010,7 @@ def method_handlers(service, descriptor=SERVICE, inline=None, deferred=()):
     when their request passes its test, so CallGate runs them on gRPC's own thread rather
     than handing each to a pool thread.
     Those named in deferred carry their first half (DEFERRED_METHODS), which CallGate runs
-    there too, the rest on a thread of its own that waits for the commits."""
+    there too, the rest on the finisher threads, which wait for the commits."""
     handlers = {}
     for method in descriptor.methods:
         make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
@@ -3586,8 +3617,9 @@ class CallGate(futures.Executor):
     at most stream_threads at once, and can never take the others' threads. Beyond either
     limit a call gets RESOURCE_EXHAUSTED. While no call runs on the pool, calls marked
     inline (they never wait) run on gRPC's own thread, holding no slot; so does the first
-    half of a deferred call (up to the commit), whose rest runs on a finisher thread, in
-    order, once a commit saves it: such a call holds a slot but no thread meanwhile.
+    half of a deferred call (up to the commit), whose rest one of FINISHER_THREADS threads,
+    taking them in order, runs once a commit saves it: such a call holds a slot but no
+    thread meanwhile.
 
     It drives grpcio's private server internals (grpc._server) of the pinned version;
     tests/test_hostile_peers.py fails when they change, and a call of a shape it does not

@@ -660,6 +660,7 @@ def test_the_all_clients_map_never_runs_on_grpcs_own_thread():
         server.stop(0)
     assert waiting and all(name.startswith("rpc_") for name in waiting), waiting
 
+
 class HeldFirstCommitStore(presence.SqliteStore):
     """The real SQLite store whose first commit waits for `released`, counting the threads
     waiting for a commit meanwhile."""
@@ -708,6 +709,7 @@ def test_a_commit_held_open_does_not_hold_up_finishing_the_calls_after_it(tmp_pa
     finally:
         store.released.set()
         server.stop(0)
+        store.close()
     assert overlapped == 2, f"{overlapped} thread(s) finishing calls while a commit was held"
 
 

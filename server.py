@@ -106,7 +106,7 @@ MIN_CLIENT_PING_SECONDS = 1.0
 # While writers meet (this commit or the last one serves more than one), the committer first
 # waits this long for more to join: a commit's fixed cost (SQLite's statement, WAL write and
 # file checks; a replica's script call and round trip; waking the writers) then serves more of
-# them. Under 32 calls in flight: SQLite ~2 to ~6-8 records a commit, a replica ~11 to ~25 writes
+# them. Under 32 calls in flight: SQLite ~2 to ~6 records a commit, a replica ~11 to ~26 writes
 # a script call. A writer that met none in this commit or the last never waits.
 COMMIT_GATHER_SECONDS = 0.0005
 
@@ -1051,8 +1051,8 @@ class SharedRegistry(Registry):
         """Have queued write committed with every other write waiting meanwhile, in one store
         call: by this thread, or by the one that held the commit lock before it took write
         along."""
-        if not write.done and self.gather_seconds and max(len(self._queued),
-                                                          self._last_writes) > 1:
+        meeting = max(len(self._queued), self._last_writes) > 1  # a stale length will do
+        if meeting and self.gather_seconds and not write.done:
             self._gather(write)
         with self._commit_lock:
             if not write.done:

@@ -4122,6 +4122,11 @@ def check_can_listen(address):
     raise OSError(words.format(host=host, port=port, why=problem.strerror))
 
 
+def registry_class(store):
+    """The registry a store needs: a cache of it when several servers share it (Redis)."""
+    return SharedRegistry if getattr(store, "shared", False) else Registry
+
+
 def create_server(
     address,
     store,
@@ -4165,9 +4170,8 @@ def create_server(
     interceptors = [metrics] if metrics else []
     if security.token:  # outermost, so its refusal reaches the gate unwrapped
         interceptors.insert(0, TokenCheck(security.token, security.public_reads))
-    kind = SharedRegistry if getattr(store, "shared", False) else Registry
     with loading():
-        registry = kind(store, clock, watch_history, max_sessions)
+        registry = registry_class(store)(store, clock, watch_history, max_sessions)
     expired = registry.expire_due()
     if expired:
         logger.info("%d sessions' leases ran out while the server was down", len(expired))

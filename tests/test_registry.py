@@ -222,6 +222,14 @@ def test_sqlite_store_reloads_every_record_and_the_revision(tmp_path):
     reopened.close()
 
 
+def registry_gathering(store, seconds):
+    """The registry store needs, its committers gathering writers for seconds (a replica's
+    registry gathers for its Redis script calls, the SQLite store for its commits)."""
+    registry = presence.registry_class(store)(store)
+    (registry if getattr(store, "shared", False) else store).gather_seconds = seconds
+    return registry
+
+
 @allure.story("Group commit")
 @pytest.mark.parametrize("new_store", ["sqlite", "redis"], indirect=True)
 def test_writers_that_keep_meeting_share_commits_rather_than_taking_turns(new_store):
@@ -229,9 +237,7 @@ def test_writers_that_keep_meeting_share_commits_rather_than_taking_turns(new_st
     made 20 ms here so that a busy machine cannot outlast it), so a commit holds most of
     them, not the 3-10 each that taking turns gave."""
     store = new_store()
-    shared = getattr(store, "shared", False)
-    registry = (presence.SharedRegistry if shared else Registry)(store)
-    (registry if shared else store).gather_seconds = 0.02
+    registry = registry_gathering(store, 0.02)
     writers, writes = 16, 25
     start = threading.Barrier(writers)
 
@@ -255,9 +261,7 @@ def test_a_lone_writer_commits_at_once_even_with_several_messages(new_store):
     """The gather is for writers that meet: one writer alone never waits for it, however many
     messages it sends at once (made 30 s here, so waiting would show)."""
     store = new_store()
-    shared = getattr(store, "shared", False)
-    registry = (presence.SharedRegistry if shared else Registry)(store)
-    (registry if shared else store).gather_seconds = 30
+    registry = registry_gathering(store, 30)
     try:
         with futures.ThreadPoolExecutor(1) as pool:
             for step in range(3):

@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import timeit
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rich.table import Table
@@ -24,7 +25,7 @@ from generated import connection_pb2 as pb
 
 logger = logging.getLogger("bench")
 
-TARGETS = ("memory", "sqlite", "memory+lease")
+TARGETS = ("memory", "sqlite", "memory+lease", "redis", "redis-2")
 TOP = 25
 SAMPLE_RATE = 100
 
@@ -66,13 +67,23 @@ def record(pid, seconds, rate, output):
         raise BenchError(f"py-spy failed: {done.stderr.strip()[-500:]}")
 
 
+def record_all(pids, seconds, rate, outputs):
+    """record() each of pids at once (the replicas of one target), each into its output."""
+    with ThreadPoolExecutor(len(pids)) as pool:
+        list(pool.map(lambda pid, output: record(pid, seconds, rate, output), pids, outputs))
+
+
 def read_stacks(path):
     """The collapsed stacks: (frames from the thread's root, samples) per line."""
-    stacks = []
+    stacks, torn = [], 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if stack:
+        if stack and count.isdigit():
             stacks.append((stack.split(";"), int(count)))
+        elif line:
+            torn += 1
+    if torn:  # --nonblocking reads a frame as it changes now and then: a name torn in two
+        logger.debug("%s: %d lines without a count left out", path, torn)
     return stacks
 
 
@@ -107,7 +118,9 @@ def profile_target(run, name):
     server = run.start_server(name)
     folder = args.profile_dir
     folder.mkdir(parents=True, exist_ok=True)
-    output = folder / f"{name}.txt"
+    count = len(server.pids)
+    outputs = ([folder / f"{name}.txt"] if count == 1 else
+               [folder / f"{name}-replica-{number}.txt" for number in range(1, count + 1)])
     shape = args.load[0]
     jobs = load_specs(run, server.addresses, shape=shape, processes=args.processes,
                       in_flight=args.in_flight, tag=f"profile-{shape}",
@@ -117,13 +130,14 @@ def profile_target(run, name):
         measured = measured_window(
             run, server, group, warmup=args.warmup, seconds=args.window,
             label=f"profile ({shape}): {name}",
-            measure=lambda start_ns, end_ns: record(server.pid, (end_ns - start_ns) / 1e9,
-                                                    args.profile_rate, output))
+            measure=lambda start_ns, end_ns: record_all(server.pids, (end_ns - start_ns) / 1e9,
+                                                        args.profile_rate, outputs))
     calls = sum(len(outcome["latencies"]) for outcome in measured.outcomes)
     server.stop()
-    logger.info("%s: stacks in %s", name, output)
-    return {"stacks": str(output), "shape": shape, "calls": calls,
-            **measured.cpu(calls), **top_functions(read_stacks(output), args.profile_top)}
+    logger.info("%s: stacks in %s", name, ", ".join(map(str, outputs)))
+    stacks = [stack for output in outputs for stack in read_stacks(output)]
+    return {"stacks": ", ".join(map(str, outputs)), "shape": shape, "calls": calls,
+            **measured.cpu(calls), **top_functions(stacks, args.profile_top)}
 
 
 def floor(call, number=20_000, repeat=7):

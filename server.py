@@ -746,10 +746,13 @@ class Registry:
 
 
 # A replica on a shared store: how long the follower waits on the stream per read, how many
-# entries it takes at once, how long a read waits for the cache to catch up, how often a
-# write is worked out again after another replica changed the same client first.
+# entries it (or a commit call's answer) takes at once, how long it rests after a commit call
+# brought the others' writes (the next is likely to bring more; the longest the others' writes
+# then wait for this replica's watchers), how long a read waits for the cache to catch up, how
+# often a write is worked out again after another replica changed the same client first.
 SHARED_FOLLOW_BLOCK = 1.0
 SHARED_FOLLOW_BATCH = 1000
+SHARED_FOLLOW_REST = 0.02
 SHARED_CATCH_UP_SECONDS = 5.0
 SHARED_RETRY_SECONDS = 0.5
 SHARED_MAX_CONFLICTS = 20
@@ -784,9 +787,11 @@ class SharedRegistry(Registry):
     Writes go to the store, which compares the record each was worked out from with the
     stored one and takes the next revision of the one sequence of every replica; a refusal
     means another replica changed the client meanwhile, so the change is worked out again
-    from the stored record. A follower thread applies the store's stream of writes to the
-    cache in order, the only way records reach it, and a writer returns once the follower
-    has applied its own write. A read first asks the store how far it is (one round trip)
+    from the stored record. Records reach the cache only from the store's stream of writes,
+    in its order: in the answer to each commit call, which brings every entry since the
+    cache's position (the others' writes, then the call's own), and by a follower thread that
+    reads the stream while this replica makes no commit calls; a writer returns once its own
+    write is in the cache. A read first asks the store how far it is (one round trip)
     and waits until the cache has caught up: a read on any replica sees every write
     acknowledged anywhere before it began, and a replica that cannot reach the store
     refuses (StoreError) rather than answer from a stale cache. Leases live in the store,
@@ -795,6 +800,7 @@ class SharedRegistry(Registry):
 
     _store: "RedisStore"  # type: ignore[assignment]  # the shared store's API, not Store's
     gather_seconds = COMMIT_GATHER_SECONDS
+    follow_rest_seconds = SHARED_FOLLOW_REST
 
     def __init__(self, store: "RedisStore", clock: Callable[[], float] = time.time,
                  history: int = DEFAULT_WATCH_HISTORY, max_sessions: int = DEFAULT_MAX_SESSIONS):
@@ -802,6 +808,8 @@ class SharedRegistry(Registry):
         self._unreachable = None  # why the follower cannot reach the store, or None
         self._failures = 0  # the follower's failed reads so far
         self._retry = threading.Event()  # set to have the follower try again at once
+        self._wanted = threading.Event()  # set to have a resting follower read at once
+        self._followed_at = 0.0  # when a commit call last brought the cache up to date
         self._queue_lock = threading.Lock()  # guards _queued
         self._queued: list[_Write] = []  # writes waiting for the next commit call
         self._last_writes = 0  # how many the last commit call took
@@ -828,6 +836,7 @@ class SharedRegistry(Registry):
         (a let-go the store refused) is then ended by the other replicas."""
         self._stopping.set()
         self._retry.set()
+        self._wanted.set()
 
     # -- liveness: this replica's streams hold their sessions only while it says it lives
 
@@ -890,13 +899,22 @@ class SharedRegistry(Registry):
     # -- the follower: the store's stream into the cache, in order
 
     def _follow(self):
-        at = f"{self._applied[0]}-{self._applied[1]}"
+        """Read the stream into the cache, resting while this replica's own commit calls bring
+        it (a commit answers the entries since the cache's position) unless a reader wants it."""
         while not self._stopping.is_set():
+            rest = self._followed_at + self.follow_rest_seconds - time.monotonic()
+            if rest > 0 and self._unreachable is None and not self._wanted.is_set():
+                self._wanted.wait(rest)
+                continue
+            self._wanted.clear()
+            at = entry_id(self._applied)
             try:
                 entries = self._store.read_changes(at, SHARED_FOLLOW_BLOCK, SHARED_FOLLOW_BATCH)
             except ChangesTrimmed as error:
+                if entry_id(self._applied) != at:
+                    continue  # a commit call's answer brought the cache on meanwhile
                 logger.warning("%s: loading every record again", error)
-                at = self._reload()
+                self._reload()
                 continue
             except StoreError as error:
                 if self._stopping.is_set():
@@ -909,26 +927,26 @@ class SharedRegistry(Registry):
                 logger.info("the shared store is reachable again; catching up")
                 self._unreachable = None
             if entries:
-                at = entries[-1][0]
-                self._apply_entries(entries)
+                self._apply_entries([(stream_id(entry[0]), *entry[1:]) for entry in entries])
 
     def _reload(self):
         """The stream no longer holds what the cache lacks: take every record afresh, and cut
-        off the watchers, which then resume from a snapshot. Returns the new position."""
+        off the watchers, which then resume from a snapshot."""
         try:
             records, at = self._store.load()
         except StoreError as error:
             self._lost(error)
             self._retry.wait(SHARED_RETRY_SECONDS)
-            return f"{self._applied[0]}-{self._applied[1]}"
+            return
         with self._lock:
+            if stream_id(at) < self._applied:
+                return  # commit calls' answers brought the cache further meanwhile
             self._clients, self._saved = {}, {}
             self._load(records)
             self._applied = stream_id(at)
             self.durable_revision = self.revision
             self.log.restart(self.revision)
             self._caught_up.notify_all()
-        return at
 
     def _lost(self, error):
         if self._unreachable is None:
@@ -939,22 +957,35 @@ class SharedRegistry(Registry):
             self._caught_up.notify_all()
 
     def _apply_entries(self, entries):
-        """Install the stream's records in order; the changes among them go to the log."""
+        """Install the stream's entries ((position, record, kind, session id)) in order; the
+        changes among them go to the log."""
         with self._lock:
-            changes = []
-            for entry_id, record, kind, session_id in entries:
-                self._install_locked(self._published, (record,), ())
-                if kind is not None:
-                    changes.append(Change(kind, record, session_id))
-                self._applied = stream_id(entry_id)
-                saved = self._saved.get(record.client_id) if self._saved else None
-                if saved is not None and saved[0] <= self._applied:
-                    del self._saved[record.client_id]
-            if changes:
-                self.log.append(changes)
-                self.revision = self.durable_revision = changes[-1].revision
-            self._caught_up.notify_all()
+            self._apply_entries_locked(entries)
         self.log.advance(self.durable_revision)
+
+    def _apply_entries_locked(self, entries):
+        """Install the entries that run on from the cache's position, leaving out those it
+        already has (a commit call and the follower may both bring them); whether they ran
+        on."""
+        entries = [entry for entry in entries if entry[0] > self._applied]
+        if not entries:
+            return True
+        if not follows(self._applied, entries[0][0]):
+            return False
+        changes = []
+        for position, record, kind, session_id in entries:
+            self._install_locked(self._published, (record,), ())
+            if kind is not None:
+                changes.append(Change(kind, record, session_id))
+            saved = self._saved.get(record.client_id) if self._saved else None
+            if saved is not None and saved[0] <= position:
+                del self._saved[record.client_id]
+        self._applied = entries[-1][0]
+        if changes:
+            self.log.append(changes)
+            self.revision = self.durable_revision = changes[-1].revision
+        self._caught_up.notify_all()
+        return True
 
     def _wait_applied(self, position):
         """Wait until the cache has reached position of the stream, or refuse: when the
@@ -965,6 +996,7 @@ class SharedRegistry(Registry):
             if self._unreachable is not None:
                 self._retry.set()  # the store answered the caller just now: try again at once
             while self._applied < position:
+                self._wanted.set()  # a resting follower reads at once, again if one read fell short
                 if self._failures > failures:
                     raise StoreError(self._unreachable)
                 remaining = deadline - time.monotonic()
@@ -1091,8 +1123,11 @@ class SharedRegistry(Registry):
                     taken.append(write)
                 except Exception as error:  # a limit or the check: this writer's alone
                     write.error, write.done = error, True
+        if not groups:  # every write refused by a limit or its check
+            return
         try:
-            results = self._store.commit_groups(groups)
+            results, before = self._store.commit_following(groups, entry_id(self._applied),
+                                                           SHARED_FOLLOW_BATCH)
         except Exception as error:  # each writer hears of it: none is left to wait or retry
             failure = error if isinstance(error, StoreError) else StoreError(
                 f"the shared store could not save the change: {error}")
@@ -1100,10 +1135,31 @@ class SharedRegistry(Registry):
                 write.error, write.done = failure, True
             return
         with self._lock:
+            try:
+                followed = before is not None and self._apply_entries_locked(
+                    [(stream_id(entry[0]), *entry[1:]) for entry in before]
+                    + list(self._entries_saved(taken, results)))
+            except Exception:  # saved all the same: the writers hear so, the follower reads it
+                logger.exception("cannot install what a commit call answered")
+                followed = False
             for write, result in zip(taken, results, strict=True):
                 write.result, write.done = result, True
                 if result.ok:
                     self._remember_saved_locked(write.results, result)
+        if followed:  # else the writers have the follower read what the answer lacked
+            self._followed_at = time.monotonic()
+            self.log.advance(self.durable_revision)
+
+    @staticmethod
+    def _entries_saved(writes, results):
+        """The stream entries a commit call added for writes, in order, as the follower would
+        read them: (position, record, kind or None, session id)."""
+        for write, result in zip(writes, results, strict=True):
+            if result.ok:
+                for (record, change), revision, entry_id in zip(
+                        write.results, result.revisions, result.ids, strict=True):
+                    yield (stream_id(entry_id), record._replace(revision=revision),
+                           change and change.kind, change.session_id if change else "")
 
     def _decide_write_locked(self, write, called):
         """Write's outcome and its commit items, from the records after the writes before it in
@@ -1135,7 +1191,7 @@ class SharedRegistry(Registry):
 
     def _base_locked(self, client_id):
         """The newest record of a client this replica knows and its stored bytes: one it saved
-        itself that the follower has yet to apply, else the cache's."""
+        itself that the cache lacks yet, else the cache's."""
         saved = self._saved.get(client_id)
         if saved is not None:
             if saved[0] > self._applied:
@@ -1145,8 +1201,8 @@ class SharedRegistry(Registry):
         return record, encode_record(record) if record is not None else None
 
     def _remember_saved_locked(self, results, result):
-        """Keep the records a call saved until the follower has them, so the next call works
-        out changes from them rather than from the cache they have not reached."""
+        """Keep the records a call saved until the cache has them, so the next call works out
+        changes from them rather than from the cache they have not reached."""
         for (record, _), revision, entry_id in zip(results, result.revisions, result.ids,
                                                    strict=True):
             position = stream_id(entry_id)
@@ -2259,14 +2315,17 @@ _LEASE_SEPARATOR = "\0"  # ids never hold control characters
 # appended to the stream: a change as <its new revision>-0, a renewal (no revision of its own)
 # as <the current revision>-<n>.
 # KEYS: the records hash, the revision counter, the change stream, the lease set.
-# ARGV: the history to keep; then per group its number of items and per item: client id, the
-# record its writer read ('' when none), the record after its revision, the event kind ('' for
-# a renewal), the session id, the revision a renewal keeps, how many lease members to remove
-# and those members, how many leases to set and a score and member for each. Two passes:
-# compare, then save.
+# ARGV: the history to keep; the stream id its caller has read up to ('' when it follows no
+# stream) and how many entries after it to answer at most; then per group its number of items
+# and per item: client id, the record its writer read ('' when none), the record after its
+# revision, the event kind ('' for a renewal), the session id, the revision a renewal keeps,
+# how many lease members to remove and those members, how many leases to set and a score and
+# member for each. Two passes: compare, then save.
 # Answers {the revision of each item (0 when refused), the stream id of each item saved, the
 # stored record of each item refused (after the call), per group the position in it of the
-# item whose stored record had changed (0 when it followed a refused group or was saved)}.
+# item whose stored record had changed (0 when it followed a refused group or was saved), the
+# entries after the caller's stream id that came before this call's}: a replica follows the
+# others' writes in the answer to its own, without a read of the stream per commit.
 # Redis's own time goes mostly to each command a script calls, so per item it calls only XADD:
 # the stored records come in one HMGET, the saved ones go in one HSET (1,000 values a call at
 # most, what unpack takes), the revision is read and set once, the stream trimmed once.
@@ -2287,7 +2346,7 @@ return 0""",
 )
 
 _COMMIT_SCRIPT = """
-local history, count, at = ARGV[1], #ARGV, 2
+local history, count, at = ARGV[1], #ARGV, 4
 local function skip(from)
   local leases_at = from + 7 + tonumber(ARGV[from + 6])
   return leases_at + 1 + 2 * tonumber(ARGV[leases_at])
@@ -2320,7 +2379,7 @@ for position, current in ipairs(in_chunks('HMGET', KEYS[1], names, 1000)) do
   stored[names[position]] = current or ''
 end
 local compared, refused, groups, conflicts = {}, {}, {}, {}
-at = 2
+at = 4
 while at <= count do
   local size, clients, conflict = tonumber(ARGV[at]), {}, nil
   local group = {at + 1, size}
@@ -2342,6 +2401,10 @@ while at <= count do
   group[3] = conflict
   groups[#groups + 1] = group
   conflicts[#groups] = conflict or 0
+end
+local before = {}
+if ARGV[2] ~= '' then
+  before = redis.call('XRANGE', KEYS[3], '(' .. ARGV[2], '+', 'COUNT', ARGV[3])
 end
 local newest = tonumber(redis.call('GET', KEYS[2]) or '0')
 local last = newest
@@ -2389,7 +2452,7 @@ if newest ~= last then redis.call('SET', KEYS[2], string.format('%d', newest)) e
 for position, client in ipairs(currents) do
   if client then currents[position] = redis.call('HGET', KEYS[1], client) or false end
 end
-return {revisions, ids, currents, conflicts}
+return {revisions, ids, currents, conflicts, before}
 """
 
 
@@ -2474,6 +2537,11 @@ def stream_id(text: str | bytes) -> tuple[int, int]:
     """A stream entry id as (revision, renewals since it)."""
     revision, _, renewal = (text.decode() if isinstance(text, bytes) else text).partition("-")
     return int(revision), int(renewal or 0)
+
+
+def entry_id(position: tuple[int, int]) -> str:
+    """A stream position back as the entry id Redis knows it by."""
+    return f"{position[0]}-{position[1]}"
 
 
 def follows(previous: tuple[int, int], entry: tuple[int, int]) -> bool:
@@ -2648,9 +2716,14 @@ class RedisStore:
     def commit_groups(self, groups: Sequence[Sequence[CommitItem]]) -> list[CommitResult]:
         """Save the groups of several writers in one round trip, each group as commit_many
         would; a group refused refuses the later groups that share a client with it."""
-        if not groups:
-            return []
-        revisions, ids, currents, conflicts = self._run_commit(groups)
+        return self.commit_following(groups)[0] if groups else []
+
+    def commit_following(self, groups: Sequence[Sequence[CommitItem]], since: str = "",
+                         count: int = 0) -> tuple[list[CommitResult], list | None]:
+        """commit_groups, and in the same round trip up to count stream entries after since
+        that came before this call's (as read_changes gives them), or None when they do not
+        run on from since (the stream was trimmed) or count of them did not reach this call's."""
+        revisions, ids, currents, conflicts, before = self._run_commit(groups, since, count)
         results, start = [], 0
         for group, conflict in zip(groups, conflicts, strict=True):
             end = start + len(group)
@@ -2664,11 +2737,29 @@ class RedisStore:
                 results.append(CommitResult(False, [], conflict - 1,
                                             stored[group[max(conflict - 1, 0)][0]], [], stored))
             start = end
-        return results
+        return results, self._entries_before(since, count, before)
 
-    def _run_commit(self, groups):
-        """Call the commit script on groups of items."""
-        arguments: list = [self._history]
+    def _entries_before(self, since, count, entries):
+        """The entries a commit call answered after since, decoded; None when they leave a gap
+        after since or before the call's own, or cannot be read (the call saved all the same:
+        the follower reads them, and says what is wrong)."""
+        if not since or len(entries) >= count:
+            return None
+        try:
+            self._check_follows(since, entries)
+            return [self._decode_entry((position, dict(zip(fields[::2], fields[1::2],
+                                                           strict=True))))
+                    for position, fields in entries]
+        except ChangesTrimmed:
+            return None
+        except (ValueError, UnicodeError, KeyError) as error:
+            logger.warning("cannot read the entries a commit call answered (%s); the follower "
+                           "reads them", error)
+            return None
+
+    def _run_commit(self, groups, since="", count=0):
+        """Call the commit script on groups of items, asking for the entries after since."""
+        arguments: list = [self._history, since, count]
         previous: dict[str, Client] = {}
         for items in groups:
             arguments.append(len(items))

@@ -213,7 +213,8 @@ def test_redis_reports_its_own_cpu_per_write_and_two_replicas_share_the_load(smo
             assert figures["redis_cpu_us_per_write"] == pytest.approx(
                 figures["redis_cpu_s"] * 1e6 / figures["calls"]), name
             assert figures["writes_per_script_call"] > 0, name  # Redis counted the calls
-            assert figures["follower_reads_per_write"] > 0, name
+            # a replica that writes follows the others in its commit answers: hardly a read
+            assert figures["follower_reads_per_write"] < 0.05, name
         assert rows["redis"]["busiest_replica_share"] == 1
         assert 0.5 <= rows["redis-2"]["busiest_replica_share"] < 1, "both replicas served calls"
         assert rows["redis-2"]["cpu_vs_redis"] == pytest.approx(

@@ -239,6 +239,36 @@ def test_read_changes_returns_the_entries_after_an_id_in_order(stores):
 
 
 @allure.story("Change stream")
+def test_a_commit_answers_the_entries_after_an_id_that_came_before_its_own(stores):
+    """A replica follows the others' writes in the answers to its own commits: the entries
+    after its position, as read_changes gives them, or None where they would leave a gap."""
+    writer, replica = stores(history=10), stores()
+    for index in range(3):
+        writer.commit(f"c{index}", None, hello(f"c{index}"), (EventKind.CONNECTED, ""))
+    writer.commit("c2", writer.fetch("c2")[1], hello("c2", seen=NOW + 1, revision=3), None)
+
+    def mine(name):
+        return [(name, None, hello(name), (EventKind.CONNECTED, ""))]
+
+    (result,), before = replica.commit_following([mine("m1")], "1-0", 10)
+    assert result.ok and result.ids == ["4-0"]
+    assert before == writer.read_changes("1-0", 0, 3)
+    assert [(entry_id, record.client_id, kind) for entry_id, record, kind, _ in before] == [
+        ("2-0", "c1", EventKind.CONNECTED), ("3-0", "c2", EventKind.CONNECTED),
+        ("3-1", "c2", None)]
+    with allure.step("as many entries as asked for may not reach the call's own: None"):
+        assert replica.commit_following([mine("m2")], "3-1", 1)[1] is None
+        before = replica.commit_following([mine("m3")], "4-0", 2)[1]
+        assert [entry_id for entry_id, *_ in before] == ["5-0"]
+    with allure.step("none asked for, or past the trimmed history: None"):
+        assert replica.commit_following([mine("m4")], "", 10)[1] is None
+        for first in range(0, 300, 100):
+            writer.commit_many([(f"t{index}", None, hello(f"t{index}"), (EventKind.CONNECTED, ""))
+                                for index in range(first, first + 100)])
+        assert replica.commit_following([mine("m5")], "1-0", 1000)[1] is None
+
+
+@allure.story("Change stream")
 def test_past_the_trimmed_history_a_reader_is_told_to_load_again(stores):
     store = stores(history=10)
     for first in range(0, 300, 100):

@@ -4,16 +4,19 @@ replica does while it cannot reach Redis."""
 
 import shutil
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import allure
 import grpc
 import pytest
+import redis
 
 import server as presence
 from conftest import DEADLINE, Watch, connect, goodbye, hello
 from generated import connection_pb2 as pb
 from generated import connection_pb2_grpc as pb_grpc
+from server import Message, Status
 
 pytestmark = [allure.feature("Replicas")]
 
@@ -58,6 +61,100 @@ def refusal(call, request):
     with pytest.raises(grpc.RpcError) as caught:
         call(request, timeout=CALL_DEADLINE)
     return caught.value
+
+
+@pytest.fixture
+def registries(redis_url):
+    """Open `registries(n)` replicas' registries on this test's Redis, without gRPC; each
+    with a follower that rests 60 s once a commit call brought its cache up to date, so a
+    read of the stream shows in Redis's command counts."""
+    opened = []
+
+    def open_some(count):
+        for _ in range(count):
+            registry = presence.SharedRegistry(presence.RedisStore(redis_url))
+            registry.follow_rest_seconds = 60
+            opened.append(registry)
+        return opened[-count:]
+
+    yield open_some
+    for registry in opened:
+        registry.close()
+        registry._store.close()
+
+
+def stream_reads(redis_url):
+    """How many XREADs Redis has run: a follower's reads of the stream."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return client.info("commandstats").get("cmdstat_xread", {}).get("calls", 0)
+    finally:
+        client.close()
+
+
+def wait_until_no_read_blocks(redis_url):
+    """Wait until no follower waits in a blocking read of the stream: each rests."""
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + DEADLINE
+    try:
+        while client.info("clients")["blocked_clients"]:
+            assert time.monotonic() < deadline, "a follower still reads the stream"
+    finally:
+        client.close()
+
+
+@allure.story("Replicas follow each other")
+def test_a_replica_that_keeps_writing_follows_the_others_in_its_commit_answers(registries,
+                                                                            redis_url):
+    """Each commit call answers the entries since the replica's position, so a replica that
+    writes has the others' writes without a read of the stream per commit (the 0.27 reads
+    a write two loaded replicas made)."""
+    mine, other = registries(2)
+    other.apply_one(Message("x", Status.CONNECTED))
+    mine.apply_one(Message("m", Status.CONNECTED))
+    wait_until_no_read_blocks(redis_url)  # from now on both followers rest
+    reads = stream_reads(redis_url)
+    for step in range(20):
+        written, _ = other.apply_one(Message(f"o{step}", Status.CONNECTED))
+        saved, _ = mine.apply_one(Message(f"m{step}", Status.CONNECTED))
+        assert saved.revision == written.revision + 1
+        changes = mine.log.read(written.revision - 1)
+        assert [(change.record.client_id, change.revision) for change in changes] == [
+            (f"o{step}", written.revision), (f"m{step}", saved.revision)]
+    assert stream_reads(redis_url) == reads, "a follower read the stream"
+
+
+@allure.story("Replicas follow each other")
+def test_a_read_on_a_resting_replica_sees_another_replicas_write_at_once(registries,
+                                                                         redis_url):
+    """A reader does not wait out a follower resting between commits: it has it read now."""
+    mine, other = registries(2)
+    other.apply_one(Message("x", Status.CONNECTED))
+    mine.apply_one(Message("m", Status.CONNECTED))
+    wait_until_no_read_blocks(redis_url)
+    other.apply_one(Message("o", Status.CONNECTED))
+    started = time.monotonic()
+    assert mine.get("o").status == Status.CONNECTED
+    assert time.monotonic() - started < presence.SHARED_CATCH_UP_SECONDS
+
+
+@allure.story("Replicas follow each other")
+def test_a_commit_whose_answer_cannot_hold_all_it_missed_has_the_follower_read_it(registries,
+                                                                                 redis_url):
+    """More writes of the others than a commit answers (SHARED_FOLLOW_BATCH): the writer has
+    its resting follower read them rather than wait out the catch-up time."""
+    mine, other = registries(2)
+    other.apply_one(Message("x", Status.CONNECTED))
+    mine.apply_one(Message("m", Status.CONNECTED))
+    wait_until_no_read_blocks(redis_url)
+    other.apply_many([Message(f"o{n}", Status.CONNECTED)
+                      for n in range(presence.SHARED_FOLLOW_BATCH)])
+    started = time.monotonic()
+    saved, change = mine.apply_one(Message("m2", Status.CONNECTED))
+    assert time.monotonic() - started < presence.SHARED_CATCH_UP_SECONDS
+    assert [(logged.kind, logged.record) for logged in mine.log.read(saved.revision - 1)] \
+        == [(change.kind, saved)]
+    assert mine.counts().connected == presence.SHARED_FOLLOW_BATCH + 3
 
 
 @allure.story("One revision sequence")

@@ -1010,11 +1010,17 @@ class SharedRegistry(Registry):
         seen = self._applied  # before asking: the store held it then, so must hold it now
         newest = stream_id(self._store.last_id())
         if newest < seen:
-            logger.error("the shared store's changes end at %s, before this replica's %s: it "
-                         "lost writes; refusing", newest, seen)
-            raise StoreError("the shared store has lost changes this replica had seen (was "
-                             "Redis restored or run without appendonly?); restart the replicas")
+            raise self._lost_changes(newest, seen)
         self._wait_applied(newest)
+
+    @staticmethod
+    def _lost_changes(newest, seen):
+        """The refusal once the store's stream is found to end (or go on) at or before what
+        this replica had seen: it lost writes, and would give their revisions out again."""
+        logger.error("the shared store's changes go on from %s, not after this replica's %s: "
+                     "it lost writes; refusing", entry_id(newest), entry_id(seen))
+        return StoreError("the shared store has lost changes this replica had seen (was Redis "
+                          "restored or run without appendonly?); restart the replicas")
 
     # -- writes: compare-and-set in the store, several writers in one call, retried from the
     # stored record
@@ -1125,9 +1131,13 @@ class SharedRegistry(Registry):
                     write.error, write.done = error, True
         if not groups:  # every write refused by a limit or its check
             return
+        since = self._applied
         try:
-            results, before = self._store.commit_following(groups, entry_id(self._applied),
+            results, before = self._store.commit_following(groups, entry_id(since),
                                                            SHARED_FOLLOW_BATCH)
+            first = next((stream_id(result.ids[0]) for result in results if result.ok), None)
+            if first is not None and first <= since:  # a revision this replica saw, again
+                raise self._lost_changes(first, since)
         except Exception as error:  # each writer hears of it: none is left to wait or retry
             failure = error if isinstance(error, StoreError) else StoreError(
                 f"the shared store could not save the change: {error}")

@@ -454,3 +454,7 @@ def test_a_redis_that_lost_changes_a_replica_had_seen_is_refused(in_process_repl
         error = refusal(stub.GetClientStatus, pb.ClientStatusRequest(client_id="c0"))
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert "lost changes this replica had seen" in error.details()
+        with allure.step("a write too, rather than answer with a revision it gave out before"):
+            error = refusal(stub.SendMessage, pb.MessageRequest(client_id="c9", message="hello"))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert "lost changes this replica had seen" in error.details()

@@ -133,9 +133,8 @@ def test_a_read_on_a_resting_replica_sees_another_replicas_write_at_once(registr
     mine.apply_one(Message("m", Status.CONNECTED))
     wait_until_no_read_blocks(redis_url)
     other.apply_one(Message("o", Status.CONNECTED))
-    started = time.monotonic()
+    # without the follower reading now, the read gives up after SHARED_CATCH_UP_SECONDS
     assert mine.get("o").status == Status.CONNECTED
-    assert time.monotonic() - started < presence.SHARED_CATCH_UP_SECONDS
 
 
 @allure.story("Replicas follow each other")
@@ -149,9 +148,9 @@ def test_a_commit_whose_answer_cannot_hold_all_it_missed_has_the_follower_read_i
     wait_until_no_read_blocks(redis_url)
     other.apply_many([Message(f"o{n}", Status.CONNECTED)
                       for n in range(presence.SHARED_FOLLOW_BATCH)])
-    started = time.monotonic()
     saved, change = mine.apply_one(Message("m2", Status.CONNECTED))
-    assert time.monotonic() - started < presence.SHARED_CATCH_UP_SECONDS
+    # without the follower reading now, the write returns after SHARED_CATCH_UP_SECONDS with
+    # its change not in the log yet
     assert [(logged.kind, logged.record) for logged in mine.log.read(saved.revision - 1)] \
         == [(change.kind, saved)]
     assert mine.counts().connected == presence.SHARED_FOLLOW_BATCH + 3

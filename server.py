@@ -907,11 +907,11 @@ class SharedRegistry(Registry):
                 self._wanted.wait(rest)
                 continue
             self._wanted.clear()
-            at = entry_id(self._applied)
+            at = id_at(self._applied)
             try:
                 entries = self._store.read_changes(at, SHARED_FOLLOW_BLOCK, SHARED_FOLLOW_BATCH)
             except ChangesTrimmed as error:
-                if entry_id(self._applied) != at:
+                if id_at(self._applied) != at:
                     continue  # a commit call's answer brought the cache on meanwhile
                 logger.warning("%s: loading every record again", error)
                 self._reload()
@@ -927,7 +927,7 @@ class SharedRegistry(Registry):
                 logger.info("the shared store is reachable again; catching up")
                 self._unreachable = None
             if entries:
-                self._apply_entries([(stream_id(entry[0]), *entry[1:]) for entry in entries])
+                self._apply_entries(entries)
 
     def _reload(self):
         """The stream no longer holds what the cache lacks: take every record afresh, and cut
@@ -957,8 +957,8 @@ class SharedRegistry(Registry):
             self._caught_up.notify_all()
 
     def _apply_entries(self, entries):
-        """Install the stream's entries ((position, record, kind, session id)) in order; the
-        changes among them go to the log."""
+        """Install the stream's entries ((id, record, kind, session id)) in order; the changes
+        among them go to the log."""
         with self._lock:
             self._apply_entries_locked(entries)
         self.log.advance(self.durable_revision)
@@ -967,7 +967,8 @@ class SharedRegistry(Registry):
         """Install the entries that run on from the cache's position, leaving out those it
         already has (a commit call and the follower may both bring them); whether they ran
         on."""
-        entries = [entry for entry in entries if entry[0] > self._applied]
+        entries = [(position, *entry[1:]) for entry in entries
+                   if (position := stream_id(entry[0])) > self._applied]
         if not entries:
             return True
         if not follows(self._applied, entries[0][0]):
@@ -1018,7 +1019,7 @@ class SharedRegistry(Registry):
         """The refusal once the store's stream is found to end (or go on) at or before what
         this replica had seen: it lost writes, and would give their revisions out again."""
         logger.error("the shared store's changes go on from %s, not after this replica's %s: "
-                     "it lost writes; refusing", entry_id(newest), entry_id(seen))
+                     "it lost writes; refusing", id_at(newest), id_at(seen))
         return StoreError("the shared store has lost changes this replica had seen (was Redis "
                           "restored or run without appendonly?); restart the replicas")
 
@@ -1133,7 +1134,7 @@ class SharedRegistry(Registry):
             return
         since = self._applied
         try:
-            results, before = self._store.commit_following(groups, entry_id(since),
+            results, before = self._store.commit_following(groups, id_at(since),
                                                            SHARED_FOLLOW_BATCH)
             first = next((stream_id(result.ids[0]) for result in results if result.ok), None)
             if first is not None and first <= since:  # a revision this replica saw, again
@@ -1147,8 +1148,7 @@ class SharedRegistry(Registry):
         with self._lock:
             try:
                 followed = before is not None and self._apply_entries_locked(
-                    [(stream_id(entry[0]), *entry[1:]) for entry in before]
-                    + list(self._entries_saved(taken, results)))
+                    before + list(self._entries_saved(taken, results)))
             except Exception:  # saved all the same: the writers hear so, the follower reads it
                 logger.exception("cannot install what a commit call answered")
                 followed = False
@@ -1163,12 +1163,12 @@ class SharedRegistry(Registry):
     @staticmethod
     def _entries_saved(writes, results):
         """The stream entries a commit call added for writes, in order, as the follower would
-        read them: (position, record, kind or None, session id)."""
+        read them: (id, record, kind or None, session id)."""
         for write, result in zip(writes, results, strict=True):
             if result.ok:
                 for (record, change), revision, entry_id in zip(
                         write.results, result.revisions, result.ids, strict=True):
-                    yield (stream_id(entry_id), record._replace(revision=revision),
+                    yield (entry_id, record._replace(revision=revision),
                            change and change.kind, change.session_id if change else "")
 
     def _decide_write_locked(self, write, called):
@@ -2549,7 +2549,7 @@ def stream_id(text: str | bytes) -> tuple[int, int]:
     return int(revision), int(renewal or 0)
 
 
-def entry_id(position: tuple[int, int]) -> str:
+def id_at(position: tuple[int, int]) -> str:
     """A stream position back as the entry id Redis knows it by."""
     return f"{position[0]}-{position[1]}"
 

@@ -2639,11 +2639,12 @@ class RedisStore:
         # Blocking reads wait longer than any other call, on connections of their own.
         reader_timeout = options["socket_timeout"] + REDIS_MAX_BLOCK
         self._reader = self._connect({**options, "socket_timeout": reader_timeout})
-        self._commit_script = self._redis.register_script(_COMMIT_SCRIPT)
         self._liveness_script, self._lapsed_script, self._forget_script = (
             self._redis.register_script(script) for script in _LIVENESS_SCRIPTS)
         with self._talking():
             version = self._redis.info("server")["redis_version"]
+            self._committer = self._connect_committer(options)
+        self._commit_script = self._committer.register_script(_COMMIT_SCRIPT)
         if tuple(int(part) for part in str(version).split(".")[:2]) < (7, 0):
             self.close()
             raise StoreError(f"the shared store (Redis at {self.where}) runs Redis {version}; "
@@ -2657,6 +2658,14 @@ class RedisStore:
         redis = redis_client()
         return redis.Redis(connection_pool=redis.BlockingConnectionPool(
             max_connections=REDIS_CONNECTIONS, timeout=options["socket_timeout"], **options))
+
+    @staticmethod
+    def _connect_committer(options):
+        """A client on one connection of its own, open from now on, for the commit calls: they
+        run one at a time, so none waits for the pool, or for a new connection's handshake."""
+        redis = redis_client()
+        return redis.Redis(connection_pool=redis.ConnectionPool(max_connections=1, **options),
+                           single_connection_client=True)
 
     @contextlib.contextmanager
     def _talking(self):
@@ -2849,8 +2858,8 @@ class RedisStore:
     def close(self) -> None:
         """Let go of every connection; later calls are refused."""
         self._closed = True
-        self._redis.close()
-        self._reader.close()
+        for client in (self._redis, self._reader, self._committer):
+            client.close()
 
     def _last_id(self):
         newest = self._redis.xrevrange(self._changes, count=1)

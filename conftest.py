@@ -464,7 +464,8 @@ def redis_url(redis_server):
 
 class TcpProxy:
     """Forwards a loopback port to a target, in one thread; the test can make it go silent
-    without closing anything (`pause`, as a network that drops packets), carry on (`resume`),
+    without closing anything (`pause`, as a network that drops packets), let requests through
+    but hold the answers (`hold_answers`, as a network that loses them), carry on (`resume`),
     or close every connection it holds (`cut`)."""
 
     def __init__(self, target_port):
@@ -478,12 +479,18 @@ class TcpProxy:
         self._peers = {}  # each forwarded socket -> the one on its other side
         self._commands = queue.Queue()
         self._paused = False
+        self._holding = False  # the target's answers are not read meanwhile
+        self._upstreams = set()  # the sockets to the target
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def pause(self):
         """Stop forwarding and accepting; connections stay open and hear nothing."""
         self._command("pause")
+
+    def hold_answers(self):
+        """Forward what clients send, but none of what the target answers."""
+        self._command("hold")
 
     def resume(self):
         """Forward again, as a network that heals: what waited in the buffers goes through."""
@@ -529,6 +536,11 @@ class TcpProxy:
     def _obey(self, name, done):
         """Carry out one command; False when the proxy is to end."""
         self._paused = {"pause": True, "resume": False}.get(name, self._paused)
+        holding = {"hold": True, "resume": False}.get(name, self._holding)
+        if holding != self._holding:
+            for upstream in self._upstreams:
+                (self._selector.unregister if holding else self._listen)(upstream)
+            self._holding = holding
         if name in ("cut", "close"):
             for sock in list(self._peers):
                 self._drop(sock)
@@ -546,9 +558,14 @@ class TcpProxy:
         except OSError:
             client.close()
             return
-        for one, other in ((client, upstream), (upstream, client)):
-            self._peers[one] = other
-            self._selector.register(one, selectors.EVENT_READ)
+        self._peers[client], self._peers[upstream] = upstream, client
+        self._upstreams.add(upstream)
+        self._listen(client)
+        if not self._holding:
+            self._listen(upstream)
+
+    def _listen(self, sock):
+        self._selector.register(sock, selectors.EVENT_READ)
 
     def _forward(self, sock):
         """Pass on what sock received; close both sides when it closed."""
@@ -570,7 +587,9 @@ class TcpProxy:
         other = self._peers.pop(sock)
         del self._peers[other]
         for one in (sock, other):
-            self._selector.unregister(one)
+            if one in self._selector.get_map():  # a held answer's socket is not
+                self._selector.unregister(one)
+            self._upstreams.discard(one)
             one.close()
 
 

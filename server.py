@@ -240,6 +240,10 @@ class StoreError(RuntimeError):
     """The store could not make a change durable."""
 
 
+class StoreTimeout(StoreError):
+    """The store did not answer in time: a change sent meanwhile may be saved all the same."""
+
+
 class Unavailable(RuntimeError):
     """The server cannot take this call now (it is stopping); the message says why."""
 
@@ -1836,9 +1840,12 @@ class Attachments:
 
     def _attached(self, stream, outcome):
         """The attacher's outcome for a stream: ATTACHED with its record when it holds the
-        session now, or the refusal as the stream's status."""
+        session now, or the refusal as the stream's status; after a timeout, which may have
+        saved the attach, the stream lets go of the session as if it had held it."""
         if isinstance(outcome, Exception):
             stream.closed = True
+            if isinstance(outcome, StoreTimeout):  # saved all the same, maybe: let go of it
+                self._detacher.put(stream.message(Status.DISCONNECTED))
             stream.close(refusal_code(outcome), str(outcome))
         elif self._settle(stream):
             stream.send(attach_response(pb.AttachResponse.ATTACHED, outcome))
@@ -2676,7 +2683,7 @@ class RedisStore:
         try:
             yield
         except redis.TimeoutError as error:
-            raise StoreError(f"the shared store (Redis at {self.where}) did not answer in "
+            raise StoreTimeout(f"the shared store (Redis at {self.where}) did not answer in "
                              f"time ({error}); a change sent meanwhile may still be saved, and "
                              "sending it again is safe") from error
         except redis.ConnectionError as error:

@@ -502,6 +502,31 @@ def test_a_replica_cut_off_from_redis_past_its_liveness_loses_its_sessions_and_s
             nothing_happened_to(watch, pb_grpc.ClientServiceStub(to_living), "pia")
 
 
+@allure.story("Replicas")
+def test_an_attach_whose_answer_from_redis_is_lost_lets_go_of_the_session_it_saved(
+        server_processes, redis_server, tcp_proxy):
+    proxy = tcp_proxy(redis_server.port)
+    living = server_processes("--store", redis_server.url)
+    losing = server_processes("--store", f"redis://127.0.0.1:{proxy.port}/0?timeout=1")
+    with connect(losing.address) as to_losing, connect(living.address) as to_living:
+        watch = Watch(pb_grpc.ClientServiceStub(to_living))
+        watch.snapshot()
+        hello(pb_grpc.ClientServiceStub(to_losing), "first")  # its commit connection is open
+        watch.events(1)
+        with allure.step("Redis saves quinn's attach, but its answer is lost: the stream is "
+                         "refused, UNAVAILABLE, though the other replica shows quinn attached"):
+            proxy.hold_answers()
+            ended = rpc_error(Attached(pb_grpc.ClientServiceStub(to_losing), "quinn"))
+            assert ended.code() == grpc.StatusCode.UNAVAILABLE
+            assert "may still be saved" in ended.details()
+            assert describe(watch.events(1)) == [("quinn", "EVENT_CONNECTED", "", "attach")]
+        with allure.step("healed: that stream lets go of the session it never heard it held, "
+                         "well before its replica's liveness could run out"):
+            proxy.resume()
+            assert describe(watch.events(1, within=presence.REPLICA_LIVENESS_SECONDS)) == [
+                ("quinn", "EVENT_DISCONNECTED", "", "connection closed")]
+
+
 @allure.story("Crash")
 def test_sessions_attached_to_a_crashed_server_come_back_as_leases_of_the_grace(
         server_processes, tmp_path, holders, stub_for):

@@ -240,10 +240,6 @@ class StoreError(RuntimeError):
     """The store could not make a change durable."""
 
 
-class StoreTimeout(StoreError):
-    """The store did not answer in time: a change sent meanwhile may be saved all the same."""
-
-
 class Unavailable(RuntimeError):
     """The server cannot take this call now (it is stopping); the message says why."""
 
@@ -371,6 +367,8 @@ class Registry:
     it. Looking up one record needs no lock: records are immutable and a dict lookup is
     atomic. Leases sit in a heap ordered by expiry, so finding the due ones never scans.
     """
+
+    unsure_refusals = False  # a change the store refused (StoreError) was not saved
 
     def __init__(self, store: "Store", clock: Callable[[], float] = time.time,
                  history: int = DEFAULT_WATCH_HISTORY, max_sessions: int = DEFAULT_MAX_SESSIONS):
@@ -803,6 +801,7 @@ class SharedRegistry(Registry):
     """
 
     _store: "RedisStore"  # type: ignore[assignment]  # the shared store's API, not Store's
+    unsure_refusals = True  # a call the network cut short may have been saved all the same
     gather_seconds = COMMIT_GATHER_SECONDS
     follow_rest_seconds = SHARED_FOLLOW_REST
 
@@ -1840,12 +1839,12 @@ class Attachments:
 
     def _attached(self, stream, outcome):
         """The attacher's outcome for a stream: ATTACHED with its record when it holds the
-        session now, or the refusal as the stream's status; after a timeout, which may have
-        saved the attach, the stream lets go of the session as if it had held it."""
+        session now, or the refusal as the stream's status. A store that may have saved a
+        refused attach all the same has the stream let go of the session as if it held it."""
         if isinstance(outcome, Exception):
             stream.closed = True
-            if isinstance(outcome, StoreTimeout):  # saved all the same, maybe: let go of it
-                self._detacher.put(stream.message(Status.DISCONNECTED))
+            if isinstance(outcome, StoreError) and self._registry.unsure_refusals:
+                self._detacher.put(stream.message(Status.DISCONNECTED))  # saved, maybe
             stream.close(refusal_code(outcome), str(outcome))
         elif self._settle(stream):
             stream.send(attach_response(pb.AttachResponse.ATTACHED, outcome))
@@ -2668,8 +2667,9 @@ class RedisStore:
 
     @staticmethod
     def _connect_committer(options):
-        """A client on one connection of its own, open from now on, for the commit calls: they
-        run one at a time, so none waits for the pool, or for a new connection's handshake."""
+        """A client on one connection of its own, open from now on, for the commit calls: a
+        replica's writers commit one call at a time, so they need no pool, and the connection
+        is a new one only after the last broke."""
         redis = redis_client()
         return redis.Redis(connection_pool=redis.ConnectionPool(max_connections=1, **options),
                            single_connection_client=True)
@@ -2683,7 +2683,7 @@ class RedisStore:
         try:
             yield
         except redis.TimeoutError as error:
-            raise StoreTimeout(f"the shared store (Redis at {self.where}) did not answer in "
+            raise StoreError(f"the shared store (Redis at {self.where}) did not answer in "
                              f"time ({error}); a change sent meanwhile may still be saved, and "
                              "sending it again is safe") from error
         except redis.ConnectionError as error:
@@ -2867,6 +2867,7 @@ class RedisStore:
         self._closed = True
         for client in (self._redis, self._reader, self._committer):
             client.close()
+            client.connection_pool.disconnect()  # close() hands a pool's connections back only
 
     def _last_id(self):
         newest = self._redis.xrevrange(self._changes, count=1)

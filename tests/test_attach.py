@@ -511,7 +511,7 @@ def test_an_attach_whose_answer_from_redis_is_lost_lets_go_of_the_session_it_sav
     with connect(losing.address) as to_losing, connect(living.address) as to_living:
         watch = Watch(pb_grpc.ClientServiceStub(to_living))
         watch.snapshot()
-        hello(pb_grpc.ClientServiceStub(to_losing), "first")  # its commit connection is open
+        hello(pb_grpc.ClientServiceStub(to_losing), "first")  # Redis holds the commit script
         watch.events(1)
         with allure.step("Redis saves quinn's attach, but its answer is lost: the stream is "
                          "refused, UNAVAILABLE, though the other replica shows quinn attached"):

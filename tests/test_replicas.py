@@ -121,7 +121,9 @@ def test_a_replica_that_keeps_writing_follows_the_others_in_its_commit_answers(r
         changes = mine.log.read(written.revision - 1)
         assert [(change.record.client_id, change.revision) for change in changes] == [
             (f"o{step}", written.revision), (f"m{step}", saved.revision)]
-    assert stream_reads(redis_url) == reads, "a follower read the stream"
+    # A follower that looked before its replica's first commit answer may still start one read
+    # after the count was taken (a loaded machine did); a read per round would make 20.
+    assert stream_reads(redis_url) <= reads + 2, "a follower read the stream"
 
 
 @allure.story("Replicas follow each other")

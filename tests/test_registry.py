@@ -234,8 +234,8 @@ def registry_gathering(store, seconds):
 @pytest.mark.parametrize("new_store", ["sqlite", "redis"], indirect=True)
 def test_writers_that_keep_meeting_share_commits_rather_than_taking_turns(new_store):
     """16 writers writing in a loop: a committer waits for the others (COMMIT_GATHER_SECONDS,
-    made 50 ms here so that a busy machine cannot outlast it: at 20 ms a full run once saw
-    10.8 a commit), so a commit holds most of them, not the 3-10 each that taking turns gave."""
+    made 50 ms here so that a busy machine cannot outlast it), so a commit holds most of
+    them, not the 3-10 each that taking turns gave."""
     store = new_store()
     registry = registry_gathering(store, 0.05)
     writers, writes = 16, 25

@@ -539,7 +539,10 @@ class TcpProxy:
         holding = {"hold": True, "resume": False}.get(name, self._holding)
         if holding != self._holding:
             for upstream in self._upstreams:
-                (self._selector.unregister if holding else self._listen)(upstream)
+                if holding:
+                    self._selector.unregister(upstream)
+                else:
+                    self._listen(upstream)
             self._holding = holding
         if name in ("cut", "close"):
             for sock in list(self._peers):

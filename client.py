@@ -4,10 +4,12 @@ __version__ = "1.1.0"
 
 import argparse
 import bisect
+import codecs
 import json
 import logging
 import os
 import re
+import select
 import shlex
 import signal
 import socket
@@ -1515,16 +1517,53 @@ def run_script(dispatcher, stop_on_error=False):
 
 
 class PipeReader:
-    """Lines from a pipe, one per prompt; nothing is printed, so stdout carries only answers."""
+    """Lines from a pipe, one per prompt; nothing is printed, so stdout carries only answers.
+
+    A stream with a file descriptor is read from it directly, waiting in select() beside
+    the signals' wakeup pipe: the kernel may hand a SIGTERM or SIGHUP to any thread (one of
+    gRPC's, say), and then a plain blocking read went on waiting for input, the handler never
+    ran, and the client neither said goodbye nor exited."""
 
     def __init__(self, stream):
         self._stream = stream
+        try:
+            self._fd = stream.fileno()
+        except (OSError, ValueError):  # io.UnsupportedOperation: a test's StringIO
+            self._fd = None
+        else:
+            self._decoder = codecs.getincrementaldecoder(stream.encoding or "utf-8")(
+                stream.errors or "strict")
+            self._wake_read, self._wake_write = os.pipe()
+            for end in (self._wake_read, self._wake_write):
+                os.set_blocking(end, False)
+        self._text = ""  # read and not yet answered
+        self._ended = False
 
     def __call__(self, prompt, kind):
-        line = self._stream.readline()
+        if self._fd is None:
+            line = self._stream.readline()
+        else:
+            while "\n" not in self._text and not self._ended:
+                self._read_more()
+            line, newline, self._text = self._text.partition("\n")
+            line += newline
         if not line:
             raise EOFError
         return line.rstrip("\r\n")
+
+    def _read_more(self):
+        """Wait for input or a signal (whose handler then runs, here in the main thread)."""
+        previous = signal.set_wakeup_fd(self._wake_write)
+        try:
+            readable, _, _ = select.select([self._fd, self._wake_read], [], [])
+        finally:
+            signal.set_wakeup_fd(previous)
+        if self._wake_read in readable:
+            os.read(self._wake_read, 512)
+        if self._fd in readable:
+            data = os.read(self._fd, 65536)
+            self._ended = not data
+            self._text += self._decoder.decode(data, final=self._ended)
 
 
 class TerminalReader:

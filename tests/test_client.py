@@ -1,6 +1,7 @@
 """The client, client.py: renderers, completion and the dispatcher on a real server, then the
 REPL in a real pseudo-terminal, piped scripts and one-shot commands as real processes."""
 
+import ctypes
 import io
 import json
 import os
@@ -998,6 +999,48 @@ def test_client_as_user_on_a_lease_says_goodbye_when_its_terminal_closes_or_it_i
     assert (event.client.client_id, event.kind, event.reason) == (
         "ivan", pb.EVENT_DISCONNECTED, "goodbye")
     assert "Traceback" not in client.stderr.read()
+    watch.call.cancel()
+
+
+def wait_until_main_thread_waits_in_the_kernel(pid):
+    """Wait until a process's main thread blocks in a system call other than a lock's (a
+    read, a select): it runs no Python code, so only a signal it receives itself wakes it."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        with open(f"/proc/{pid}/wchan") as wchan:
+            where = wchan.read()
+        if where not in ("", "0") and "futex" not in where:
+            return where
+        assert time.monotonic() < deadline, f"the main thread of {pid} never waited"
+
+
+def signal_another_thread(pid, signum):
+    """Send signum to a thread of pid other than its main one (tgkill), as the kernel may
+    when the signal is sent to the whole process."""
+    others = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+    assert others, "the process has a single thread"
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.tgkill(pid, others[0], signum) == 0, os.strerror(ctypes.get_errno())
+
+
+@allure.story("--as keeps a user connected")
+def test_client_as_user_says_goodbye_when_another_of_its_threads_takes_the_sigterm(
+        server_without_attach):
+    stub = pb_grpc.ClientServiceStub(connect(server_without_attach))
+    watch = Watch(stub)
+    watch.snapshot()
+    client = subprocess.Popen([sys.executable, CLIENT, "--server", server_without_attach,
+                               "--as", "ivan"], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert next_event(watch).kind == pb.EVENT_CONNECTED
+    with allure.step("the menu waits for piped input; a gRPC thread takes the SIGTERM"):
+        wait_until_main_thread_waits_in_the_kernel(client.pid)
+        signal_another_thread(client.pid, signal.SIGTERM)
+    with allure.step("the client still says goodbye and exits 0, input or not"):
+        assert client.wait(DEADLINE) == 0
+        event = next_event(watch)
+        assert (event.client.client_id, event.kind, event.reason) == (
+            "ivan", pb.EVENT_DISCONNECTED, "goodbye")
     watch.call.cancel()
 
 
